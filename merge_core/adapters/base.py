@@ -1,0 +1,88 @@
+"""What every adapter module shares: its weight shape, exact operator form, dense delta and extras.
+
+A module's delta is reshaped to a matrix (out × in·kh·kw) for all linear algebra; `operator()` gives that
+matrix exactly, as factors when the adapter is factored (scale folded into the left factor).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..errors import FormatError
+from ..lowrank.operators import Dense, Factored, Operator
+
+F32 = torch.float32
+
+
+def matrix_shape(weight_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(out, in·kh·kw) of a weight of shape (out, in, kh, kw) or (out, in)."""
+    return weight_shape[0], math.prod(weight_shape[1:])
+
+
+def f32(t: torch.Tensor, device: Optional[torch.device] = None) -> torch.Tensor:
+    return t.to(device=device if device is not None else t.device, dtype=F32)
+
+
+def tucker_right(core: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Right factor of a Tucker (CP) conv: V[a,(i,k,l)] = Σ_b core[a,b,k,l]·down[b,i]."""
+    return torch.einsum("abkl,bi->aikl", core, down.flatten(1)).reshape(core.shape[0], -1)
+
+
+def alpha_value(t: Optional[torch.Tensor]) -> Optional[float]:
+    return None if t is None else float(t.reshape(-1)[0])
+
+
+def scale_of(alpha: Optional[float], rank: int) -> float:
+    """ComfyUI's rule: α/r, and 1.0 when there is no alpha key."""
+    return 1.0 if alpha is None else alpha / rank
+
+
+def need(roles: dict[str, torch.Tensor], name: str, kind: str) -> torch.Tensor:
+    if name not in roles:
+        raise FormatError(f"{kind} module is missing its '{name}' tensor (has: {', '.join(sorted(roles))})")
+    return roles[name]
+
+
+@dataclass
+class Extras:
+    """Tensors any module may carry besides its weight delta."""
+
+    diff_b: Optional[torch.Tensor] = field(default=None, kw_only=True)  # bias delta
+    dora_scale: Optional[torch.Tensor] = field(default=None, kw_only=True)  # DoRA magnitude (not linear)
+    # the model's weight shape when the factors alone cannot tell it (LoHa/LoKr conv store flattened factors)
+    shape_hint: Optional[tuple[int, ...]] = field(default=None, kw_only=True)
+
+    @property
+    def native_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return self.shape_hint if self.shape_hint is not None else self.native_shape
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        return matrix_shape(self.weight_shape)
+
+    def delta(self) -> torch.Tensor:
+        """The dense ΔW in the weight's shape (fp32): for tests, baking and dense per-module methods."""
+        return self.operator().dense().reshape(self.weight_shape)
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        if self.diff_b is not None:
+            out["diff_b"] = self.diff_b
+        if self.dora_scale is not None:
+            out["dora_scale"] = self.dora_scale
+        return out
+
+    @staticmethod
+    def extras_from(roles: dict[str, torch.Tensor]) -> dict:
+        return {"diff_b": roles.get("diff_b"), "dora_scale": roles.get("dora_scale")}
+
+
+__all__ = ["Dense", "Factored", "Operator", "Extras", "matrix_shape", "f32", "tucker_right", "alpha_value",
+           "scale_of", "need"]

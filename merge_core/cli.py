@@ -1,0 +1,37 @@
+"""The command line: one sub-command per operation, sharing one argument style
+(-o/--output, --device, --dtype, --report, --overwrite).  Errors print one line and exit 2."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from . import __version__
+from .commands import COMMANDS
+from .errors import MergeCoreError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m merge_core",
+                                     description="Merge, fuse, extract and inspect LoRA / LyCORIS files exactly.")
+    parser.add_argument("--version", action="version", version=f"lora-rsvd-merge {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress per module")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        command.register(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return int(args.run(args) or 0)
+    except MergeCoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; no output was written", file=sys.stderr)
+        return 130

@@ -1,0 +1,48 @@
+"""Arguments shared by every sub-command, so they read the same everywhere."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Optional
+
+from ..files.atomic import atomic_write
+from ..lowrank.rank_select import RankRule
+
+
+def add_output(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("-o", "--output", required=required, help="output file (.safetensors or .pt) or PEFT folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (never by default)")
+
+
+def add_device(p: argparse.ArgumentParser, default: str = "auto") -> None:
+    p.add_argument("--device", default=default, help="auto (CUDA when present), cpu, cuda, cuda:N")
+
+
+def add_dtype(p: argparse.ArgumentParser, default: str = "fp16", flag: str = "--dtype") -> None:
+    p.add_argument(flag, default=default, choices=["fp16", "float16", "bf16", "bfloat16", "fp32", "float32"],
+                   help=f"output tensor dtype (default {default}); compute is always fp32")
+
+
+def add_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--report", metavar="REPORT.json", help="write the per-module report as JSON")
+
+
+def add_rank_rule(p: argparse.ArgumentParser, rank: Optional[int] = None, energy: float = 0.99,
+                  min_rank: int = 4, max_rank: int = 32) -> None:
+    g = p.add_argument_group("rank", "a fixed --rank, or dynamic: smallest rank keeping --energy of ‖ΔW‖² "
+                                     "within [--min-rank, --max-rank]")
+    g.add_argument("--rank", type=int, default=rank, help="fixed rank (overrides the energy rule)")
+    g.add_argument("--energy", type=float, default=energy, help=f"energy threshold on σ² (default {energy})")
+    g.add_argument("--min-rank", type=int, default=min_rank, help=f"default {min_rank}")
+    g.add_argument("--max-rank", type=int, default=max_rank, help=f"default {max_rank}")
+
+
+def rank_rule(args: argparse.Namespace) -> RankRule:
+    return RankRule(args.rank, args.energy, args.min_rank, args.max_rank)
+
+
+def write_report(path: Optional[str], report: dict, overwrite: bool = True) -> None:
+    if path:
+        text = json.dumps(report, indent=2, sort_keys=False)
+        atomic_write(Path(path), lambda tmp: tmp.write_text(text), overwrite=overwrite)

@@ -1,0 +1,29 @@
+"""User-facing errors: each message is one clear line that names the file, module or option at fault."""
+
+
+class MergeCoreError(Exception):
+    """Base class; the CLI prints `error: <message>` and exits 2."""
+
+
+class InputFileError(MergeCoreError):
+    """A file is missing, empty, truncated, corrupt or holds something other than tensors."""
+
+
+class FormatError(MergeCoreError):
+    """Tensors are readable but their key layout or shapes are not a known adapter format."""
+
+
+class ShapeMismatchError(MergeCoreError):
+    """The same module has incompatible shapes across inputs (e.g. SD1.5 with SDXL)."""
+
+
+class DoraError(MergeCoreError):
+    """DoRA modules cannot be merged linearly without an explicit choice."""
+
+
+class OutputExistsError(MergeCoreError):
+    """The output exists and overwrite was not requested."""
+
+
+class UnsafePathError(MergeCoreError):
+    """A path would leave the folder it must stay in."""

@@ -1,0 +1,71 @@
+"""kohya/modelspec metadata for written LoRAs, and the JSON recipe that says how a file was made."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+RECIPE_KEY = "lora_rsvd_merge.recipe"
+NETWORK_MODULE = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya", "full": "lycoris.kohya"}
+BASE_MODEL = {"sdxl": "sdxl_base_v1-0", "sd15": "sd_v1"}
+ARCHITECTURE = {"sdxl": "stable-diffusion-xl-v1-base", "sd15": "stable-diffusion-v1"}
+
+
+def pack_version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def sha256_of(path: Union[str, os.PathLike], chunk: int = 1 << 22) -> str:
+    """sha256 of a file, or of a folder's files in name order."""
+    p = Path(path)
+    h = hashlib.sha256()
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        with open(f, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    return h.hexdigest()
+
+
+def make_recipe(operation: str, inputs: Iterable[Union[str, os.PathLike]], parameters: dict,
+                hash_inputs: bool = True) -> dict:
+    """{operation, inputs [{name, sha256}], parameters, pack version, time}."""
+    entries = []
+    for p in inputs:
+        p = Path(p)
+        entries.append({"name": p.name, "sha256": sha256_of(p) if hash_inputs and p.exists() else None})
+    return {"operation": operation, "inputs": entries, "parameters": parameters,
+            "pack": "lora-rsvd-merge", "version": pack_version(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def lora_metadata(kinds: set[str], ranks: list[int], alphas: list[float], arch: str,
+                  recipe: Optional[dict] = None, title: Optional[str] = None,
+                  inherited: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """ss_* and modelspec.* keys (all strings, as safetensors metadata must be)."""
+    meta = dict(inherited or {})
+    kind = "lora" if kinds <= {"lora"} else sorted(kinds - {"full"} or {"full"})[0]
+    meta["ss_network_module"] = NETWORK_MODULE.get(kind, "networks.lora")
+    if kind in ("loha", "lokr"):
+        meta["ss_network_args"] = json.dumps({"algo": kind})
+    dims, alphs = sorted(set(ranks)), sorted(set(alphas))
+    meta["ss_network_dim"] = str(dims[0]) if len(dims) == 1 else "Dynamic"
+    meta["ss_network_alpha"] = (f"{alphs[0]:g}" if len(alphs) == 1 else "Dynamic") if alphs else "Dynamic"
+    if arch in BASE_MODEL:
+        meta["ss_base_model_version"] = BASE_MODEL[arch]
+        meta["modelspec.architecture"] = f"{ARCHITECTURE[arch]}/{'lora' if kind == 'lora' else 'lycoris'}"
+    meta["modelspec.sai_model_spec"] = "1.0.0"
+    meta["modelspec.implementation"] = "https://github.com/Stability-AI/generative-models" if arch in BASE_MODEL else "peft"
+    if title:
+        meta["modelspec.title"] = title
+    if recipe is not None:
+        names = [i["name"] for i in recipe.get("inputs", [])]
+        if names:
+            meta["modelspec.merged_from"] = ", ".join(names)
+        meta[RECIPE_KEY] = json.dumps(recipe, sort_keys=True)
+    return meta

@@ -1,0 +1,159 @@
+"""Read tensors safely and lazily: `.safetensors` one tensor at a time (header validated first),
+`.pt/.pth/.ckpt/.bin` only through torch.load(weights_only=True), folders of shards as one source.
+
+Every failure is one clear line naming the file: missing, empty, truncated, corrupt header, a pickle
+that would run code, a non-tensor payload.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import torch
+from safetensors import safe_open
+
+from ..errors import InputFileError
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                           "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+def check_file(path: Path) -> int:
+    if not path.exists():
+        raise InputFileError(f"file not found: {path}")
+    if path.is_dir():
+        raise InputFileError(f"expected a file, got a folder: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise InputFileError(f"file is empty: {path}")
+    return size
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, str]:
+    """Validated header of a .safetensors file: (tensor entries, metadata) with clear errors."""
+    size = check_file(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise InputFileError(f"truncated file (shorter than a safetensors header): {path}")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or 8 + n > size:
+            raise InputFileError(f"corrupt or truncated safetensors header (length {n}, file {size} bytes): {path}")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not an object")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InputFileError(f"corrupt safetensors header ({exc.__class__.__name__}): {path}") from None
+    metadata = header.pop("__metadata__", None) or {}
+    data_len = size - 8 - n
+    for key, entry in header.items():
+        try:
+            start, end = entry["data_offsets"]
+            count = 1
+            for d in entry["shape"]:
+                count *= int(d)
+            width = SAFETENSORS_DTYPE_BYTES.get(entry["dtype"], 1)
+        except (KeyError, TypeError, ValueError):
+            raise InputFileError(f"corrupt safetensors header entry for '{key}': {path}") from None
+        if end > data_len:
+            raise InputFileError(f"truncated file: tensor '{key}' ends at byte {end} of {data_len}: {path}")
+        if end - start != count * width:
+            raise InputFileError(f"corrupt safetensors header: '{key}' size does not match its shape: {path}")
+    return header, metadata
+
+
+def load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """torch.load(weights_only=True) only; nested `state_dict` unwrapped; non-tensor entries refused."""
+    check_file(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, AttributeError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise InputFileError(f"refusing to load {path}: not a plain tensor checkpoint "
+                             f"(weights_only load failed: {first[:160]})") from None
+    except RuntimeError:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 — any failure here is a corrupt file
+            raise InputFileError(f"corrupt or truncated checkpoint {path}: {str(exc).splitlines()[0][:160]}") from None
+    except (EOFError, OSError, ValueError) as exc:
+        raise InputFileError(f"corrupt or truncated checkpoint {path}: {str(exc).splitlines()[0][:160] if str(exc) else exc.__class__.__name__}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise InputFileError(f"non-tensor payload in {path}: a {type(obj).__name__}, expected a dict of tensors")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    others = [k for k, v in obj.items() if not isinstance(v, (torch.Tensor, int, float, str))]
+    if not tensors or others:
+        bad = others[0] if others else next(iter(obj), "<empty>")
+        raise InputFileError(f"non-tensor payload in {path}: entry '{bad}' is not a tensor")
+    return tensors
+
+
+class TensorSource:
+    """Lazy read access to the tensors of one file or a folder of shards."""
+
+    def __init__(self, path: Union[str, os.PathLike]):
+        self.path = Path(path)
+        self._where: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._eager: Optional[dict[str, torch.Tensor]] = None
+        self.metadata: dict[str, str] = {}
+        if self.path.is_dir():
+            files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                raise InputFileError(f"folder holds no .safetensors files: {self.path}")
+            for f in files:
+                self._add_safetensors(f)
+        elif self.path.suffix.lower() in PICKLE_SUFFIXES:
+            self._eager = load_pickle(self.path)
+            self._shapes = {k: tuple(v.shape) for k, v in self._eager.items()}
+        else:
+            self._add_safetensors(self.path)
+
+    def _add_safetensors(self, path: Path) -> None:
+        header, metadata = read_safetensors_header(path)
+        self.metadata.update(metadata)
+        for key, entry in header.items():
+            self._where[key] = path
+            self._shapes[key] = tuple(entry["shape"])
+
+    def keys(self) -> list[str]:
+        return list(self._shapes)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._eager is not None:
+            return self._eager[key]
+        path = self._where[key]
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as fh:
+                return fh.get_tensor(key)
+        except Exception as exc:  # noqa: BLE001
+            raise InputFileError(f"cannot read tensor '{key}' from {path}: {str(exc).splitlines()[0][:160]}") from None
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """All tensors, one file handle per shard (cheaper than get() per key)."""
+        if self._eager is not None:
+            yield from self._eager.items()
+            return
+        by_file: dict[Path, list[str]] = {}
+        for key, path in self._where.items():
+            by_file.setdefault(path, []).append(key)
+        for path, keys in by_file.items():
+            with safe_open(str(path), framework="pt", device="cpu") as fh:
+                for key in keys:
+                    yield key, fh.get_tensor(key)
+
+    def __len__(self) -> int:
+        return len(self._shapes)

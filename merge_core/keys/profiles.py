@@ -1,0 +1,82 @@
+"""Key profiles: how module prefixes in a file become canonical module names, and back when writing.
+
+- sdxl: every known SDXL alias (kohya ldm names, diffusion_model.*, text_encoders.*, diffusers and
+  `.processor.` names, PEFT-diffusers) -> kohya names (`lora_unet_…`, `lora_te1_…`, `lora_te2_…`); shapes
+  are checked against the shipped SDXL table.  Written as kohya names.
+- peft: module paths kept (`base_model.model.…`), `lora_A`/`lora_B`, alpha from adapter_config.json.
+- kohya: prefixes kept as they are (SD1.5 and other kohya-style files), kohya suffixes.
+- custom: prefixes kept, the caller's up/down/alpha suffixes (the original merge_rsvd.py API).
+- auto: sdxl when every module is a known SDXL module with the right shape; else peft/kohya by style.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ..errors import FormatError
+from .sdxl_table import sdxl_aliases, sdxl_modules
+from .suffixes import KOHYA, PEFT, Suffixes
+
+PROFILES = ("auto", "sdxl", "peft", "kohya", "custom")
+SD15_CONTEXT = 768  # cross-attention context width of SD1.x (SDXL: 2048)
+
+
+@dataclass(frozen=True)
+class Naming:
+    """The outcome of reading a file's names: which profile, which architecture, name per prefix."""
+
+    profile: str  # sdxl | peft | kohya | custom
+    arch: str  # sdxl | sd15 | other
+    names: dict[str, str]  # file prefix -> canonical module name
+
+    @property
+    def suffixes(self) -> Suffixes:
+        return PEFT if self.profile == "peft" else KOHYA
+
+
+def sdxl_names(shapes: dict[str, tuple[int, int]]) -> tuple[dict[str, str], list[str], list[str]]:
+    """(prefix -> kohya name, unknown prefixes, shape mismatch messages) against the SDXL table."""
+    aliases, table = sdxl_aliases(), sdxl_modules()
+    names, unknown, mismatched = {}, [], []
+    for prefix, mshape in shapes.items():
+        name = aliases.get(prefix)
+        if name is None:
+            unknown.append(prefix)
+            continue
+        if mshape is not None and tuple(mshape) != table[name].matrix_shape:
+            mismatched.append(f"module '{prefix}' has shape {tuple(mshape)} but SDXL's {name} is "
+                              f"{table[name].matrix_shape}")
+        names[prefix] = name
+    return names, unknown, mismatched
+
+
+def looks_sd15(shapes: dict[str, tuple[int, int]]) -> bool:
+    """SD1.x: single text encoder (`lora_te_`) or cross-attention keys/values reading a 768-wide context."""
+    for prefix, mshape in shapes.items():
+        if prefix.startswith("lora_te_text_model"):
+            return True
+        if ("attn2_to_k" in prefix or "attn2.to_k" in prefix) and mshape is not None and mshape[1] == SD15_CONTEXT:
+            return True
+    return False
+
+
+def resolve(shapes: dict[str, Optional[tuple[int, int]]], profile: str = "auto", style: str = "kohya",
+            peft_dir: bool = False) -> Naming:
+    """Canonical names for the module prefixes of one file (`shapes`: prefix -> matrix shape)."""
+    if profile not in PROFILES:
+        raise FormatError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    keep = {p: p for p in shapes}
+    if profile in ("peft", "custom", "kohya"):
+        return Naming(profile, "sd15" if looks_sd15(shapes) else "other", keep)
+    names, unknown, mismatched = sdxl_names(shapes)
+    if profile == "sdxl":
+        if unknown:
+            raise FormatError(f"not an SDXL module name: '{unknown[0]}' ({len(unknown)} of {len(shapes)} "
+                              "modules unknown; try --profile auto)")
+        if mismatched:
+            raise FormatError(mismatched[0])
+        return Naming("sdxl", "sdxl", names)
+    if names and not unknown and not mismatched:
+        return Naming("sdxl", "sdxl", names)
+    arch = "sd15" if looks_sd15(shapes) else "other"
+    return Naming("peft" if (peft_dir or style == "peft") else "kohya", arch, keep)

@@ -1,0 +1,261 @@
+"""Read any common LoRA/LyCORIS file into one data model (a LoraSet), and write one back.
+
+Reads: kohya/LyCORIS `.safetensors`, diffusers and PEFT names, PEFT folders (adapter_model.safetensors +
+adapter_config.json), `.pt/.pth/.ckpt` (weights_only).  Writes: kohya names (SDXL and kohya profiles),
+the PEFT folder layout, or custom suffixes; atomically and never over an existing file unless asked.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from safetensors.torch import save_file
+
+from .adapters import AdapterModule, LoRA, module_from_roles, parameter_count
+from .errors import DoraError, FormatError, MergeCoreError, OutputExistsError
+from .files.atomic import atomic_write
+from .files.metadata import lora_metadata
+from .files.tensor_source import TensorSource
+from .keys.profiles import Naming, resolve
+from .keys.sdxl_table import sdxl_modules
+from .keys.suffixes import ALPHA, DOWN, KOHYA, UP, Suffixes, group_keys, style_of
+
+PathLike = Union[str, os.PathLike]
+PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+@dataclass
+class LoraSet:
+    """Modules by canonical name (kohya names for SDXL), with how the file named them."""
+
+    modules: dict[str, AdapterModule]
+    naming: Naming
+    metadata: dict[str, str] = field(default_factory=dict)
+    source: Optional[Path] = None
+    peft_config: Optional[dict] = None
+
+    @property
+    def arch(self) -> str:
+        return self.naming.arch
+
+    @property
+    def profile(self) -> str:
+        return self.naming.profile
+
+    def kinds(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for m in self.modules.values():
+            out[m.kind] = out.get(m.kind, 0) + 1
+        return out
+
+    def dora_modules(self) -> list[str]:
+        return [n for n, m in self.modules.items() if m.dora_scale is not None]
+
+    def require_no_dora(self, what: str) -> None:
+        """DoRA rescales W₀+ΔW column-wise by a learnt magnitude: not a linear delta, so refuse."""
+        dora = self.dora_modules()
+        if dora:
+            raise DoraError(f"{self.source or 'input'} is a DoRA file ({len(dora)} modules with dora_scale, e.g. "
+                            f"'{dora[0]}'); DoRA cannot be {what} linearly — pass --dora ignore to use the "
+                            "low-rank part without its magnitude rescaling")
+
+    def drop_dora(self) -> None:
+        for m in self.modules.values():
+            m.dora_scale = None
+
+
+def dtype_of(name: Union[str, torch.dtype]) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise MergeCoreError(f"unknown dtype {name!r}; choose fp16, bf16 or fp32") from None
+
+
+# ---------------------------------------------------------------- reading
+
+def _peft_alpha(module: str, config: dict) -> Optional[float]:
+    """lora_alpha for a module from adapter_config.json (alpha_pattern wins; rsLoRA folded in)."""
+    path = module[len(PEFT_PREFIX):] if module.startswith(PEFT_PREFIX) else module
+    alpha = config.get("lora_alpha")
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", path):
+            alpha = value
+            break
+    return None if alpha is None else float(alpha)
+
+
+def _open(path: Path) -> tuple[TensorSource, Optional[dict]]:
+    if path.is_dir() and (path / PEFT_CONFIG).exists():
+        weights = next((path / w for w in PEFT_WEIGHTS if (path / w).exists()), None)
+        if weights is None:
+            raise FormatError(f"PEFT folder has {PEFT_CONFIG} but no adapter_model.safetensors: {path}")
+        try:
+            config = json.loads((path / PEFT_CONFIG).read_text())
+        except ValueError as exc:
+            raise FormatError(f"corrupt {PEFT_CONFIG} in {path}: {exc}") from None
+        return TensorSource(weights), config
+    return TensorSource(path), None
+
+
+def load_lora(path: PathLike, profile: str = "auto", suffixes: Optional[Suffixes] = None) -> LoraSet:
+    """Read a LoRA/LyCORIS file or PEFT folder; modules keyed by canonical name."""
+    path = Path(path)
+    src, config = _open(path)
+    if len(src) == 0:
+        raise FormatError(f"no tensors in {path}")
+    groups, unknown = group_keys(src.keys(), suffixes)
+    if unknown:
+        raise FormatError(f"unknown key layout in {path}: '{unknown[0]}' is not a LoRA/LoHa/LoKr/diff tensor "
+                          f"({len(unknown)} of {len(src)} keys unrecognised)")
+    modules: dict[str, AdapterModule] = {}
+    for prefix, roles in groups.items():
+        module = module_from_roles(prefix, {role: src.get(key) for role, key in roles.items()})
+        if isinstance(module, LoRA) and module.alpha is None and config is not None:
+            module.alpha = _peft_alpha(prefix, config)
+            if module.alpha is not None and config.get("use_rslora"):
+                module.alpha *= module.rank ** 0.5
+        modules[prefix] = module
+    shapes = {p: (m.matrix_shape if m.kind != "full" or m.has_weight else None) for p, m in modules.items()}
+    naming = resolve(shapes, profile, style_of(src.keys()), peft_dir=config is not None)
+    if profile == "custom" and suffixes is not None:
+        naming = Naming("custom", naming.arch, naming.names)
+    by_name: dict[str, AdapterModule] = {}
+    table = sdxl_modules() if naming.arch == "sdxl" else {}
+    for prefix, module in modules.items():
+        name = naming.names[prefix]
+        if name in by_name:
+            raise FormatError(f"{path} holds module '{name}' twice (as '{prefix}' and another alias)")
+        if name in table and module.weight_shape != table[name].shape and module.kind != "full":
+            module.shape_hint = table[name].shape
+        by_name[name] = module
+    return LoraSet(by_name, naming, dict(src.metadata), path, config)
+
+
+# ---------------------------------------------------------------- writing
+
+def _role_suffix(role: str, suffixes: Suffixes) -> Optional[str]:
+    return {UP: suffixes.up, DOWN: suffixes.down, ALPHA: suffixes.alpha}.get(role, "." + role)
+
+
+def state_dict_of(modules: dict[str, AdapterModule], suffixes: Suffixes,
+                  dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """Flat tensors for a file: `<name><suffix>`; alpha kept in fp32, everything else cast to dtype."""
+    out: dict[str, torch.Tensor] = {}
+    for name, module in modules.items():
+        for role, tensor in module.tensors().items():
+            suffix = _role_suffix(role, suffixes)
+            if suffix is None:
+                continue
+            t = tensor.detach().to("cpu")
+            t = t.to(torch.float32) if role == ALPHA else t.to(dtype)
+            out[name + suffix] = t.contiguous()
+    return out
+
+
+def _peft_state(modules: dict[str, AdapterModule], dtype: torch.dtype) -> tuple[dict, dict[str, int]]:
+    """PEFT tensors with each module's α/r folded into lora_B (so the config says scale 1)."""
+    tensors, ranks = {}, {}
+    for name, m in modules.items():
+        if not isinstance(m, LoRA) or m.mid is not None:
+            raise FormatError(f"the PEFT layout holds only plain LoRA modules; '{name}' is {m.kind}")
+        tensors[f"{name}.lora_B.weight"] = (m.up.float() * m.scale).to(dtype).contiguous()
+        tensors[f"{name}.lora_A.weight"] = m.down.to(dtype).contiguous()
+        ranks[name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name] = m.rank
+    return tensors, ranks
+
+
+def _peft_config(ranks: dict[str, int], base: Optional[dict]) -> dict:
+    r = max(ranks.values()) if ranks else 1
+    config = {k: v for k, v in (base or {}).items() if k not in ("r", "lora_alpha", "rank_pattern", "alpha_pattern")}
+    config.setdefault("peft_type", "LORA")
+    config.update(r=r, lora_alpha=r, use_rslora=False,
+                  rank_pattern={re.escape(k): v for k, v in ranks.items() if v != r},
+                  alpha_pattern={re.escape(k): v for k, v in ranks.items() if v != r})
+    if not config.get("target_modules"):
+        config["target_modules"] = sorted({k.rsplit(".", 1)[-1] for k in ranks})
+    return config
+
+
+def _write_tensors(tmp: Path, tensors: dict, metadata: dict, fmt: str) -> None:
+    if fmt == "pt":
+        torch.save(tensors, tmp)
+    else:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def save_lora(modules: dict[str, AdapterModule], path: PathLike, arch: str = "sdxl", profile: str = "sdxl",
+              dtype: Union[str, torch.dtype] = "fp16", overwrite: bool = False, recipe: Optional[dict] = None,
+              suffixes: Optional[Suffixes] = None, peft_config: Optional[dict] = None,
+              title: Optional[str] = None) -> Path:
+    """Write modules as kohya names (sdxl/kohya), custom suffixes, or a PEFT folder; returns the path."""
+    path = Path(path)
+    dt = dtype_of(dtype)
+    if not modules:
+        raise MergeCoreError("nothing to write: the result has no modules")
+    ranks = [m.rank for m in modules.values() if m.kind != "full"]
+    alphas = [m.alpha for m in modules.values() if getattr(m, "alpha", None) is not None]
+    meta = lora_metadata({m.kind for m in modules.values()}, ranks, alphas, arch, recipe, title or path.stem)
+    if profile == "peft":
+        tensors, rank_of = _peft_state(modules, dt)
+        config = _peft_config(rank_of, peft_config)
+        if path.suffix == ".safetensors":
+            return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), overwrite)
+        return _write_peft_dir(path, tensors, config, meta, overwrite)
+    sd = state_dict_of(modules, suffixes or KOHYA, dt)
+    fmt = "pt" if path.suffix.lower() in (".pt", ".pth", ".ckpt") else "safetensors"
+    return atomic_write(path, lambda tmp: _write_tensors(tmp, sd, meta, fmt), overwrite)
+
+
+def _write_peft_dir(path: Path, tensors: dict, config: dict, meta: dict, overwrite: bool) -> Path:
+    """A PEFT folder, built in a temp folder beside the target and renamed into place."""
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"output exists, not overwriting (pass --overwrite to replace it): {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_file(tensors, str(tmp / PEFT_WEIGHTS[0]), metadata=meta)
+        (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+        if path.exists():
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
+
+
+def summary(lset: LoraSet) -> dict:
+    """What `inspect` prints: format, architecture, counts by kind and part, ranks, alphas, dtypes."""
+    parts: dict[str, int] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, int] = {}
+    dtypes: dict[str, int] = {}
+    params = 0
+    for name, m in lset.modules.items():
+        part = ("unet" if name.startswith("lora_unet_") else "te1" if name.startswith("lora_te1_")
+                else "te2" if name.startswith("lora_te2_") else "te" if name.startswith("lora_te_") else "other")
+        parts[part] = parts.get(part, 0) + 1
+        ranks[str(m.rank)] = ranks.get(str(m.rank), 0) + 1
+        a = getattr(m, "alpha", None)
+        alphas["none" if a is None else f"{a:g}"] = alphas.get("none" if a is None else f"{a:g}", 0) + 1
+        for role, t in m.tensors().items():
+            if role != ALPHA:
+                dtypes[str(t.dtype).replace("torch.", "")] = dtypes.get(str(t.dtype).replace("torch.", ""), 0) + 1
+        params += parameter_count(m)
+    return {"path": str(lset.source), "profile": lset.profile, "architecture": lset.arch,
+            "modules": len(lset.modules), "kinds": lset.kinds(), "parts": parts, "ranks": ranks, "alphas": alphas,
+            "dtypes": dtypes, "parameters": params, "dora_modules": len(lset.dora_modules()),
+            "metadata": lset.metadata}

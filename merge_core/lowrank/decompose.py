@@ -1,0 +1,62 @@
+"""Low-rank approximation of one module's target: SVD by the chosen solver, rank by the rule, quality.
+
+solvers: "exact" (QR-core, factored inputs), "rsvd" (randomized, matrix-free), "dense" (reference).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+
+from .dense_svd import dense_svd
+from .exact_svd import factored_svd
+from .operators import Dense, Factored, Operator, frob2
+from .quality import Quality, measure
+from .rank_select import RankRule, choose_rank
+from .rsvd import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, randomized_svd
+from .svd_result import SVD
+
+Solver = Literal["exact", "rsvd", "dense"]
+SOLVERS = ("rsvd", "exact", "dense")
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """T ≈ up @ down (up out×k, down k×N, scale 1); up/down are None when k = 0."""
+
+    up: Optional[torch.Tensor]
+    down: Optional[torch.Tensor]
+    rank: int
+    quality: Quality
+    singular_values: torch.Tensor
+
+    def factored(self) -> Optional[Factored]:
+        return None if self.rank == 0 else Factored(self.up, self.down)
+
+
+def svd_of(op: Operator, solver: Solver, rule: RankRule, seed: int = 0,
+           oversample: int = DEFAULT_OVERSAMPLE, power_iters: int = DEFAULT_POWER_ITERS) -> SVD:
+    """Singular triplets of `op` by `solver`; exact QR-core needs factored input (dense input -> full SVD)."""
+    if solver == "dense":
+        return dense_svd(op)
+    if solver == "exact":
+        return factored_svd(op) if isinstance(op, Factored) else dense_svd(op)
+    if solver == "rsvd":
+        return randomized_svd(op, rule.sketch_rank, oversample=oversample, power_iters=power_iters, seed=seed)
+    raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
+
+
+def low_rank(op: Operator, rule: RankRule, solver: Solver = "rsvd", seed: int = 0,
+             oversample: int = DEFAULT_OVERSAMPLE, power_iters: int = DEFAULT_POWER_ITERS) -> LowRank:
+    """Best rank-k factors of `op` (k from `rule` on the exact ‖T‖²) with their exact quality."""
+    total = frob2(op)
+    svd = svd_of(op, solver, rule, seed, oversample, power_iters)
+    k = choose_rank(svd.S, total, rule, op.shape)
+    if k == 0:
+        return LowRank(None, None, 0, measure(op, None, total), svd.S)
+    up, down = svd.split_factors(k)
+    return LowRank(up, down, k, measure(op, Factored(up, down), total), svd.S)
+
+
+__all__ = ["LowRank", "Solver", "SOLVERS", "low_rank", "svd_of", "Dense", "Factored"]

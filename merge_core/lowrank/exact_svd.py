@@ -1,0 +1,21 @@
+"""Exact SVD of a factored T = U V without forming it: QR of both factors, SVD of the R×R core.
+
+U = Q_U R_U, Vᵀ = Q_V R_V  =>  T = Q_U (R_U R_Vᵀ) Q_Vᵀ;  SVD(R_U R_Vᵀ) = A S Bᵀ  =>  T = (Q_U A) S (Q_V B)ᵀ.
+Cost O((out+N)R²); the core SVD runs in fp64 (it is tiny).
+"""
+from __future__ import annotations
+
+import torch
+
+from .operators import Factored
+from .svd_result import SVD
+
+
+def factored_svd(op: Factored) -> SVD:
+    """All min(out, N, R) singular triplets of U V, exact up to fp32 round-off."""
+    Qu, Ru = torch.linalg.qr(op.U, mode="reduced")
+    Qv, Rv = torch.linalg.qr(op.V.T, mode="reduced")
+    core = Ru.to(torch.float64) @ Rv.to(torch.float64).T
+    A, S, Bh = torch.linalg.svd(core, full_matrices=False)
+    dtype = op.U.dtype
+    return SVD(Qu @ A.to(dtype), S.to(dtype), (Qv @ Bh.T.to(dtype)).T)

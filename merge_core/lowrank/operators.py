@@ -1,0 +1,137 @@
+"""Linear operators the SVD engine works on, without forming a dense matrix when the input is factored.
+
+Factored: T = U V with U (out×R), V (R×N).  Dense: T = W (out×N).
+Both offer T@X, Tᵀ@Y, ‖T‖_F² and inner products ⟨S,T⟩ = trace(SᵀT), all exact.
+Inner products and norms are accumulated in fp64 (they are traces of small products: cheap).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+
+from ..device import COMPUTE_DTYPE
+
+
+@dataclass(frozen=True)
+class Factored:
+    """T = U @ V; U (out×R), V (R×N)."""
+
+    U: torch.Tensor
+    V: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.U.ndim != 2 or self.V.ndim != 2 or self.U.shape[1] != self.V.shape[0]:
+            raise ValueError(f"factor shapes do not chain: U {tuple(self.U.shape)}, V {tuple(self.V.shape)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.U.shape[0], self.V.shape[1])
+
+    @property
+    def inner_rank(self) -> int:
+        return self.U.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.U.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.U.dtype
+
+    def to(self, device: torch.device, dtype: torch.dtype = COMPUTE_DTYPE) -> "Factored":
+        return Factored(self.U.to(device=device, dtype=dtype), self.V.to(device=device, dtype=dtype))
+
+    def matmul(self, X: torch.Tensor) -> torch.Tensor:
+        return self.U @ (self.V @ X)
+
+    def rmatmul(self, Y: torch.Tensor) -> torch.Tensor:
+        return self.V.T @ (self.U.T @ Y)
+
+    def dense(self) -> torch.Tensor:
+        return self.U @ self.V
+
+    def scaled(self, c: float) -> "Factored":
+        return Factored(self.U * c, self.V)
+
+
+@dataclass(frozen=True)
+class Dense:
+    """T = W (out×N): for full diffs and per-module dense work (TIES, DARE, extraction)."""
+
+    W: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.W.shape[0], self.W.shape[1])
+
+    @property
+    def inner_rank(self) -> int:
+        return min(self.W.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.W.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W.dtype
+
+    def to(self, device: torch.device, dtype: torch.dtype = COMPUTE_DTYPE) -> "Dense":
+        return Dense(self.W.to(device=device, dtype=dtype))
+
+    def matmul(self, X: torch.Tensor) -> torch.Tensor:
+        return self.W @ X
+
+    def rmatmul(self, Y: torch.Tensor) -> torch.Tensor:
+        return self.W.T @ Y
+
+    def dense(self) -> torch.Tensor:
+        return self.W
+
+    def scaled(self, c: float) -> "Dense":
+        return Dense(self.W * c)
+
+
+Operator = Union[Factored, Dense]
+
+
+def weighted_sum(terms: Sequence[tuple[float, Operator]]) -> Operator:
+    """Σ wᵢ Tᵢ. All factored -> stacked factors [w₁U₁ … wₙUₙ][V₁; …; Vₙ] (exact, rank Σ Rᵢ);
+    any dense term -> one dense matrix (the module is dense anyway)."""
+    if not terms:
+        raise ValueError("weighted_sum of no terms")
+    shapes = {op.shape for _, op in terms}
+    if len(shapes) != 1:
+        raise ValueError(f"cannot add operators of shapes {sorted(shapes)}")
+    if all(isinstance(op, Factored) for _, op in terms):
+        U = torch.cat([op.U * w for w, op in terms], dim=1)
+        V = torch.cat([op.V for _, op in terms], dim=0)
+        return Factored(U, V)
+    W = sum(w * op.dense() for w, op in terms)
+    return Dense(W)
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float64)
+
+
+def inner(a: Operator, b: Operator) -> float:
+    """⟨A,B⟩_F = trace(AᵀB), exact, from small products when factored."""
+    if isinstance(a, Factored) and isinstance(b, Factored):
+        # trace(Vaᵀ Uaᵀ Ub Vb) = Σ (UaᵀUb) ⊙ (Va Vbᵀ)
+        g_u = _f64(a.U).T @ _f64(b.U)
+        g_v = _f64(a.V) @ _f64(b.V).T
+        return float((g_u * g_v).sum())
+    if isinstance(a, Dense) and isinstance(b, Dense):
+        return float((_f64(a.W) * _f64(b.W)).sum())
+    d, f = (a, b) if isinstance(a, Dense) else (b, a)
+    # trace(Wᵀ U V) = Σ (Uᵀ W) ⊙ V
+    return float(((_f64(f.U).T @ _f64(d.W)) * _f64(f.V)).sum())
+
+
+def frob2(a: Operator) -> float:
+    """‖A‖_F² exactly; for factored A: trace((UᵀU)(VVᵀ))."""
+    return inner(a, a)
