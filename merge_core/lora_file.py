@@ -114,6 +114,13 @@ def load_lora(path: PathLike, profile: str = "auto", suffixes: Optional[Suffixes
     """Read a LoRA/LyCORIS file or PEFT folder; modules keyed by canonical name."""
     path = Path(path)
     src, config = _open(path)
+    return lora_set_from(src, path, profile, suffixes, config)
+
+
+def lora_set_from(src, path: Optional[Path], profile: str = "auto", suffixes: Optional[Suffixes] = None,
+                  config: Optional[dict] = None) -> LoraSet:
+    """A LoraSet from a tensor source with keys()/get(key)/len()/metadata: a file's, or tensors in memory
+    (the ComfyUI LORA_MODEL converter); `path` names the source in errors."""
     if len(src) == 0:
         raise FormatError(f"no tensors in {path}")
     groups, unknown = group_keys(src.keys(), suffixes)

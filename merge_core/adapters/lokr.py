@@ -111,8 +111,8 @@ class LoKr(Extras):
         return P @ Q
 
     def operator(self, device: Optional[torch.device] = None) -> Factored:
-        P1, Q1 = self.factor1(device)
-        P2, Q2 = self.factor2(device)
+        P1, Q1 = (t.contiguous() for t in self.factor1(device))
+        P2, Q2 = (t.contiguous() for t in self.factor2(device))
         return Factored(torch.kron(P1, P2) * self.scale, torch.kron(Q1, Q2))
 
     def tensors(self) -> dict[str, torch.Tensor]:

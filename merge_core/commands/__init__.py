@@ -1,4 +1,4 @@
 """Sub-commands: each module has `register(subparsers)` which sets `run` on its parser."""
-from . import inspect_cmd
+from . import fuse_cmd, inspect_cmd
 
-COMMANDS = [inspect_cmd]
+COMMANDS = [inspect_cmd, fuse_cmd]

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import struct
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
@@ -70,22 +72,34 @@ def read_safetensors_header(path: Path) -> tuple[dict, str]:
     return header, metadata
 
 
+def _torch_load(path: Path):
+    """weights_only load, memory-mapped when the file is torch's zip format."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc) and "zip" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc)
+    found = re.search(r"Unsupported (?:global|operand)[^\n.]*", text)
+    return found.group(0) if found else (text.strip().splitlines() or [exc.__class__.__name__])[0][:120]
+
+
 def load_pickle(path: Path) -> dict[str, torch.Tensor]:
     """torch.load(weights_only=True) only; nested `state_dict` unwrapped; non-tensor entries refused."""
     check_file(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, AttributeError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise InputFileError(f"refusing to load {path}: not a plain tensor checkpoint "
-                             f"(weights_only load failed: {first[:160]})") from None
-    except RuntimeError:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 — any failure here is a corrupt file
-            raise InputFileError(f"corrupt or truncated checkpoint {path}: {str(exc).splitlines()[0][:160]}") from None
-    except (EOFError, OSError, ValueError) as exc:
-        raise InputFileError(f"corrupt or truncated checkpoint {path}: {str(exc).splitlines()[0][:160] if str(exc) else exc.__class__.__name__}") from None
+        obj = _torch_load(path)
+    except pickle.UnpicklingError as exc:
+        raise InputFileError(f"refusing to load {path}: not a plain tensor checkpoint, it would need code to "
+                             f"load ({_why(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 — anything else is a damaged file
+        raise InputFileError(f"corrupt or truncated checkpoint {path}: {_why(exc)}") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

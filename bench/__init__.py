@@ -1,0 +1,1 @@
+"""Benchmark scripts: run `python bench/<name>.py` from the repo root (each has --quick)."""

@@ -1,0 +1,156 @@
+"""Bake a LoRA into a model: W' = W + s·ΔW for every module (LoRA, LoCon, LoHa, LoKr, .diff/.diff_b),
+streaming one base tensor at a time into the output file, which keeps the base's keys, order and metadata.
+
+ΔW is each module's exact delta as ComfyUI applies it (module.delta(): α/r folded in, Tucker/LoKr rules);
+s is the bake strength.  A module whose shape does not fit its base layer is reported and left out, never
+written wrong.  Compute is fp32; output tensors keep the base's dtypes unless output_dtype is given.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from ..adapters import AdapterModule, FullDiff
+from ..checkpoint.lora_names import BIAS, WEIGHT
+from ..checkpoint.sources import WeightSource, check_kind, label_of, open_weights
+from ..device import COMPUTE_DTYPE, resolve_device, with_cpu_fallback
+from ..errors import MergeCoreError, OutputExistsError
+from ..files.atomic import atomic_write
+from ..files.metadata import RECIPE_KEY, make_recipe, sha256_of
+from ..files.stream_writer import SafetensorsStream, header_bound
+from ..lora_file import LoraSet, dtype_of, load_lora
+from ..report import Progress
+from .index import BakeIndex, Slot
+
+PICKLE_OUTPUTS = (".pt", ".pth", ".ckpt")
+Patch = tuple[Slot, AdapterModule, str]
+
+
+def roles_of(module: AdapterModule) -> list[str]:
+    roles = [] if isinstance(module, FullDiff) and not module.has_weight else [WEIGHT]
+    return roles + ([BIAS] if module.diff_b is not None else [])
+
+
+def delta_of(module: AdapterModule, role: str) -> torch.Tensor:
+    if role == BIAS:
+        return module.diff_b
+    return module.diff if isinstance(module, FullDiff) else module.delta()
+
+
+def shape_of(module: AdapterModule, role: str) -> tuple[int, ...]:
+    return tuple(module.diff_b.shape) if role == BIAS else tuple(module.weight_shape)
+
+
+def fits(have: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    """Same shape, or the same matrix (out × rest) stored flat (e.g. a Linear delta for a 1×1 conv)."""
+    if have == want:
+        return True
+    numel = torch.Size(have).numel()
+    return numel == torch.Size(want).numel() and (not have or not want or have[0] == want[0])
+
+
+def plan_patches(lset: LoraSet, index: BakeIndex) -> tuple[dict[str, list[Patch]], list[str], list[dict]]:
+    """(base key -> patches, matched module names, skipped entries with reasons)."""
+    patches: dict[str, list[Patch]] = {}
+    matched, skipped = [], []
+    for name, module in lset.modules.items():
+        canonical = index.resolve(name)
+        if canonical is None:
+            skipped.append({"module": name, "role": "all", "reason": "no matching layer in the base model"})
+            continue
+        ok = False
+        for role in roles_of(module):
+            slot = index.slot(canonical, role)
+            if slot is None:
+                skipped.append({"module": name, "role": role, "reason": f"the base layer has no {role}"})
+            elif not fits(shape_of(module, role), slot.shape):
+                skipped.append({"module": name, "role": role, "reason": f"shape mismatch: LoRA {shape_of(module, role)}"
+                                f" vs base '{slot.key}' {slot.shape}"})
+            else:
+                patches.setdefault(slot.key, []).append((slot, module, role))
+                ok = True
+        if ok:
+            matched.append(name)
+    return patches, matched, skipped
+
+
+def apply(tensor: torch.Tensor, patches: list[Patch], alpha: float, dev: torch.device) -> torch.Tensor:
+    """W + alpha·ΔW in fp32 (row blocks / transposes via each slot's target); in-memory bases are not modified."""
+    W = tensor.to(dev, COMPUTE_DTYPE, copy=True)
+    for slot, module, role in patches:
+        d = delta_of(module, role).to(dev, COMPUTE_DTYPE).reshape(slot.shape)
+        slot.target.take(W).add_(d, alpha=alpha)
+    return W.to("cpu")
+
+
+def _open_lora(lora: Union[LoraSet, str, os.PathLike], kind: str) -> LoraSet:
+    if isinstance(lora, LoraSet):
+        return lora
+    path = Path(lora)
+    if not path.is_dir():
+        check_kind(path, kind, "--lora-type")
+    return load_lora(path)
+
+
+def bake_lora(base_path: Union[str, os.PathLike, WeightSource], lora: Union[LoraSet, str, os.PathLike],
+              output: Union[str, os.PathLike], alpha: float = 1.0, output_dtype: Optional[str] = None,
+              overwrite: bool = False, device: str = "auto", progress: Progress = None, base_kind: str = "auto",
+              lora_kind: str = "auto") -> dict:
+    """Write base + alpha·ΔW to `output` (.safetensors streamed; .pt/.pth/.ckpt via torch.save); returns the report."""
+    began = time.perf_counter()
+    path = Path(output)
+    if path.exists() and not overwrite:  # fail before reading anything
+        raise OutputExistsError(f"output exists, not overwriting (pass --overwrite to replace it): {path}")
+    base = open_weights(base_path, base_kind, "--source-model")
+    lset = _open_lora(lora, lora_kind)
+    lset.require_no_dora("baked")
+    out_dtype = dtype_of(output_dtype) if output_dtype else None
+    patches, matched, skipped = plan_patches(lset, BakeIndex(base))
+    if not patches:
+        raise MergeCoreError(f"nothing to bake: none of the {len(lset.modules)} modules of {lset.source or 'the LoRA'} "
+                             f"matches a layer of {label_of(base_path, 'the base model')} "
+                             f"(e.g. '{skipped[0]['module']}': {skipped[0]['reason']})")
+    recipe = make_recipe("bake", [label_of(base_path, "base (in memory)"), lset.source or "lora (in memory)"],
+                         {"alpha": alpha, "output_dtype": output_dtype}, hash_inputs=False)
+    if lset.source is not None and Path(lset.source).exists():
+        recipe["inputs"][1]["sha256"] = sha256_of(lset.source)
+    metadata = {**getattr(base, "metadata", {}), RECIPE_KEY: json.dumps(recipe, sort_keys=True)}
+    dev = resolve_device(device)
+    keys = base.keys()
+
+    def baked():
+        for done, key in enumerate(keys, 1):
+            t = base.get(key)
+            dtype = out_dtype if out_dtype is not None and t.is_floating_point() else t.dtype
+            if key in patches:
+                if not t.is_floating_point():
+                    raise MergeCoreError(f"base tensor '{key}' is {t.dtype}, cannot add a LoRA delta to it")
+                t = with_cpu_fallback(lambda d, t=t: apply(t, patches[key], alpha, d), dev)
+            yield key, t.to(dtype)
+            if progress is not None:
+                progress(done, len(keys), key)
+
+    if path.suffix.lower() in PICKLE_OUTPUTS:
+        atomic_write(path, lambda tmp: torch.save(dict(baked()), tmp), overwrite)
+    else:
+        # dtypes are read with the tensors: size every entry as 8-byte elements, +1 byte for the longest dtype name
+        entries = [(k, torch.float64, tuple(base.shape(k))) for k in keys]
+        reserve = header_bound(entries, metadata, slack=len(entries) + 4096)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                stream = SafetensorsStream(fh, reserve)
+                for key, tensor in baked():
+                    stream.add(key, tensor)
+                stream.finish(metadata)
+
+        atomic_write(path, write, overwrite)
+    return {"operation": "bake", "base": str(label_of(base_path, "base (in memory)")), "lora": str(lset.source),
+            "output": str(path), "alpha": alpha, "output_dtype": output_dtype or "as base",
+            "base_keys": len(keys), "patched_keys": len(patches), "matched": matched, "skipped": skipped,
+            "seconds": time.perf_counter() - began}

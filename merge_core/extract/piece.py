@@ -1,0 +1,48 @@
+"""One delta -> one LoRA file entry: a LoRA/LoCon by randomized SVD, or a full `.diff` / `.diff_b`.
+
+weight, 2-D or conv:  ΔW ≈ up @ down, rank by the rule on the exact ‖ΔW‖_F² (rSVD, oversampling 8,
+2 power iterations, seeded per module); stored with α = rank (scale 1).  When a rank-k LoRA would hold
+at least as many numbers as ΔW itself (k·(out+in) ≥ out·in) the exact `.diff` is stored instead.
+weight, 1-D (norms, scalars) or --diff-only:  `.diff`.   bias:  `.diff_b`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+
+from ..adapters import FullDiff, LoRA, parameter_count
+from ..adapters.base import matrix_shape
+from ..checkpoint.lora_names import BIAS, Target
+from ..lowrank import Dense, low_rank
+from ..report import ModuleReport
+from .options import OVERSAMPLE, POWER_ITERS, ExtractOptions
+
+Module = Union[LoRA, FullDiff]
+
+
+def full_piece(target: Target, delta: torch.Tensor, note: str = "") -> tuple[Module, ModuleReport]:
+    d = delta.detach().to("cpu").contiguous()
+    module = FullDiff(diff_b=d) if target.role == BIAS else FullDiff(d)
+    return module, ModuleReport(target.name, "full", 0, d.numel(), 0.0, 1.0, note or target.role)
+
+
+def extract_piece(target: Target, delta: torch.Tensor, opts: ExtractOptions) -> Optional[tuple[Module, ModuleReport]]:
+    """The entry for `delta` (fp32, on the compute device), or None when max |ΔW| ≤ min_diff (unchanged)."""
+    if delta.numel() == 0 or float(delta.abs().max()) <= opts.min_diff:
+        return None
+    if target.role == BIAS or opts.diff_only or delta.ndim < 2:
+        return full_piece(target, delta)
+    shape = tuple(delta.shape)
+    out, n = matrix_shape(shape)
+    rule = opts.rule_for(shape)
+    lr = low_rank(Dense(delta.reshape(out, n)), rule, "rsvd", seed=opts.seed_for(target.name),
+                  oversample=OVERSAMPLE, power_iters=POWER_ITERS)
+    k = lr.rank
+    if k * (out + n) >= out * n:
+        return full_piece(target, delta, f"full diff: rank {k} would not be smaller")
+    module = LoRA.from_factors(lr.up.to("cpu"), lr.down.to("cpu"), shape)
+    note = "locon" if math.prod(shape[2:]) > 1 else ""
+    return module, ModuleReport(target.name, "lora", k, parameter_count(module), lr.quality.rel_error,
+                                lr.quality.energy_kept, note)

@@ -1,0 +1,86 @@
+"""Extract straight into a file.  For .safetensors the entries are written as they are made (header
+reserved up front and filled in at the end), so even --diff-only, whose output is as big as a model,
+runs in the memory of one layer; .pt output goes through extract_lora + save (torch.save needs it all)."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from ..checkpoint.lora_names import BIAS
+from ..files.atomic import atomic_write
+from ..files.metadata import lora_metadata
+from ..files.stream_writer import SafetensorsStream, header_bound
+from ..keys.suffixes import KOHYA
+from ..lora_file import dtype_of, state_dict_of
+from ..lowrank.rank_select import RankRule
+from ..report import Progress, Report
+from ..device import resolve_device
+from .engine import Source, extract_lora, finish, iter_pieces, start
+from .options import ExtractOptions
+from .plan import Plan
+
+PICKLE_OUTPUTS = (".pt", ".pth", ".ckpt")
+
+
+def bound_entries(plan: Plan, opts: ExtractOptions, dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple]]:
+    """Every tensor the run may write (a superset): for a weight, both its LoRA factors at the largest rank
+    the rule allows and its full `.diff`; `.diff_b` for a bias.  Sizes the header reserve."""
+    out = []
+    for task in plan.tasks:
+        for t in task.targets:
+            shape = t.part_shape(task.shape)
+            if t.role == BIAS:
+                out.append((t.name + ".diff_b", dtype, shape))
+                continue
+            out.append((t.name + ".diff", dtype, shape))
+            if len(shape) >= 2 and not opts.diff_only:
+                n = 1
+                for d in shape[1:]:
+                    n *= d
+                k = min(shape[0], n, opts.rule_for(shape).sketch_rank)
+                out += [(t.name + KOHYA.up, dtype, (shape[0], k, *[1] * (len(shape) - 2))),
+                        (t.name + KOHYA.down, dtype, (k, *shape[1:])),
+                        (t.name + KOHYA.alpha, torch.float32, ())]
+    return out
+
+
+def extract_to_file(base: Source, tuned: Source, output: Union[str, os.PathLike], output_dtype: str = "bf16",
+                    overwrite: bool = False, rule: Optional[RankRule] = None, conv_rank: Optional[int] = None,
+                    diff_only: bool = False, min_diff: float = 0.0, text_encoders: bool = True,
+                    device: str = "auto", seed: int = 0, progress: Progress = None, base_kind: str = "auto",
+                    tuned_kind: str = "auto") -> Report:
+    """extract_lora(...).save(output), streamed for .safetensors; returns the report."""
+    path = Path(output)
+    args = dict(rule=rule, conv_rank=conv_rank, diff_only=diff_only, min_diff=min_diff, text_encoders=text_encoders,
+                seed=seed)
+    if path.suffix.lower() in PICKLE_OUTPUTS:
+        result = extract_lora(base, tuned, device=device, progress=progress, base_kind=base_kind,
+                              tuned_kind=tuned_kind, **args)
+        result.save(path, output_dtype, overwrite)
+        return result.report
+    began = time.perf_counter()
+    opts, b, t, plan, report, recipe = start(base, tuned, base_kind=base_kind, tuned_kind=tuned_kind, **args)
+    dtype = dtype_of(output_dtype)
+    reserve = header_bound(bound_entries(plan, opts, dtype),
+                           lora_metadata({"loha"}, [], [], plan.arch, recipe, path.stem), slack=4096)
+
+    def write(tmp: Path) -> None:
+        kinds, ranks, alphas = set(), [], []
+        with open(tmp, "wb") as fh:
+            stream = SafetensorsStream(fh, reserve)
+            for target, module in iter_pieces(b, t, plan, opts, resolve_device(device), report, progress):
+                for key, tensor in state_dict_of({target.name: module}, KOHYA, dtype).items():
+                    stream.add(key, tensor)
+                kinds.add(module.kind)
+                if module.kind != "full":
+                    ranks.append(module.rank)
+                    alphas.append(module.alpha)
+            finish(report, plan, began, len(stream.names), base, tuned)
+            stream.finish(lora_metadata(kinds, ranks, alphas, plan.arch, recipe, path.stem))
+
+    atomic_write(path, write, overwrite)
+    return report

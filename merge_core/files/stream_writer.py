@@ -1,0 +1,77 @@
+"""Write a .safetensors file one tensor at a time, so memory stays at one tensor however big the file.
+
+`safetensors.save_file` needs every tensor in memory.  Here the tensor bytes are appended as they come,
+after a header area reserved up front; `finish()` writes the header (JSON padded with spaces, which the
+format allows) into that area.  The caller bounds the header size from what it may write
+(`header_bound`), so the file never has to be rewritten.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from typing import BinaryIO, Iterable, Optional
+
+import torch
+
+from ..errors import MergeCoreError
+
+ST_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+            torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+ALIGN = 8
+
+
+def _entry_json(name: str, dtype: str, shape: Iterable[int], start: int, end: int) -> str:
+    return json.dumps({name: {"dtype": dtype, "shape": list(shape), "data_offsets": [start, end]}},
+                      separators=(",", ":"))[1:-1]
+
+
+def header_bound(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Optional[dict] = None,
+                 slack: int = 1024) -> int:
+    """Bytes enough for a header naming any subset of `entries` (name, dtype, shape) plus `metadata`."""
+    entries = list(entries)
+    total = sum(torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size() for _, dt, shape in entries)
+    size = sum(len(_entry_json(n, ST_DTYPE[dt], s, total, total)) + 1 for n, dt, s in entries)
+    if metadata:
+        size += len(json.dumps({"__metadata__": metadata}, separators=(",", ":"))) + 1
+    return size + slack
+
+
+class SafetensorsStream:
+    """Append tensors to an open binary file; `finish(metadata)` writes the header into the reserved area."""
+
+    def __init__(self, fh: BinaryIO, header_bytes: int):
+        self._fh = fh
+        self._reserve = -(-max(int(header_bytes), 2) // ALIGN) * ALIGN
+        self._entries: dict[str, dict] = {}
+        self._offset = 0
+        fh.seek(8 + self._reserve)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._entries:
+            raise ValueError(f"tensor '{name}' written twice")
+        t = tensor.detach().to("cpu").contiguous()
+        if t.dtype not in ST_DTYPE:
+            raise MergeCoreError(f"cannot write tensor '{name}' of dtype {t.dtype} to safetensors")
+        data = t.reshape(-1).view(torch.uint8).numpy()
+        self._fh.write(memoryview(data))
+        end = self._offset + data.nbytes
+        self._entries[name] = {"dtype": ST_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [self._offset, end]}
+        self._offset = end
+
+    def finish(self, metadata: Optional[dict[str, str]] = None) -> None:
+        header = dict(self._entries)
+        if metadata:
+            header = {"__metadata__": {k: str(v) for k, v in metadata.items()}, **header}
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        if len(raw) > self._reserve:
+            raise MergeCoreError(f"internal error: safetensors header needs {len(raw)} bytes, "
+                                 f"only {self._reserve} were reserved")
+        self._fh.seek(0)
+        self._fh.write(struct.pack("<Q", self._reserve))
+        self._fh.write(raw + b" " * (self._reserve - len(raw)))
+        self._fh.seek(0, 2)

@@ -1,0 +1,139 @@
+"""fuse_models: fuse N LoKr/LoHa/LoRA/full files module by module into one, exactly on the deltas.
+
+Per module: the inputs' exact operators (a model lacking the module contributes ΔW = 0), the strategy's
+coefficients cᵢ (strategies.py), then T = Σ cᵢ ΔWᵢ written in the output form (output_forms.py).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from ..device import resolve_device, with_cpu_fallback
+from ..errors import MergeCoreError, ShapeMismatchError
+from ..files.metadata import make_recipe
+from ..lora_file import LoraSet
+from ..lowrank import RankRule
+from ..report import Progress, Report
+from ..result import MergeResult
+from .output_forms import FALLBACK_NOTE, Built, build_module, check_output_format, fused_bias
+from .strategies import Coefficients, check_strategy, coefficients
+from .terms import Term
+
+log = logging.getLogger(__name__)
+
+# lokr/auto need no rank rule; lora (and auto's fallback) default to 99.9 % of ‖T‖² within ranks 4..128
+DEFAULT_RULE = RankRule(energy=0.999, min_rank=4, max_rank=128)
+DORA_CHOICES = ("error", "ignore")
+
+
+def resolve_weights(weights: Optional[Sequence[float]], n: int) -> list[float]:
+    """The user weights: equal (1/N each) by default; their count must match the models'."""
+    if weights is None:
+        return [1.0 / n] * n
+    if len(weights) != n:
+        raise MergeCoreError(f"number of weights ({len(weights)}) must match number of models ({n})")
+    return [float(w) for w in weights]
+
+
+def _label(s: LoraSet, i: int) -> str:
+    return str(s.source) if s.source is not None else f"input {i + 1}"
+
+
+def check_inputs(sets: Sequence[LoraSet], dora: str) -> str:
+    """DoRA policy and a common architecture; returns that architecture."""
+    if dora not in DORA_CHOICES:
+        raise MergeCoreError(f"unknown dora policy {dora!r}; choose one of {', '.join(DORA_CHOICES)}")
+    if dora == "error":
+        for s in sets:
+            s.require_no_dora("fused")
+    arches = {s.arch for s in sets}
+    if len(arches) > 1:
+        first, odd = sets[0], next(s for s in sets if s.arch != sets[0].arch)
+        raise ShapeMismatchError(f"inputs are for different models: {_label(first, 0)} is {first.arch}, "
+                                 f"{_label(odd, sets.index(odd))} is {odd.arch}")
+    return arches.pop()
+
+
+def module_names(sets: Sequence[LoraSet]) -> list[str]:
+    """Every module of any input, in first-seen order."""
+    return list(dict.fromkeys(name for s in sets for name in s.modules))
+
+
+def check_shapes(name: str, sets: Sequence[LoraSet], present: Sequence[int]) -> None:
+    shapes = {i: sets[i].modules[name].matrix_shape for i in present
+              if getattr(sets[i].modules[name], "has_weight", True)}
+    if len(set(shapes.values())) > 1:
+        i, a = next(iter(shapes.items()))
+        j, b = next((k, v) for k, v in shapes.items() if v != a)
+        raise ShapeMismatchError(f"module '{name}' is {a[0]}x{a[1]} in {_label(sets[i], i)} but {b[0]}x{b[1]} "
+                                 f"in {_label(sets[j], j)}")
+
+
+def fuse_module(name: str, sets: Sequence[LoraSet], present: Sequence[int], weights: Sequence[float],
+                strategy: str, norm_threshold: float, output_format: str, rule: RankRule,
+                device: torch.device) -> tuple[Built, list[float]]:
+    """The written module for `name` and the coefficient cᵢ of every model (0 where absent)."""
+    terms = [Term(i, sets[i].modules[name], device) for i in present]
+    with_weight = [t for t in terms if t.has_weight]
+    bias_only = [t for t in terms if not t.has_weight]
+    total = sum(weights)
+    coeffs = (coefficients(strategy, with_weight, [weights[t.index] for t in with_weight], total, norm_threshold)
+              if with_weight else Coefficients([]))
+    # a bias-only input has no ΔW to measure: it enters as in the weighted sum (or average)
+    bias_c = [weights[t.index] / (total if strategy == "weighted_average" else 1.0) for t in bias_only]
+    bias = fused_bias(with_weight + bias_only, coeffs.values + bias_c)
+    notes = [n for n in (coeffs.note, f"in {len(present)} of {len(sets)} inputs" if len(present) < len(sets) else "")
+             if n]
+    built = build_module(output_format, name, with_weight, coeffs.values, rule, bias, "; ".join(notes))
+    per_model = [0.0] * len(sets)
+    for t, c in zip(with_weight + bias_only, coeffs.values + bias_c):
+        per_model[t.index] = c
+    return built, per_model
+
+
+def fuse_models(sets: Sequence[LoraSet], weights: Optional[Sequence[float]] = None, strategy: str = "smart_fusion",
+                norm_threshold: float = 1.0, output_format: str = "auto", rule: Optional[RankRule] = None,
+                device: str = "auto", dora: str = "error", progress: Progress = None) -> MergeResult:
+    """Fuse LyCORIS/LoRA sets into one: per module T = Σ cᵢ ΔWᵢ (cᵢ from `strategy`), written as
+    `output_format` (auto|lokr|lora|full).  `rule` bounds lora ranks (default 99.9 % energy, ranks 4..128)."""
+    sets = list(sets)
+    if not sets:
+        raise MergeCoreError("fuse needs at least one model")
+    w = resolve_weights(weights, len(sets))
+    check_strategy(strategy, w, norm_threshold)
+    check_output_format(output_format)
+    arch = check_inputs(sets, dora)
+    rule = rule or DEFAULT_RULE
+    dev = resolve_device(device)
+    names = module_names(sets)
+    report, modules, table = Report("fuse"), {}, {}
+    start = time.perf_counter()
+    for done, name in enumerate(names, 1):
+        present = [i for i, s in enumerate(sets) if name in s.modules]
+        check_shapes(name, sets, present)
+        built, table[name] = with_cpu_fallback(
+            lambda d: fuse_module(name, sets, present, w, strategy, norm_threshold, output_format, rule, d), dev)
+        report.add(built.row)
+        if built.module is not None:
+            modules[name] = built.module
+        if progress is not None:
+            progress(done, len(names), name)
+    report.seconds = time.perf_counter() - start
+    _warn_fallbacks(report)
+    parameters = {"weights": w, "strategy": strategy, "norm_threshold": norm_threshold,
+                  "output_format": output_format, "rank_rule": rule.describe(), "dora": dora}
+    report.extra.update(parameters=parameters, coefficients=table,
+                        kinds={k: sum(m.kind == k for m in report.modules) for k in {m.kind for m in report.modules}})
+    recipe = make_recipe("fuse", [s.source if s.source is not None else f"input {i + 1}" for i, s in enumerate(sets)],
+                         parameters)
+    return MergeResult(modules, report, arch, "sdxl" if arch == "sdxl" else "kohya", recipe=recipe)
+
+
+def _warn_fallbacks(report: Report) -> None:
+    fell = [m for m in report.modules if FALLBACK_NOTE in m.note]
+    if fell:
+        log.warning("%d module(s) could not be written as lokr and were written as lora (see each module's note), "
+                    "e.g. '%s': %s", len(fell), fell[0].name, fell[0].note)

@@ -1,0 +1,110 @@
+"""One input's contribution to one module: its exact operator and the exact scalars the strategies need.
+
+LoKr deltas s·kron(w1, w2) use the Kronecker identities, so no kron is ever formed for them:
+‖s·kron(A,B)‖² = s²‖A‖²‖B‖²,  1ᵀkron(A,B)1 = (1ᵀA1)(1ᵀB1),  max|kron(A,B)| = max|A|·max|B|,
+⟨kron(A,B), kron(C,D)⟩ = ⟨A,C⟩⟨B,D⟩.
+Every other kind uses its exact factored operator (LoHa: face-splitting form):
+‖UV‖² = trace((UᵀU)(VVᵀ)),  1ᵀUV1 = (1ᵀU)(V1).  All scalars are accumulated in fp64.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Optional
+
+import torch
+
+from ..adapters import AdapterModule, LoKr
+from ..lowrank import Factored, Operator, frob2
+
+F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class KronParts:
+    """ΔW = scale·kron(w1, w2) as a matrix; w1 dense (a×b), w2 = P Q (c × d·kh·kw)."""
+
+    scale: float
+    w1: torch.Tensor
+    w2: Factored
+    w2_rank: Optional[int]  # rank of a factorised (or Tucker) w2; None when w2 is stored full
+    w2_shape: tuple[int, ...]  # w2 as stored when full (may be 4-D for conv)
+
+    @property
+    def shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        return tuple(self.w1.shape), self.w2.shape
+
+
+def kron_parts(module: LoKr, device: Optional[torch.device] = None) -> KronParts:
+    P, Q = module.factor2(device)
+    return KronParts(module.scale, module.w1_dense(device), Factored(P, Q),
+                     None if module.w2 is not None else module.w2b.shape[0], module.w2_shape)
+
+
+class Term:
+    """Input `index`'s module for one fused module, with cached exact operator and statistics."""
+
+    def __init__(self, index: int, module: AdapterModule, device: torch.device):
+        self.index = index
+        self.module = module
+        self.device = device
+
+    @property
+    def has_weight(self) -> bool:
+        """False for a full diff that carries only a bias delta."""
+        return getattr(self.module, "has_weight", True)
+
+    @cached_property
+    def op(self) -> Operator:
+        return self.module.operator(self.device)
+
+    @cached_property
+    def kron(self) -> Optional[KronParts]:
+        return kron_parts(self.module, self.device) if isinstance(self.module, LoKr) else None
+
+    @property
+    def size(self) -> int:
+        """Number of entries n of ΔW (out·in·kh·kw)."""
+        return math.prod(self.module.matrix_shape)
+
+    @cached_property
+    def norm2(self) -> float:
+        """‖ΔW‖_F²."""
+        if self.kron is not None:
+            k = self.kron
+            return k.scale ** 2 * float(k.w1.to(F64).square().sum()) * frob2(k.w2)
+        return frob2(self.op)
+
+    @cached_property
+    def entry_sum(self) -> float:
+        """1ᵀ ΔW 1, the sum of all entries."""
+        if self.kron is not None:
+            k = self.kron
+            return k.scale * float(k.w1.to(F64).sum()) * _sum_of(k.w2)
+        return _sum_of(self.op)
+
+    @cached_property
+    def variance(self) -> float:
+        """Population variance of ΔW's entries: ‖ΔW‖²/n − (1ᵀΔW1/n)² (clamped at 0 against round-off)."""
+        n = self.size
+        return max(0.0, self.norm2 / n - (self.entry_sum / n) ** 2)
+
+    @cached_property
+    def max_abs(self) -> float:
+        """max |ΔW| (LoKr: |s|·max|w1|·max|w2|; others from the dense module, one at a time)."""
+        if self.kron is not None:
+            k = self.kron
+            return abs(k.scale) * float(k.w1.abs().max()) * float(k.w2.dense().abs().max())
+        return float(self.op.dense().abs().max())
+
+
+def _sum_of(op: Operator) -> float:
+    if isinstance(op, Factored):
+        return float((op.U.to(F64).sum(0) * op.V.to(F64).sum(1)).sum())
+    return float(op.W.to(F64).sum())
+
+
+def kron_compatible(a: Term, b: Term) -> bool:
+    return a.kron is not None and b.kron is not None and a.kron.shapes == b.kron.shapes
+

@@ -1,0 +1,93 @@
+"""Merge LoRAs: the rSVD merge (T = Σ wᵢ ΔWᵢ, exact factor stacking then a seeded randomized SVD with an
+energy-chosen rank) and the conventional methods (concat, geometric mean, SVD, weighted average, TIES, DARE)."""
+from __future__ import annotations
+
+from typing import Optional
+
+from merge_core.merge import METHODS, merge_loras
+
+from .inputs import (CATEGORY, connected_loras, device_input, dora_input, lora_slots, rank_inputs, rank_rule,
+                     seed_input)
+from .pack_lora import LORA_TYPE, PackLora, summary_line
+from .runtime import run_job, torch_device
+
+CONVENTIONAL = tuple(m for m in METHODS if m != "rsvd")
+WEIGHT_TOOLTIP = "weight wᵢ of this LoRA in T = Σ wᵢ ΔWᵢ (the strength you would give it in LoraLoader)"
+BLOCK_WEIGHTS_TOOLTIP = ("optional SDXL block weights, one line per LoRA input in slot order (line 1 = lora_1): "
+                         "20 comma-separated values (BASE, IN00-IN08, MID, OUT00-OUT08) or the 12-value short form; "
+                         "an empty line = all 1")
+
+
+def block_weight_lines(text: str, slots: list[int]) -> Optional[list[Optional[str]]]:
+    """The block-weight line of each connected slot (None where empty); None when no line is given."""
+    lines = text.splitlines()
+    picked = [lines[i - 1].strip() or None if i <= len(lines) else None for i in slots]
+    return picked if any(picked) else None
+
+
+def run_merge(method: str, slots: dict, rank: int, energy: float, min_rank: int, max_rank: int, seed: int,
+              device: str, dora: str, density: float = 0.5, block_weights: str = "") -> dict:
+    inputs = connected_loras(slots)
+    rule = rank_rule(rank, energy, min_rank, max_rank)
+    bw = block_weight_lines(block_weights, [i for i, _, _ in inputs])
+    result = run_job(lambda progress: merge_loras(
+        [lora.lora for _, lora, _ in inputs], method=method, weights=[w for _, _, w in inputs], rule=rule,
+        seed=seed, device=torch_device(device), density=density, block_weights=bw, dora=dora, progress=progress))
+    pack = PackLora.from_result(result, f"merge ({method})")
+    return {"ui": {"text": [summary_line(result.report)]}, "result": (pack,)}
+
+
+class RsvdMerge:
+    NODE_ID = "LoRArSVD_Merge"
+    DISPLAY_NAME = "rSVD Merge LoRAs"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Merges 2-8 LoRAs into one: per module T = Σ wᵢ ΔWᵢ, stacked exactly in factor form (no dense "
+                   "matrix), then a seeded randomized SVD keeps the smallest rank holding `energy` of ‖T‖² "
+                   "(or a fixed rank). Same result as stacking the LoRAs at these strengths, up to the kept energy.")
+    RETURN_TYPES = (LORA_TYPE,)
+    RETURN_NAMES = ("lora",)
+    OUTPUT_TOOLTIPS = ("the merged LoRA, with its per-module report",)
+    FUNCTION = "merge"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        required, optional = lora_slots(weight_tooltip=WEIGHT_TOOLTIP)
+        required.update({**rank_inputs(), **seed_input(), **device_input(), **dora_input()})
+        return {"required": required, "optional": optional}
+
+    def merge(self, rank: int, energy: float, min_rank: int, max_rank: int, seed: int, device: str, dora: str,
+              **slots) -> dict:
+        return run_merge("rsvd", slots, rank, energy, min_rank, max_rank, seed, device, dora)
+
+
+class ConventionalMerge:
+    NODE_ID = "LoRArSVD_MergeConventional"
+    DISPLAY_NAME = "Merge LoRAs (conventional)"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Merges 2-8 LoRAs with a conventional method: concat (exact, rank Σrᵢ), geometric mean "
+                   "(of raw factors, equal shapes only), SVD (of the dense sum), weighted average, TIES or DARE "
+                   "(density = kept fraction). Optional SDXL block weights per input.")
+    RETURN_TYPES = (LORA_TYPE,)
+    RETURN_NAMES = ("lora",)
+    OUTPUT_TOOLTIPS = ("the merged LoRA, with its per-module report",)
+    FUNCTION = "merge"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        required, optional = lora_slots(weight_tooltip=WEIGHT_TOOLTIP)
+        required.update({
+            "method": (list(CONVENTIONAL), {"default": CONVENTIONAL[0], "tooltip": "the merge method"}),
+            "density": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
+                                  "tooltip": "TIES / DARE: fraction of entries kept"}),
+            **rank_inputs(), **seed_input(), **device_input(), **dora_input(),
+            "block_weights": ("STRING", {"default": "", "multiline": True, "tooltip": BLOCK_WEIGHTS_TOOLTIP}),
+        })
+        return {"required": required, "optional": optional}
+
+    def merge(self, method: str, density: float, rank: int, energy: float, min_rank: int, max_rank: int,
+              seed: int, device: str, dora: str, block_weights: str, **slots) -> dict:
+        return run_merge(method, slots, rank, energy, min_rank, max_rank, seed, device, dora, density,
+                         block_weights)
+
+
+NODES = (RsvdMerge, ConventionalMerge)

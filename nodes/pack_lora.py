@@ -1,0 +1,59 @@
+"""What the pack's LoRA sockets carry (ComfyUI type RSVD_LORA): a LoraSet plus how it was made."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from merge_core.keys.profiles import Naming
+from merge_core.lora_file import LoraSet, summary
+from merge_core.report import Report
+from merge_core.result import MergeResult
+
+LORA_TYPE = "RSVD_LORA"
+
+
+@dataclass
+class PackLora:
+    """A LoRA in a graph: its modules (a LoraSet), a label, and the report and recipe of the step that made it."""
+
+    lora: LoraSet
+    label: str
+    report: Optional[Report] = None
+    recipe: Optional[dict] = None
+
+    @classmethod
+    def from_result(cls, result: MergeResult, label: str) -> "PackLora":
+        """Wrap what merge/fuse/extract return, so the result can be merged again, applied, saved or reported."""
+        naming = Naming(result.profile, result.arch, {name: name for name in result.modules})
+        lora = LoraSet(dict(result.modules), naming, peft_config=result.peft_config)
+        return cls(lora, label, result.report, result.recipe or None)
+
+    def describe(self) -> str:
+        """Format, architecture, module count, kinds and ranks, as a few lines of text."""
+        info = summary(self.lora)
+        lines = [
+            f"{self.label}",
+            f"format: {info['profile']} names, architecture {info['architecture']}",
+            f"modules: {info['modules']} ({_counts(info['kinds'])})",
+            f"parts: {_counts(info['parts'])}",
+            f"ranks: {_counts(info['ranks'])}",
+            f"alphas: {_counts(info['alphas'])}",
+            f"parameters: {info['parameters']:,}",
+        ]
+        if info["dora_modules"]:
+            lines.append(f"DoRA: {info['dora_modules']} modules carry dora_scale")
+        if self.report is not None:
+            r = self.report
+            lines.append(f"made by {r.operation}: avg rank {r.avg_rank:.1f}, max rel error {r.max_rel_error:.2e}, "
+                         f"{r.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def summary_line(report: Report) -> str:
+    """One line of totals: what the merge/fuse/extract nodes show on themselves."""
+    return (f"{report.operation}: {len(report.modules)} modules, total params {report.total_params:,}, "
+            f"avg rank {report.avg_rank:.2f}, max rel error {report.max_rel_error:.2e}, {report.seconds:.2f} s")
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))) or "-"

@@ -1,0 +1,89 @@
+"""`python -m merge_core fuse` as a user runs it: one-line errors with a non-zero exit, and a full run with
+--verify, --metadata and --report on real files (SDXL names, LoKr + LoHa + LoRA)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[2]
+NAMES = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": (640, 640),
+         "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (768, 768)}
+
+
+def rnd(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.1
+
+
+def write_lokr(path: Path, seed: int) -> Path:
+    sd = {}
+    for i, (name, (out, inn)) in enumerate(NAMES.items()):
+        s = seed + 10 * i
+        sd.update({f"{name}.lokr_w1": rnd(8, 8, seed=s), f"{name}.lokr_w2_a": rnd(out // 8, 4, seed=s + 1),
+                   f"{name}.lokr_w2_b": rnd(4, inn // 8, seed=s + 2), f"{name}.alpha": torch.tensor(2.0)})
+    save_file(sd, str(path))
+    return path
+
+
+def write_loha(path: Path, seed: int) -> Path:
+    sd = {}
+    for i, (name, (out, inn)) in enumerate(NAMES.items()):
+        s = seed + 10 * i
+        sd.update({f"{name}.hada_w1_a": rnd(out, 2, seed=s), f"{name}.hada_w1_b": rnd(2, inn, seed=s + 1),
+                   f"{name}.hada_w2_a": rnd(out, 2, seed=s + 2), f"{name}.hada_w2_b": rnd(2, inn, seed=s + 3),
+                   f"{name}.alpha": torch.tensor(1.0)})
+    save_file(sd, str(path))
+    return path
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "merge_core", "fuse", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fuse_cli")
+    return write_lokr(d / "a.safetensors", 1), write_lokr(d / "b.safetensors", 2), write_loha(d / "c.safetensors", 3)
+
+
+def test_weight_count_mismatch_is_one_line(inputs, tmp_path):
+    r = cli(*inputs, "--weights", "0.5", "0.5", "-o", tmp_path / "out.safetensors")
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == ["error: number of weights (2) must match number of models (3)"]
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_missing_file_is_one_line(inputs, tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    r = cli(inputs[0], missing, "-o", tmp_path / "out.safetensors")
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "file not found" in lines[0] and str(missing) in lines[0]
+
+
+def test_full_run_writes_verifies_and_describes(inputs, tmp_path):
+    out, meta, report = tmp_path / "fused.pt", tmp_path / "meta.json", tmp_path / "report.json"
+    r = cli(*inputs, "--weights", "0.5", "0.3", "0.2", "--strategy", "weighted_average", "--output-format", "lora",
+            "--energy", "1.0", "--max-rank", "64", "--dtype", "float32", "--device", "cpu",
+            "--verify", "--metadata", meta, "--report", report, "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "verify: 2 modules re-read" in r.stdout
+    info = json.loads(meta.read_text())
+    assert [i["sha256"] for i in info["recipe"]["inputs"]] == [hashlib.sha256(p.read_bytes()).hexdigest()
+                                                             for p in inputs]
+    assert info["recipe"]["parameters"]["weights"] == [0.5, 0.3, 0.2]
+    assert info["recipe"]["parameters"]["strategy"] == "weighted_average"
+    assert {m["name"] for m in info["modules"]} == set(NAMES)
+    for m in info["modules"]:
+        assert m["kind"] == "lora" and m["verify_rel_error"] < 1e-5 and m["rel_error"] < 1e-5
+        assert m["coefficients"] == pytest.approx([0.5, 0.3, 0.2])
+    assert json.loads(report.read_text())["operation"] == "fuse"
+    again = cli(*inputs, "-o", out)
+    assert again.returncode != 0 and "pass --overwrite" in again.stderr

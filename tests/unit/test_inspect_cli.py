@@ -1,0 +1,105 @@
+"""`python -m merge_core inspect`: a useful description of good files, one clear line and a non-zero exit
+for bad ones — including a pickle that would run code (and the proof that it did not)."""
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from merge_core.cli import main
+
+from merge_core.lora_file import save_lora
+from synth import sdxl_lora, sdxl_specs
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def subprocess_cli(*args):
+    return subprocess.run([sys.executable, "-m", "merge_core", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture
+def cli(capsys):
+    """The CLI in-process (fast); exit code, stdout and stderr like a subprocess."""
+    def run(*args):
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+    return run
+
+
+def assert_one_line_error(res, needle):
+    assert res.returncode != 0
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in res.stderr
+
+
+def test_inspect_describes_an_sdxl_lora(tmp_path, cli):
+    save_lora(sdxl_lora(sdxl_specs(per_group=3, locon=True), rank=4), tmp_path / "a.safetensors")
+    res = cli("inspect", tmp_path / "a.safetensors")
+    assert res.returncode == 0, res.stderr
+    assert "sdxl names, architecture sdxl" in res.stdout and "unet: 6" in res.stdout
+    info = json.loads(cli("inspect", tmp_path / "a.safetensors", "--json").stdout)
+    assert info["modules"] == 12 and info["parts"] == {"unet": 6, "te1": 3, "te2": 3}
+    assert info["ranks"] == {"4": 12} and info["dtypes"] == {"float16": 24}
+
+
+def test_missing_file(tmp_path, cli):
+    assert_one_line_error(cli("inspect", tmp_path / "nope.safetensors"), "file not found")
+
+
+def test_empty_file(tmp_path, cli):
+    (tmp_path / "e.safetensors").write_bytes(b"")
+    assert_one_line_error(cli("inspect", tmp_path / "e.safetensors"), "file is empty")
+
+
+def test_truncated_file(tmp_path, cli):
+    p = tmp_path / "t.safetensors"
+    save_lora(sdxl_lora(sdxl_specs(per_group=1), rank=4), p)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) - 100])
+    assert_one_line_error(cli("inspect", p), "truncated")
+
+
+def test_corrupt_header(tmp_path, cli):
+    p = tmp_path / "c.safetensors"
+    p.write_bytes((40).to_bytes(8, "little") + b"{not json at all" + b" " * 24 + b"\x00" * 16)
+    assert_one_line_error(cli("inspect", p), "corrupt safetensors header")
+
+
+def test_unknown_key_layout(tmp_path, cli):
+    from safetensors.torch import save_file
+    save_file({"conv.weight": torch.zeros(2, 2)}, str(tmp_path / "k.safetensors"))
+    assert_one_line_error(cli("inspect", tmp_path / "k.safetensors"), "unknown key layout")
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_pickle_that_would_run_code_is_refused_and_the_code_did_not_run(tmp_path, cli):
+    marker = tmp_path / "pwned"
+    p = tmp_path / "evil.pt"
+    with open(p, "wb") as fh:
+        pickle.dump({"lora_unet_x.lora_up.weight": RunsCode(str(marker))}, fh)
+    # torch's own zip format as well
+    torch.save({"x": RunsCode(str(marker))}, tmp_path / "evil2.ckpt")
+    assert_one_line_error(subprocess_cli("inspect", p), "refusing to load")  # the real command line
+    assert_one_line_error(cli("inspect", tmp_path / "evil2.ckpt"), "refusing to load")
+    assert not marker.exists()
+
+
+def test_non_tensor_payload(tmp_path, cli):
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    assert_one_line_error(cli("inspect", tmp_path / "list.pt"), "non-tensor payload")

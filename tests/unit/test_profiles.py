@@ -1,0 +1,163 @@
+"""Key profiles: every profile round-trips (read → write → read gives the same deltas), aliases map to
+kohya names, and `auto` tells SDXL, SD1.5, PEFT and other models apart."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from merge_core.adapters import LoHa, LoKr, LoRA
+from merge_core.errors import FormatError
+from merge_core.keys import Suffixes
+from merge_core.keys.sdxl_table import sdxl_modules
+from merge_core.lora_file import load_lora, save_lora, state_dict_of
+from synth import lora_for, randn, sdxl_lora, sdxl_specs
+
+
+def same_deltas(a: dict, b: dict):
+    assert set(a) == set(b)
+    for name in a:
+        da, db = a[name].delta(), b[name].delta()
+        assert da.shape == db.shape, name
+        assert torch.allclose(da, db, atol=1e-6, rtol=1e-5), name
+
+
+def test_sdxl_table_has_the_986_lora_modules_and_locon_extras():
+    specs = sdxl_modules().values()
+    groups = {g: sum(1 for s in specs if s.group == g and not s.locon) for g in ("unet", "te1", "te2")}
+    assert groups == {"unet": 722, "te1": 72, "te2": 192}
+    assert any(s.locon and s.kind == "conv" and s.shape[2:] == (3, 3) for s in specs)
+    spec = sdxl_modules()["lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"]
+    assert spec.shape == (640, 2048) and spec.block == "IN04"
+
+
+def test_sdxl_round_trip_with_locon_and_lycoris(tmp_path):
+    specs = sdxl_specs(per_group=3, locon=True)
+    mods = sdxl_lora(specs, rank=4, alpha=2.0)
+    lin = next(s for s in specs if s.kind == "linear" and s.group == "unet")
+    mods[lin.name] = LoHa(randn(lin.shape[0], 2, seed=1), randn(2, lin.shape[1], seed=2),
+                          randn(lin.shape[0], 2, seed=3), randn(2, lin.shape[1], seed=4), alpha=1.0)
+    te = next(s for s in specs if s.group == "te2")
+    mods[te.name] = LoKr(w1=randn(4, 4, seed=5), w2a=randn(te.shape[0] // 4, 2, seed=6),
+                         w2b=randn(2, te.shape[1] // 4, seed=7), alpha=1.0)
+    path = save_lora(mods, tmp_path / "a.safetensors", dtype="fp32")
+    back = load_lora(path)
+    assert back.profile == "sdxl" and back.arch == "sdxl"
+    same_deltas(mods, back.modules)
+    assert back.metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lycoris"
+
+
+def test_sdxl_diffusers_and_comfy_names_read_as_kohya(tmp_path):
+    table = sdxl_modules()
+    q = table["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"]
+    out = table["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_out_0"]
+    ff = table["lora_unet_output_blocks_2_1_transformer_blocks_3_ff_net_2"]
+    te1 = table["lora_te1_text_model_encoder_layers_3_mlp_fc1"]
+    te2 = table["lora_te2_text_model_encoder_layers_30_self_attn_v_proj"]
+    m = {s.name: lora_for(s.shape, 2, 1.0, seed=i) for i, s in enumerate((q, out, ff, te1, te2))}
+    sd = {}
+    names = {q.name: ("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q", "_lora.{}.weight"),
+             out.name: ("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_out", "_lora.{}.weight"),
+             ff.name: ("diffusion_model.output_blocks.2.1.transformer_blocks.3.ff.net.2", ".lora_{}.weight"),
+             te1.name: ("text_encoder.text_model.encoder.layers.3.mlp.fc1", ".lora_linear_layer.{}.weight"),
+             te2.name: ("lora_te2_text_model_encoder_layers_30_self_attn_v_proj", ".lora_{}.weight")}
+    for name, (prefix, pattern) in names.items():
+        sd[prefix + pattern.format("up")] = m[name].up
+        sd[prefix + pattern.format("down")] = m[name].down
+        sd[prefix + ".alpha"] = torch.tensor(1.0)
+    save_file(sd, str(tmp_path / "d.safetensors"))
+    back = load_lora(tmp_path / "d.safetensors")
+    assert back.profile == "sdxl"
+    same_deltas(m, back.modules)
+    # written back with kohya names only
+    keys = state_dict_of(back.modules, Suffixes()).keys()
+    assert all(k.startswith(("lora_unet_", "lora_te1_", "lora_te2_")) for k in keys)
+
+
+def test_diffusers_peft_sdxl_names(tmp_path):
+    q = sdxl_modules()["lora_unet_output_blocks_0_1_transformer_blocks_9_attn2_to_k"]
+    m = lora_for(q.shape, 4, None, seed=3)
+    sd = {"unet.up_blocks.0.attentions.0.transformer_blocks.9.attn2.to_k.lora_B.weight": m.up,
+          "unet.up_blocks.0.attentions.0.transformer_blocks.9.attn2.to_k.lora_A.weight": m.down}
+    save_file(sd, str(tmp_path / "p.safetensors"))
+    back = load_lora(tmp_path / "p.safetensors")
+    assert list(back.modules) == [q.name] and back.arch == "sdxl"
+    same_deltas({q.name: m}, back.modules)
+
+
+def test_peft_folder_round_trip_keeps_layout_and_scale(tmp_path):
+    src = tmp_path / "adapter"
+    src.mkdir()
+    names = [f"base_model.model.model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    mods = {n: lora_for((64, 48), 8 if "q_proj" in n else 4, None, seed=i) for i, n in enumerate(names)}
+    sd = {}
+    for n, m in mods.items():
+        sd[f"{n}.lora_B.weight"], sd[f"{n}.lora_A.weight"] = m.up, m.down
+    save_file(sd, str(src / "adapter_model.safetensors"))
+    (src / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 8, "lora_alpha": 16, "rank_pattern": {"v_proj": 4}, "alpha_pattern": {"v_proj": 2},
+        "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": "tiny-llm"}))
+    lset = load_lora(src)
+    assert lset.profile == "peft" and lset.arch == "other"
+    for n, m in mods.items():
+        expected = (16 / 8) if "q_proj" in n else (2 / 4)
+        assert lset.modules[n].scale == pytest.approx(expected)
+        assert torch.allclose(lset.modules[n].delta(), expected * m.up @ m.down, atol=1e-6)
+    out = save_lora(lset.modules, tmp_path / "out", arch="other", profile="peft", dtype="fp32",
+                    peft_config=lset.peft_config)
+    assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny-llm"
+    same_deltas(lset.modules, load_lora(out).modules)
+
+
+def test_custom_suffixes_round_trip(tmp_path):
+    suffixes = Suffixes(".up_w", ".down_w", ".scale_a")
+    mods = {f"layer{i}.proj": lora_for((32, 24), 4, 2.0, seed=i) for i in range(3)}
+    path = save_lora(mods, tmp_path / "c.safetensors", arch="other", profile="custom", suffixes=suffixes, dtype="fp32")
+    lset = load_lora(path, profile="custom", suffixes=suffixes)
+    assert lset.profile == "custom"
+    same_deltas(mods, lset.modules)
+
+
+def test_kohya_profile_round_trip_sd15(tmp_path):
+    mods = {"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k": lora_for((640, 768), 4, 1.0),
+            "lora_te_text_model_encoder_layers_0_self_attn_q_proj": lora_for((768, 768), 4, 1.0, seed=2)}
+    path = save_lora(mods, tmp_path / "s.safetensors", arch="sd15", profile="kohya", dtype="fp32")
+    lset = load_lora(path)
+    assert (lset.profile, lset.arch) == ("kohya", "sd15")
+    assert lset.metadata["ss_base_model_version"] == "sd_v1"
+    same_deltas(mods, lset.modules)
+
+
+def test_pt_output_round_trip(tmp_path):
+    mods = sdxl_lora(sdxl_specs(per_group=2), rank=3)
+    path = save_lora(mods, tmp_path / "x.pt", dtype="fp32")
+    same_deltas(mods, load_lora(path).modules)
+
+
+def test_auto_on_sdxl_names_with_wrong_shapes_is_not_sdxl_and_sdxl_profile_refuses(tmp_path):
+    name = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
+    save_lora({name: lora_for((640, 768), 2, 1.0)}, tmp_path / "w.safetensors", arch="other", profile="kohya")
+    assert load_lora(tmp_path / "w.safetensors").arch == "sd15"
+    with pytest.raises(FormatError, match=r"shape \(640, 768\).*\(640, 2048\)"):
+        load_lora(tmp_path / "w.safetensors", profile="sdxl")
+
+
+def test_unknown_keys_are_a_clear_error(tmp_path):
+    save_file({"model.layers.0.weight": torch.zeros(2, 2)}, str(tmp_path / "u.safetensors"))
+    with pytest.raises(FormatError, match="unknown key layout.*model.layers.0.weight"):
+        load_lora(tmp_path / "u.safetensors")
+
+
+def test_dora_is_detected_and_refused_unless_dropped(tmp_path):
+    from merge_core.errors import DoraError
+    m = lora_for((64, 32), 4, 4.0)
+    m.dora_scale = torch.ones(64, 1)
+    save_lora({"lora_unet_x": m}, tmp_path / "dora.safetensors", arch="other", profile="kohya")
+    lset = load_lora(tmp_path / "dora.safetensors")
+    assert lset.dora_modules() == ["lora_unet_x"]
+    with pytest.raises(DoraError, match="DoRA"):
+        lset.require_no_dora("merged")
+    lset.drop_dora()
+    lset.require_no_dora("merged")
