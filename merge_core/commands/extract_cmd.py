@@ -1,0 +1,69 @@
+"""`extract --source-model BASE --target-model TUNED -o OUT`: a LoRA of the difference of two models
+(randomized SVD per layer, streamed), with the original extractor's flags and defaults (rank 32, bf16)."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ..checkpoint.sources import KINDS, output_path
+from ..extract import DEFAULT_RANK, extract_to_file
+from ..lowrank.rank_select import RankRule
+from .common import add_device, add_dtype, add_output, add_rank_rule, add_report, write_report
+
+log = logging.getLogger(__name__)
+ENERGY_DEFAULT = 0.99
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("extract", help="extract a LoRA from a base and a fine-tuned model",
+                       description="Extract a LoRA (kohya names) from BASE and TUNED: ΔW = TUNED − BASE per layer, "
+                                   "randomized SVD, one layer in memory at a time. Rank: fixed --rank "
+                                   f"(default {DEFAULT_RANK}), or give --energy for the dynamic rule.")
+    p.add_argument("--source-model", required=True, metavar="BASE", help="base model: .safetensors, folder of "
+                   "shards, or .pt/.pth/.ckpt (read with weights_only)")
+    p.add_argument("--source-type", default="auto", choices=KINDS, help="format of BASE (default: by file name)")
+    p.add_argument("--target-model", required=True, metavar="TUNED", help="fine-tuned model, same formats")
+    p.add_argument("--target-type", default="auto", choices=KINDS, help="format of TUNED (default: by file name)")
+    add_rank_rule(p, rank=None, energy=None)
+    p.add_argument("--conv-rank", type=int, help="rank of 3×3 conv layers (LoCon); default: as --rank "
+                   "(under --energy: their max rank)")
+    p.add_argument("--diff-only", action="store_true", help="store every changed tensor as a full .diff (no SVD)")
+    p.add_argument("--min-diff", type=float, default=0.0, metavar="EPS",
+                   help="skip tensors with max |ΔW| <= EPS as unchanged (default 0: only identical ones)")
+    p.add_argument("--text-encoders", action=argparse.BooleanOptionalAction, default=True,
+                   help="extract the text encoders too (default on)")
+    add_dtype(p, default="bf16", flag="--output-dtype")
+    p.add_argument("--output-format", choices=["safetensors", "pytorch"],
+                   help="default: pytorch for -o *.pt/.pth/.ckpt, else safetensors (suffix appended if missing)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD sketches (default 0)")
+    add_device(p)
+    add_report(p)
+    add_output(p)
+    p.set_defaults(run=run)
+
+
+def rule_of(args: argparse.Namespace) -> RankRule:
+    """--rank N fixed; --energy T dynamic within [--min-rank, --max-rank]; neither: fixed rank 32."""
+    if args.rank is not None:
+        if args.energy is not None:
+            log.warning("both --rank and --energy given: using the fixed rank %d", args.rank)
+        return RankRule(rank=args.rank)
+    if args.energy is None:
+        return RankRule(rank=DEFAULT_RANK)
+    return RankRule(None, args.energy, args.min_rank, args.max_rank)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = output_path(args.output, args.output_format)
+    report = extract_to_file(args.source_model, args.target_model, out, output_dtype=args.output_dtype,
+                             overwrite=args.overwrite, rule=rule_of(args), conv_rank=args.conv_rank,
+                             diff_only=args.diff_only, min_diff=args.min_diff, text_encoders=args.text_encoders,
+                             device=args.device, seed=args.seed, base_kind=args.source_type,
+                             tuned_kind=args.target_type)
+    print(report.table())
+    skipped = report.extra.get("skipped", {})
+    if skipped:
+        print("not extracted: " + ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items())))
+    print(f"wrote {out}")
+    write_report(args.report, report.as_dict())
+    return 0
