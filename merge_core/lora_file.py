@@ -127,9 +127,10 @@ def lora_set_from(src, path: Optional[Path], profile: str = "auto", suffixes: Op
     if unknown:
         raise FormatError(f"unknown key layout in {path}: '{unknown[0]}' is not a LoRA/LoHa/LoKr/diff tensor "
                           f"({len(unknown)} of {len(src)} keys unrecognised)")
+    tensors = dict(src.items())  # one pass, one file handle: adapters are small
     modules: dict[str, AdapterModule] = {}
     for prefix, roles in groups.items():
-        module = module_from_roles(prefix, {role: src.get(key) for role, key in roles.items()})
+        module = module_from_roles(prefix, {role: tensors[key] for role, key in roles.items()})
         if isinstance(module, LoRA) and module.alpha is None and config is not None:
             module.alpha = _peft_alpha(prefix, config)
             if module.alpha is not None and config.get("use_rslora"):

@@ -25,6 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-model", required=True, metavar="TUNED", help="fine-tuned model, same formats")
     p.add_argument("--target-type", default="auto", choices=KINDS, help="format of TUNED (default: by file name)")
     add_rank_rule(p, rank=None, energy=None)
+    for action in p._actions:
+        if "--energy" in action.option_strings:
+            action.help = (f"dynamic rank: keep this share of ‖ΔW‖² (e.g. {ENERGY_DEFAULT}); without it the rank "
+                           f"is fixed (--rank, default {DEFAULT_RANK})")
     p.add_argument("--conv-rank", type=int, help="rank of 3×3 conv layers (LoCon); default: as --rank "
                    "(under --energy: their max rank)")
     p.add_argument("--diff-only", action="store_true", help="store every changed tensor as a full .diff (no SVD)")

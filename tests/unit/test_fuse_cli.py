@@ -71,7 +71,7 @@ def test_missing_file_is_one_line(inputs, tmp_path):
 def test_full_run_writes_verifies_and_describes(inputs, tmp_path):
     out, meta, report = tmp_path / "fused.pt", tmp_path / "meta.json", tmp_path / "report.json"
     r = cli(*inputs, "--weights", "0.5", "0.3", "0.2", "--strategy", "weighted_average", "--output-format", "lora",
-            "--energy", "1.0", "--max-rank", "64", "--dtype", "float32", "--device", "cpu",
+            "--energy", "1.0", "--max-rank", "128", "--dtype", "float32", "--device", "cpu",
             "--verify", "--metadata", meta, "--report", report, "-o", out)
     assert r.returncode == 0, r.stderr
     assert "verify: 2 modules re-read" in r.stdout
