@@ -23,7 +23,7 @@ LABEL = "LORA_MODEL input"
 
 
 class TensorDict:
-    """An in-memory state dict as the tensor source lora_set_from reads (keys/get/len/metadata)."""
+    """An in-memory state dict as the tensor source lora_set_from reads (keys/get/items/len/metadata)."""
 
     metadata: dict = {}
 
@@ -35,6 +35,9 @@ class TensorDict:
 
     def get(self, key: str) -> torch.Tensor:
         return self._tensors[key]
+
+    def items(self):
+        return self._tensors.items()
 
     def __len__(self) -> int:
         return len(self._tensors)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from merge_core.merge import METHODS, merge_loras
+from merge_core.merge.block_weights import parse_block_weights
 
 from .inputs import (CATEGORY, connected_loras, device_input, dora_input, lora_slots, rank_inputs, rank_rule,
                      seed_input)
@@ -18,11 +19,11 @@ BLOCK_WEIGHTS_TOOLTIP = ("optional SDXL block weights, one line per LoRA input i
                          "an empty line = all 1")
 
 
-def block_weight_lines(text: str, slots: list[int]) -> Optional[list[Optional[str]]]:
-    """The block-weight line of each connected slot (None where empty); None when no line is given."""
+def block_weight_lines(text: str, slots: list[int]) -> Optional[list[Optional[tuple[float, ...]]]]:
+    """The block weights of each connected slot (line i for lora_i; None where empty), None when none given."""
     lines = text.splitlines()
-    picked = [lines[i - 1].strip() or None if i <= len(lines) else None for i in slots]
-    return picked if any(picked) else None
+    picked = [parse_block_weights(lines[i - 1]) if i <= len(lines) else None for i in slots]
+    return picked if any(p is not None for p in picked) else None
 
 
 def run_merge(method: str, slots: dict, rank: int, energy: float, min_rank: int, max_rank: int, seed: int,

@@ -11,8 +11,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from merge_core.keys.sdxl_table import block_of
+from merge_core.merge.block_weights import BLOCKS_20
 
-SDXL_BLOCKS = ("BASE", *(f"IN{i:02d}" for i in range(9)), "MID", *(f"OUT{i:02d}" for i in range(9)))
 WIDTH, HEIGHT = 1024, 560
 MARGIN_LEFT, MARGIN_RIGHT = 64, 16
 BAR, ACCENT, GRID, TEXT, BACKGROUND = (90, 130, 200), (220, 90, 60), (215, 215, 215), (30, 30, 30), (255, 255, 255)
@@ -51,8 +51,8 @@ def block_stats(rows: Iterable[tuple[str, int, Optional[float]]]) -> dict[str, B
             s.ranks.append(rank)
         if energy is not None and math.isfinite(energy):
             s.energies.append(energy)
-    if set(stats) <= set(SDXL_BLOCKS):
-        return {b: stats.get(b, BlockStats()) for b in SDXL_BLOCKS}
+    if set(stats) <= set(BLOCKS_20):
+        return {b: stats.get(b, BlockStats()) for b in BLOCKS_20}
     return dict(sorted(stats.items()))
 
 

@@ -1,7 +1,7 @@
 """Which tensor pairs an extraction reads and where each delta goes, decided from the headers alone.
 
 Keys in both models with equal shapes and at least one LoRA target become tasks; everything else is
-recorded under a reason (only in one model, shape mismatch, no LoRA target, text encoder left out,
+recorded under a reason (only in one model, shape mismatch, scalar, no LoRA target, text encoder left out,
 duplicate name), so the report can say what was not extracted and why.
 """
 from __future__ import annotations
@@ -61,6 +61,9 @@ def make_plan(base: WeightSource, tuned: WeightSource, text_encoders: bool = Tru
         shape = tuple(base.shape(key))
         if tuple(tuned.shape(key)) != shape:
             plan.skip("shape_mismatch", key)
+            continue
+        if not shape:  # a LoRA file cannot hold scalar parameters (merge_core's readers need a matrix)
+            plan.skip("scalar", key)
             continue
         targets = targets_of(key, shape, checkpoint)
         if not targets:

@@ -60,7 +60,7 @@ def nearest_kron(gammas: Sequence[float], parts: Sequence[KronParts], w2_rank: O
     """Best kron(X, Y) for T = Σ γᵢ sᵢ kron(w1ᵢ, w2ᵢ) (sᵢ = parts' scales); Y truncated to `w2_rank`
     (None: Y written full).  None when T = 0."""
     g = torch.tensor([c * p.scale for c, p in zip(gammas, parts)], dtype=F64)
-    A = torch.stack([p.w1.reshape(-1).to(F64) for p in parts], dim=1)  # (a·b) × N, tiny
+    A = torch.stack([p.w1.reshape(-1).to("cpu", F64) for p in parts], dim=1)  # (a·b) × N, tiny: on the CPU
     G_A = g[:, None] * (A.T @ A) * g[None, :]
     G_B = _w2_gram(parts)
     total = float((G_A * G_B).sum())
@@ -73,7 +73,7 @@ def nearest_kron(gammas: Sequence[float], parts: Sequence[KronParts], w2_rank: O
     y = (pinv_a @ u[:, 0]) * g * math.sqrt(sigma)
     z = (pinv_b @ vh[0]) * math.sqrt(sigma)
     dtype = parts[0].w1.dtype
-    X = (A @ y).reshape(parts[0].w1.shape).to(dtype)
+    X = (A @ y).reshape(parts[0].w1.shape).to(dtype)  # CPU
     Y = Factored(torch.cat([p.w2.U * float(zi) for p, zi in zip(parts, z)], dim=1),
                  torch.cat([p.w2.V for p in parts], dim=0))
     if w2_rank is None:
@@ -90,7 +90,7 @@ def _quality(total: float, g: torch.Tensor, parts: Sequence[KronParts], X: torch
     if Y is None:
         return Quality(1.0, 0.0)
     X64 = X.to(F64)
-    cross = sum(float(gi) * float((p.w1.to(F64) * X64).sum()) * inner(p.w2, Y) for gi, p in zip(g, parts))
+    cross = sum(float(gi) * float((p.w1.to("cpu", F64) * X64).sum()) * inner(p.w2, Y) for gi, p in zip(g, parts))
     approx = float(X64.square().sum()) * inner(Y, Y)
     rel = math.sqrt(max(0.0, total - 2.0 * cross + approx) / total)
     return Quality(rel, 1.0 - rel * rel)

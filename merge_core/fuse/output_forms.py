@@ -20,7 +20,7 @@ from ..errors import MergeCoreError
 from ..lowrank import RankRule, low_rank, weighted_sum
 from ..report import ModuleReport
 from .kron_nearest import KronFit, nearest_kron
-from .terms import Term, kron_compatible
+from .terms import Term, dense_sum, kron_compatible
 
 OUTPUT_FORMATS = ("auto", "lokr", "lora", "full")
 AUTO_LOKR_ENERGY = 0.999
@@ -103,7 +103,7 @@ def build_module(form: str, name: str, ts: Sequence[Term], cs: Sequence[float], 
 
 
 def _full(name: str, cs, ts, shape, bias, notes) -> Built:
-    diff = weighted_sum([(c, t.op) for c, t in zip(cs, ts)]).dense().reshape(shape).cpu().contiguous()
+    diff = dense_sum(ts, cs).reshape(shape).cpu().contiguous()
     if not bool(diff.any()):
         return _row(name, None, 0.0, 1.0, notes + ["all-zero delta: left out"])
     return _row(name, FullDiff(diff, diff_b=bias), 0.0, 1.0, notes)

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..errors import MergeCoreError
-from ..lowrank import weighted_sum
-from .terms import Term
+from .terms import Term, dense_sum
 
 STRATEGIES = ("weighted_sum", "weighted_average", "layer_adaptive", "smart_fusion", "min_max_norm")
 # a variance this far below the module's largest counts as this floor (a constant, non-zero ΔW)
@@ -57,7 +56,7 @@ def inverse_variance_scores(terms: Sequence[Term]) -> list[float]:
 def min_max_scale(terms: Sequence[Term], weights: Sequence[float], threshold: float) -> float:
     """γ so that max|γ Σ wᵢΔWᵢ| ≤ τ·maxᵢ max|ΔWᵢ| (γ ≤ 1; the weighted sum is densified for its max)."""
     limit = threshold * max(t.max_abs for t in terms)
-    peak = float(weighted_sum([(w, t.op) for w, t in zip(weights, terms)]).dense().abs().max())
+    peak = float(dense_sum(terms, weights).abs().max())
     return 1.0 if peak <= limit or peak == 0.0 else limit / peak
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
-from ..adapters import AdapterModule, LoKr
+from ..adapters import AdapterModule, LoHa, LoKr
+from ..adapters.base import f32
 from ..lowrank import Factored, Operator, frob2
 
 F64 = torch.float64
@@ -96,7 +97,18 @@ class Term:
         if self.kron is not None:
             k = self.kron
             return abs(k.scale) * float(k.w1.abs().max()) * float(k.w2.dense().abs().max())
-        return float(self.op.dense().abs().max())
+        return float(self.dense().abs().max())
+
+    def dense(self) -> torch.Tensor:
+        """ΔW as a dense matrix (out × in·kh·kw), by the cheapest exact route for its kind (not cached)."""
+        if self.kron is not None:
+            k = self.kron
+            return torch.kron(k.w1 * k.scale, k.w2.dense())
+        m = self.module
+        if isinstance(m, LoHa) and not m.tucker:  # (α/r)(w1a@w1b)⊙(w2a@w2b): 4r·out·in, not r²·out·in
+            w = [f32(t, self.device).flatten(1) for t in (m.w1a, m.w1b, m.w2a, m.w2b)]
+            return (w[0] @ w[1]).mul_(w[2] @ w[3]).mul_(m.scale)
+        return self.op.dense()
 
 
 def _sum_of(op: Operator) -> float:
@@ -108,3 +120,12 @@ def _sum_of(op: Operator) -> float:
 def kron_compatible(a: Term, b: Term) -> bool:
     return a.kron is not None and b.kron is not None and a.kron.shapes == b.kron.shapes
 
+
+
+def dense_sum(terms: Sequence[Term], coeffs: Sequence[float]) -> torch.Tensor:
+    """Σ cᵢ ΔWᵢ as one dense matrix, built one term at a time."""
+    total = None
+    for c, t in zip(coeffs, terms):
+        d = t.dense()
+        total = d * c if total is None else total.add_(d, alpha=c)  # never in place on an input's tensor
+    return total

@@ -2,7 +2,7 @@
 
 Target per module: T = Σ cᵢ ΔWᵢ from the inputs and the coefficients the fusion used (report.extra).
 Error: ‖T − Ŵ‖/‖T‖ of the module as read back (so it includes the output dtype's rounding); exact traces for
-factored modules, one dense module at a time when either side is dense.
+factored modules, one dense module at a time when the written module is a full diff.
 """
 from __future__ import annotations
 
@@ -16,24 +16,21 @@ from ..device import resolve_device
 from ..lora_file import LoraSet, load_lora
 from ..lowrank import Dense, Operator, measure, weighted_sum
 from ..result import MergeResult
+from .terms import Term, dense_sum
 
 F64 = torch.float64
 
 
-def _dense_rel_error(target: Operator, written: Optional[Operator]) -> float:
-    T = target.dense().to(F64)
-    norm = float(T.norm())
-    diff = T if written is None else T - written.dense().to(F64)
-    return float(diff.norm()) / norm if norm > 0.0 else (0.0 if float(diff.norm()) == 0.0 else math.inf)
-
-
-def module_error(target: Optional[Operator], written: Optional[Operator]) -> float:
-    """‖T − Ŵ‖/‖T‖ (T or Ŵ None = zero)."""
-    if target is None:
+def module_error(terms: Sequence[Term], coeffs: Sequence[float], written: Optional[Operator]) -> float:
+    """‖T − Ŵ‖/‖T‖ for T = Σ cᵢ ΔWᵢ (no terms: T = 0; written None: Ŵ = 0)."""
+    if not terms:
         return 0.0 if written is None else math.inf
-    if isinstance(target, Dense) or isinstance(written, Dense):
-        return _dense_rel_error(target, written)
-    return measure(target, written).rel_error
+    if not isinstance(written, Dense):
+        return measure(weighted_sum([(c, t.op) for c, t in zip(coeffs, terms)]), written).rel_error
+    T = dense_sum(terms, coeffs).to(F64)
+    norm = float(T.norm())
+    diff = float((T - written.W.to(F64)).norm())
+    return diff / norm if norm > 0.0 else (0.0 if diff == 0.0 else math.inf)
 
 
 def verify_written(path: Union[str, os.PathLike], sets: Sequence[LoraSet], result: MergeResult,
@@ -43,12 +40,11 @@ def verify_written(path: Union[str, os.PathLike], sets: Sequence[LoraSet], resul
     written = load_lora(path)
     errors = {}
     for name, cs in result.report.extra["coefficients"].items():
-        terms = [(c, sets[i].modules[name].operator(dev)) for i, c in enumerate(cs)
-                 if c != 0.0 and name in sets[i].modules and getattr(sets[i].modules[name], "has_weight", True)]
-        target = weighted_sum(terms) if terms else None
+        present = [(c, Term(i, sets[i].modules[name], dev)) for i, c in enumerate(cs) if name in sets[i].modules]
+        pairs = [(c, t) for c, t in present if c != 0.0 and t.has_weight]
         module = written.modules.get(name)
         has = module is not None and getattr(module, "has_weight", True)
-        errors[name] = module_error(target, module.operator(dev) if has else None)
+        errors[name] = module_error([t for _, t in pairs], [c for c, _ in pairs], module.operator(dev) if has else None)
     return errors
 
 

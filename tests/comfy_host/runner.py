@@ -273,6 +273,18 @@ class ComfyServer:
                 out.append(stripped)
         return out
 
+    def pack_import_error(self) -> str:
+        """The traceback ComfyUI logged for our pack's failed import ("" if none)."""
+        lines = self.log_text().splitlines()
+        needle = f"Cannot import {self.pack_path} module"
+        for i, line in enumerate(lines):
+            if needle in line:
+                start = i
+                while start >= 0 and not lines[start].startswith("Traceback (most recent call last)"):
+                    start -= 1
+                return "\n".join(lines[start if start >= 0 else i:i + 1])
+        return ""
+
     def import_failed(self) -> bool:
         """True when ComfyUI reported our pack as failing to import."""
         return any("IMPORT FAILED" in line or "Cannot import" in line for line in self.pack_import_lines())

@@ -130,7 +130,7 @@ def test_server_smoke(comfy_server):
     import torch
 
     srv = comfy_server
-    assert not srv.import_failed(), "\n".join(srv.pack_import_lines()) + "\n" + srv.log_tail()
+    assert not srv.import_failed(), "ComfyUI could not import the pack:\n" + srv.pack_import_error()
     assert srv.pack_loaded(), srv.log_tail()
 
     info = srv.object_info()

@@ -1,0 +1,192 @@
+"""Merge benchmark on two full-size SDXL kohya LoRAs (986 modules, rank 32, decaying spectra), made here.
+
+Prints the seed report's table (method, total params, average rank, merge time) for every method, each run
+as `python -m merge_core merge` in its own process (so its peak RSS is its own), plus:
+  - end-to-end rsvd merge time (CLI in this process: load, merge, recipe hashes, write) divided by the time
+    to only load both inputs and write one output of the same modules in this process (target ≤ 2.0);
+  - the dense kohya-style SVD (torch.linalg.svd of each dense ΔW) timed on a sample of modules per shape and
+    extrapolated to the whole file;
+  - peak memory per method against inputs + output + a small multiple of the largest module.
+
+    python bench/merge_bench.py [--quick] [--threads N] [--workdir DIR] [--methods m1 m2 ...]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench._common import decaying_factors, md_table, peak_rss_mb_of  # noqa: E402
+from merge_core.cli import main as cli_main  # noqa: E402
+from merge_core.keys.sdxl_table import sdxl_modules  # noqa: E402
+from merge_core.lora_file import load_lora, save_lora  # noqa: E402
+from merge_core.lowrank import Factored, RankRule, low_rank  # noqa: E402
+from merge_core.merge import METHODS  # noqa: E402
+
+RANK, ALPHA = 32, 16.0
+MIB = 1024 * 1024
+MODULE_MULTIPLE = 4  # "a small multiple of the largest module": its dense fp32 ΔW, 4 times
+
+
+def specs(quick: bool):
+    all_specs = [s for s in sdxl_modules().values() if not s.locon]
+    return all_specs[::40] if quick else all_specs
+
+
+def make_input(path: Path, seed: int, quick: bool) -> None:
+    """A kohya SDXL LoRA, fp16, α = 16, rank 32; each ΔW's singular values decay geometrically (0.75..0.9)."""
+    sd = {}
+    for i, s in enumerate(specs(quick)):
+        out, inn = s.matrix_shape
+        U, V = decaying_factors(out, inn, RANK, decay=0.75 + 0.15 * ((i * 7 + seed) % 11) / 10, seed=seed * 10007 + i)
+        root = (RANK / ALPHA) ** 0.5  # α/r = 0.5 applied on load: pre-scale so ΔW keeps the designed spectrum
+        sd[f"{s.name}.lora_up.weight"] = (U * root).half().contiguous()
+        sd[f"{s.name}.lora_down.weight"] = (V * root).half().contiguous()
+        sd[f"{s.name}.alpha"] = torch.tensor(ALPHA)
+    from safetensors.torch import save_file
+
+    save_file(sd, str(path))
+
+
+def run_method(method: str, a: Path, b: Path, work: Path, threads: int) -> dict:
+    """One CLI merge in its own process (stdout discarded): its report (params, rank, seconds) and peak RSS."""
+    out, rep = work / f"out_{method}.safetensors", work / f"report_{method}.json"
+    argv = ["merge", str(a), str(b), "--method", method, "-o", str(out), "--report", str(rep), "--overwrite",
+            "--device", "cpu", "--threads", str(threads)]
+    code = (f"import io, sys; sys.path.insert(0, {str(ROOT)!r}); sys.stdout = io.StringIO(); "
+            f"from merge_core.cli import main; sys.exit(main({argv!r}))")
+    peak = peak_rss_mb_of([sys.executable, "-c", code])
+    report = json.loads(rep.read_text())
+    return {"report": report, "peak_mb": peak, "out_bytes": out.stat().st_size}
+
+
+def baseline_rss_mb() -> float:
+    """RSS of a process that only imports torch and merge_core (subtracted from every peak)."""
+    return peak_rss_mb_of([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+                           "import torch, merge_core.merge, merge_core.cli"])
+
+
+def io_only(a: Path, b: Path, out: Path, like: Path) -> float:
+    """Seconds to load both inputs and write one output holding the modules of `like` (the merged file)."""
+    modules = load_lora(like).modules
+    start = time.perf_counter()
+    sa, sb = load_lora(a), load_lora(b)
+    save_lora(modules, out, overwrite=True)
+    elapsed = time.perf_counter() - start
+    del sa, sb
+    return elapsed
+
+
+def end_to_end(a: Path, b: Path, out: Path) -> float:
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = cli_main(["merge", str(a), str(b), "--method", "rsvd", "-o", str(out), "--overwrite", "--device", "cpu",
+                       "--threads", str(torch.get_num_threads())])
+    if rc:
+        raise RuntimeError(f"merge exited {rc}")
+    return time.perf_counter() - start
+
+
+def ratio(a: Path, b: Path, work: Path, repeats: int) -> tuple[float, float, float]:
+    """(median end-to-end rsvd, median load+write, their ratio), alternating the two measurements."""
+    merged = work / "e2e_rsvd.safetensors"
+    end_to_end(a, b, merged)  # warm-up: page cache, lazy imports
+    e2e, io_t = [], []
+    for _ in range(repeats):
+        e2e.append(end_to_end(a, b, merged))
+        io_t.append(io_only(a, b, work / "io_only.safetensors", merged))
+    e, i = statistics.median(e2e), statistics.median(io_t)
+    return e, i, e / i
+
+
+def dense_svd_estimate(a: Path, b: Path, quick: bool, per_shape: int = 1) -> tuple[float, int, Counter]:
+    """Seconds for kohya-style dense SVD (torch.linalg.svd of w·ΔW₁ + w·ΔW₂) of all modules, extrapolated
+    from `per_shape` timed modules of each distinct shape."""
+    sa, sb = load_lora(a), load_lora(b)
+    counts = Counter(m.matrix_shape for m in sa.modules.values())
+    seconds, timed = 0.0, 0
+    for shape, n in counts.items():
+        names = [k for k, m in sa.modules.items() if m.matrix_shape == shape][:per_shape]
+        per = []
+        for name in names:
+            pa, pb = sa.modules[name].operator(), sb.modules[name].operator()
+            op = Factored(torch.cat([pa.U * 0.5, pb.U * 0.5], 1), torch.cat([pa.V, pb.V], 0))
+            start = time.perf_counter()
+            low_rank(op, RankRule(rank=RANK), solver="dense")
+            per.append(time.perf_counter() - start)
+            timed += 1
+        seconds += statistics.median(per) * n
+    return seconds, timed, counts
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="25 modules instead of 986 (smoke run)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own default)")
+    ap.add_argument("--workdir", help="keep inputs/outputs here (default: a temp dir, removed at the end)")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats for the ratio (median)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    with contextlib.ExitStack() as stack:
+        work = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        work.mkdir(parents=True, exist_ok=True)
+        a, b = work / "a.safetensors", work / "b.safetensors"
+        start = time.perf_counter()
+        for path, seed in ((a, 1), (b, 2)):
+            if not path.exists():
+                make_input(path, seed, args.quick)
+        n_modules = len(load_lora(a).modules)
+        print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, {threads} threads; inputs: 2 x {n_modules} "
+              f"modules, rank {RANK}, alpha {ALPHA:g}, fp16, {a.stat().st_size / MIB:.0f} MiB each "
+              f"(made in {time.perf_counter() - start:.0f} s)")
+
+        base = baseline_rss_mb()
+        rows, mem_rows = [], []
+        largest = max(s.shape[0] * s.shape[1] for s in specs(args.quick)) * 4 / MIB
+        inputs_mb = (a.stat().st_size + b.stat().st_size) / MIB
+        for method in args.methods:
+            r = run_method(method, a, b, work, threads)
+            rep, out_mb = r["report"], r["out_bytes"] / MIB
+            errs = [m["rel_error"] for m in rep["modules"]]
+            rows.append([method, f"{rep['total_params']:,}", f"{rep['avg_rank']:.2f}", f"{rep['seconds']:.2f}",
+                         f"{rep['total_seconds']:.2f}", f"{statistics.mean(errs):.3e}", f"{max(errs):.3e}"])
+            budget = inputs_mb + out_mb + MODULE_MULTIPLE * largest
+            used = r["peak_mb"] - base
+            mem_rows.append([method, f"{r['peak_mb']:.0f}", f"{used:.0f}", f"{inputs_mb:.0f}", f"{out_mb:.0f}",
+                             f"{budget:.0f}", "yes" if used <= budget else "NO"])
+            print(f"  {method}: done ({rep['total_seconds']:.1f} s)", file=sys.stderr)
+        print("\nPer method (CLI, one process each; merge time = merge_loras only, end-to-end = load+merge+write):")
+        print(md_table(["method", "total params", "average rank", "merge time (s)", "end-to-end (s)",
+                        "mean rel error", "max rel error"], rows))
+
+        e2e, io_t, r = ratio(a, b, work, args.repeats)
+        print(f"\nrsvd end-to-end {e2e:.2f} s / load both + write one output {io_t:.2f} s = {r:.2f} "
+              f"(target <= 2.0: {'met' if r <= 2.0 else 'NOT met'})")
+
+        dense_s, timed, counts = dense_svd_estimate(a, b, args.quick)
+        print(f"dense kohya-style SVD (torch.linalg.svd of each dense ΔW, rank {RANK}): {timed} modules timed "
+              f"({len(counts)} shapes), extrapolated to {sum(counts.values())} modules: {dense_s:.1f} s")
+
+        print(f"\nPeak memory (RSS, MiB; baseline of importing torch + merge_core: {base:.0f} MiB; budget = inputs + "
+              f"output + {MODULE_MULTIPLE} x largest module as dense fp32 ({largest:.0f} MiB)):")
+        print(md_table(["method", "peak RSS", "peak - baseline", "inputs", "output", "budget", "within"], mem_rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""`merge A B [C ...] -o OUT`: merge LoRAs into one by rSVD (dynamic rank) or a conventional method, on the
+target T = Σ wᵢΔWᵢ (each strength applied once, as stacking LoRAs in LoraLoader)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..adapters import LoRA
+from ..errors import MergeCoreError, OutputExistsError
+from ..keys.profiles import PROFILES
+from ..lora_file import dtype_of, load_lora
+from ..lowrank import SOLVERS, RankRule
+from ..merge import DORA_CHOICES, METHODS, REGISTRY, merge_loras, parse_block_weights
+from ..merge.methods import method_named, resolve_weights
+from ..result import MergeResult
+from .common import add_device, add_dtype, add_output, add_rank_rule, add_report, write_report
+
+log = logging.getLogger(__name__)
+
+METHOD_HELP = "; ".join(f"{m.name}: {m.summary}" for m in REGISTRY.values()) + (
+    ". geometric_mean results vary between files with the same ΔW: it works on raw factors, and a LoRA's "
+    "factors are not unique (B·A = (B·M)(M⁻¹·A) for any invertible M)")
+WEIGHTS_HELP = ("one weight per input: T = Σ wᵢΔWᵢ (default 1/N each for rsvd and weighted_avg, 1.0 each for the "
+                "others; negative values subtract)")
+SOLVER_HELP = ("rsvd: randomized SVD on the factors (exact Gram core when the stacked rank is small); exact: QR-core "
+               "SVD of the factors; dense: kohya-style full SVD of the dense ΔW (slow, for comparison). Default: rsvd "
+               "for rsvd/ties/dare, exact for svd/weighted_avg; not used by concat/geometric_mean")
+BLOCKS_HELP = ("SDXL block weights per input (one list for all, or one per input; '-' = none): 20 values "
+               "BASE,IN00..IN08,MID,OUT00..OUT08, or the 12-value form BASE,IN04,IN05,IN07,IN08,MID,OUT00..OUT05 "
+               "(blocks it leaves out get 0, as in LoRA Block Weight); a list that starts with a minus sign needs "
+               "--block-weights=-1,...")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge LoRAs: rSVD with dynamic rank, or svd/weighted_avg/concat/"
+                                     "geometric_mean/ties/dare",
+                       description="Merge LoRAs module by module on T = Σ wᵢΔWᵢ; the output is a LoRA/LoCon with "
+                                   "alpha = rank (kohya names for SDXL).")
+    p.add_argument("inputs", nargs="+", metavar="LORA", help="two or more LoRA files (.safetensors/.pt) or PEFT "
+                                                             "folders: kohya, diffusers/PEFT names, LoCon, any ranks")
+    p.add_argument("--method", choices=METHODS, default="rsvd", help=METHOD_HELP)
+    p.add_argument("--weights", type=float, nargs="+", metavar="W", help=WEIGHTS_HELP)
+    add_rank_rule(p)
+    p.set_defaults(energy=None, min_rank=None, max_rank=None)  # unset -> the method's own default rule
+    p.add_argument("--solver", choices=SOLVERS, help=SOLVER_HELP)
+    p.add_argument("--density", type=float, default=0.5,
+                   help="ties: share of entries kept per input; dare: keep probability 1-p (default 0.5)")
+    p.add_argument("--block-weights", nargs="+", metavar="W1,W2,...", help=BLOCKS_HELP)
+    p.add_argument("--seed", type=int, default=0, help="seed of the randomized sketch and of dare (default 0)")
+    p.add_argument("--profile", choices=[x for x in PROFILES if x != "custom"], default="auto",
+                   help="how to read the inputs' names (default auto)")
+    p.add_argument("--dora", choices=DORA_CHOICES, default="error",
+                   help="DoRA inputs: error (default) or ignore (merge the low-rank part, drop the magnitude)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for torch (default: torch's own; 1 is faster on a busy machine)")
+    add_device(p)
+    add_dtype(p)
+    add_output(p)
+    add_report(p)
+    p.set_defaults(run=run)
+
+
+def rule_from(args: argparse.Namespace) -> Optional[RankRule]:
+    """None when no rank option was given (the method decides), else the rule they describe."""
+    if args.rank is None and args.energy is None and args.min_rank is None and args.max_rank is None:
+        return None
+    d = RankRule()
+    return RankRule(args.rank, d.energy if args.energy is None else args.energy,
+                    d.min_rank if args.min_rank is None else args.min_rank,
+                    d.max_rank if args.max_rank is None else args.max_rank)
+
+
+def block_weights_from(specs: Optional[Sequence[str]], n: int) -> Optional[list]:
+    if not specs:
+        return None
+    if len(specs) not in (1, n):
+        raise MergeCoreError(f"--block-weights takes one list for all inputs or one per input ({n}), got {len(specs)}")
+    parsed = [parse_block_weights(s) for s in specs]
+    return parsed * n if len(parsed) == 1 else parsed
+
+
+def cast_for_saving(result: MergeResult, dtype: str) -> None:
+    """Cast the merged factors to the file dtype one module at a time, so writing needs no second full copy."""
+    dt = dtype_of(dtype)
+    if result.profile == "peft":
+        return  # the PEFT writer folds α/r into B from the fp32 factors
+    for m in result.modules.values():
+        if isinstance(m, LoRA):
+            m.up, m.down = m.up.to(dt), m.down.to(dt)
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    if len(args.inputs) < 2:
+        raise MergeCoreError("merge needs at least two inputs")
+    method = method_named(args.method)
+    resolve_weights(method, len(args.inputs), args.weights)  # count mismatch fails before any file is read
+    blocks = block_weights_from(args.block_weights, len(args.inputs))
+    rule = rule_from(args)
+    if rule is not None and method.solver is None:
+        log.warning("rank options do not apply to %s (its rank follows from the inputs); ignored", method.name)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise MergeCoreError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise OutputExistsError(f"output exists, not overwriting (pass --overwrite to replace it): {out}")
+    sets = [load_lora(p, profile=args.profile) for p in args.inputs]
+    result = merge_loras(sets, args.method, args.weights, rule, args.solver, args.seed, args.device, args.density,
+                         blocks, args.dora, progress=lambda done, total, name: log.info("%d/%d %s", done, total, name))
+    del sets  # the inputs are no longer needed: free them before writing
+    result.recipe["parameters"]["dtype"] = args.dtype
+    cast_for_saving(result, args.dtype)
+    path = result.save(out, dtype=args.dtype, overwrite=args.overwrite)
+    result.report.extra["total_seconds"] = time.perf_counter() - start
+    print(result.report.table())
+    print(f"wrote {path} ({len(result.modules)} modules, method {args.method})")
+    write_report(args.report, result.report.as_dict())
+    return 0

@@ -1,0 +1,94 @@
+"""merge_loras: N LoRA sets -> one, module by module, by one of the merge methods.
+
+Per module the target is T = Σ wᵢ·bᵢ·ΔWᵢ (weights applied once, as stacking LoRAs in LoraLoader does;
+bᵢ the SDXL block weight), and the method writes a LoRA/LoCon with α = rank.  All checks (methods,
+weights, DoRA, architectures, shapes, method-specific ones) run before the first module is computed.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from ..adapters import parameter_count
+from ..device import resolve_device, with_cpu_fallback
+from ..errors import MergeCoreError
+from ..files.metadata import make_recipe
+from ..lora_file import LoraSet
+from ..lowrank import RankRule
+from ..report import ModuleReport, Progress, Report
+from ..result import MergeResult
+from .methods import describe, method_named, resolve_options, resolve_weights
+from .options import MergeOptions
+from .outcome import Outcome, exact_sum_outcome
+from .targets import ModuleTarget, plan_targets
+
+DORA_CHOICES = ("error", "ignore")
+
+
+def _check_dora(sets: Sequence[LoraSet], dora: str) -> None:
+    if dora not in DORA_CHOICES:
+        raise MergeCoreError(f"unknown dora policy {dora!r}; choose one of {', '.join(DORA_CHOICES)}")
+    if dora == "error":
+        for s in sets:
+            s.require_no_dora("merged")
+
+
+def output_layout(sets: Sequence[LoraSet]) -> tuple[str, str, Optional[dict]]:
+    """(arch, profile, peft_config) to write: kohya names for SDXL, PEFT layout when every input was PEFT."""
+    arch = "sdxl" if any(s.arch == "sdxl" for s in sets) else sets[0].arch
+    if arch == "sdxl":
+        return arch, "sdxl", None
+    if all(s.profile == "peft" for s in sets):
+        return arch, "peft", sets[0].peft_config
+    return arch, sets[0].profile, None
+
+
+def _row(target: ModuleTarget, out: Outcome) -> ModuleReport:
+    m = out.module
+    return ModuleReport(target.name, m.kind if m is not None else "none", out.rank,
+                        parameter_count(m) if m is not None else 0, out.quality.rel_error, out.quality.energy_kept,
+                        out.note)
+
+
+def merge_loras(sets: Sequence[LoraSet], method: str = "rsvd", weights: Sequence[float] | None = None,
+                rule: RankRule | None = None, solver: str | None = None, seed: int = 0, device: str = "auto",
+                density: float = 0.5, block_weights: Sequence[Sequence[float] | None] | None = None,
+                dora: str = "error", progress: Progress = None) -> MergeResult:
+    """Merge `sets` by `method` (see METHODS); None arguments take the method's defaults:
+    weights 1/N (rsvd, weighted_avg) or 1.0 (others); rule dynamic 4..32 at 0.99 energy (rsvd, ties, dare)
+    or the largest input rank fixed (svd, weighted_avg); solver rsvd or exact.  `block_weights`: per input,
+    None or 20/12 SDXL block values.  `dora`: error (refuse DoRA inputs) or ignore (drop the magnitude)."""
+    sets = list(sets)
+    if not sets:
+        raise MergeCoreError("merge needs at least one input")
+    spec = method_named(method)
+    w = resolve_weights(spec, len(sets), weights)
+    opts: MergeOptions = resolve_options(spec, sets, rule, solver, seed, density)
+    _check_dora(sets, dora)
+    targets = plan_targets(sets, w, block_weights)
+    if spec.check is not None:
+        spec.check(targets, sets)
+    dev = resolve_device(device)
+    report, modules = Report("merge"), {}
+    start = time.perf_counter()
+    with torch.no_grad():
+        for done, target in enumerate(targets, 1):
+            run = exact_sum_outcome if target.vector_only else (lambda t, d: spec.run(t, opts, d))
+            out = with_cpu_fallback(lambda d: run(target, d), dev)
+            report.add(_row(target, out))
+            if out.module is not None:
+                modules[target.name] = out.module
+            if progress is not None:
+                progress(done, len(targets), target.name)
+    report.seconds = time.perf_counter() - start
+    parameters = {"method": spec.name, "weights": w, **describe(spec, opts),
+                  "block_weights": [list(b) if b is not None else None for b in block_weights] if block_weights
+                  else None, "dora": dora}
+    report.extra.update(parameters=parameters, inputs=[str(s.source) if s.source else f"input {i + 1}"
+                                                       for i, s in enumerate(sets)])
+    recipe = make_recipe("merge", [s.source if s.source is not None else f"input {i + 1}" for i, s in enumerate(sets)],
+                         parameters)
+    arch, profile, peft_config = output_layout(sets)
+    return MergeResult(modules, report, arch, profile, peft_config, recipe=recipe)

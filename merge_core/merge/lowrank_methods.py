@@ -1,0 +1,77 @@
+"""rsvd, svd and weighted_avg: the best low-rank factors of T = Σ cᵢ ΔWᵢ, never densified when factored.
+
+Solvers (`--solver`):
+- rsvd (default of `rsvd`): randomized SVD of the factored operator (seeded Gaussian sketch, k+p columns,
+  q power iterations).  When the stacked rank R ≤ 2(k+p) a sketch costs more than solving exactly, so
+  rsvd takes the exact Gram core (gram_core.py) — the answer a full-width sketch would give.
+- exact (default of `svd`/`weighted_avg`): the QR-core SVD of the stacked factors (Householder QR of both).
+- dense: the kohya-style full SVD of the dense ΔW, for comparison.
+Quality is exact: from all singular values (exact), the Grams (gram core), or traces (merge_core.lowrank).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..lowrank import Dense, Factored, LowRank, Operator, Quality, RankRule, choose_rank, low_rank, svd_of
+from ..lowrank.exact_svd import factored_svd
+from ..lowrank.rsvd import DEFAULT_OVERSAMPLE
+from .gram_core import gram_low_rank
+from .options import MergeOptions
+from .outcome import Outcome, lora_outcome
+from .targets import ModuleTarget
+
+
+def gram_core_limit(rule: RankRule) -> int:
+    """Largest stacked rank R for which rsvd solves exactly instead of sketching: 2(k+p)."""
+    return 2 * (rule.sketch_rank + DEFAULT_OVERSAMPLE)
+
+
+def exact_low_rank(op: Factored, rule: RankRule) -> LowRank:
+    """Truncated QR-core SVD; its error is the exact tail √(Σ_{i>k} σᵢ²/Σ σᵢ²) of all singular values."""
+    svd = factored_svd(op)
+    s2 = svd.S.to(torch.float64) ** 2
+    total = float(s2.sum())
+    k = choose_rank(svd.S, total, rule, op.shape)
+    if k == 0:
+        return LowRank(None, None, 0, Quality(0.0, 1.0) if total <= 0 else Quality(1.0, 0.0), svd.S)
+    up, down = svd.split_factors(k)
+    rel = math.sqrt(float(s2[k:].sum()) / total)
+    return LowRank(up, down, k, Quality(rel, 1.0 - rel * rel), svd.S)
+
+
+def sum_of_squares(W: torch.Tensor, rows: int = 1024) -> float:
+    """‖W‖_F² accumulated in fp64 a block of rows at a time (no full fp64 copy of a large module)."""
+    return sum(float(block.to(torch.float64).square().sum()) for block in W.split(rows))
+
+
+def dense_low_rank(W: torch.Tensor, rule: RankRule, solver: str, seed: int) -> LowRank:
+    """Best rank-k factors of a dense matrix (ties/dare results, full diffs).  Every solver returns
+    up·down = P·W with P an orthogonal projector, so the error is exactly √((‖W‖² − Σ_{i≤k} σᵢ²)/‖W‖²)."""
+    svd = svd_of(Dense(W), solver, rule, seed)
+    total = sum_of_squares(W)
+    k = choose_rank(svd.S, total, rule, tuple(W.shape))
+    if k == 0:
+        return LowRank(None, None, 0, Quality(0.0, 1.0) if total <= 0 else Quality(1.0, 0.0), svd.S)
+    up, down = svd.split_factors(k)
+    rel = math.sqrt(max(0.0, total - float((svd.S[:k].to(torch.float64) ** 2).sum())) / total)
+    return LowRank(up, down, k, Quality(rel, 1.0 - rel * rel), svd.S)
+
+
+def approximate(op: Operator, rule: RankRule, solver: str, seed: int) -> LowRank:
+    """Best rank-k factors of `op` by `solver` (see the module docstring), k from `rule`."""
+    if isinstance(op, Dense):
+        return dense_low_rank(op.W, rule, solver, seed)
+    if isinstance(op, Factored):
+        if solver == "exact":
+            return exact_low_rank(op, rule)
+        if solver == "rsvd" and op.inner_rank <= gram_core_limit(rule):
+            return gram_low_rank(op, rule)
+    return low_rank(op, rule, solver, seed)
+
+
+def merge_lowrank(target: ModuleTarget, opts: MergeOptions, device: torch.device) -> Outcome:
+    """rsvd / svd / weighted_avg for one module (they differ only in default weights, rule and solver)."""
+    lr = approximate(target.operator(device), opts.rule, opts.solver, opts.seed_for(target.name))
+    return lora_outcome(target, lr.up, lr.down, lr.quality, device, target.note)

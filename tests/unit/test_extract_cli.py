@@ -1,0 +1,87 @@
+"""`python -m merge_core extract`: the original extractor's flags and defaults (rank 32, bf16, safetensors),
+the energy rule when --energy is given, reports, formats, refusals."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from extract_bake_fixtures import decaying
+from merge_core.cli import main
+
+KEYS = {"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight": (96, 96),
+        "model.diffusion_model.input_blocks.1.0.in_layers.2.weight": (48, 48, 3, 3),
+        "model.diffusion_model.input_blocks.4.1.norm.bias": (96,),
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc2.weight": (64, 128)}
+Q = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+CONV = "lora_unet_input_blocks_1_0_in_layers_2"
+TE = "lora_te1_text_model_encoder_layers_0_mlp_fc2"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    gen = torch.Generator().manual_seed(0)
+    base, tuned = {}, {}
+    for key, shape in KEYS.items():
+        w = torch.randn(shape, generator=gen).half()
+        delta = decaying(shape[0], w[0].numel(), gen, 4.0, scale=0.5).reshape(shape) if len(shape) > 1 else \
+            0.1 * torch.randn(shape, generator=gen)
+        base[key], tuned[key] = w, (w.float() + delta).half()
+    save_file(base, str(d / "base.safetensors"))
+    save_file(tuned, str(d / "tuned.safetensors"))
+    return d
+
+
+def run(models, out, *extra):
+    return main(["extract", "--source-model", str(models / "base.safetensors"), "--target-model",
+                 str(models / "tuned.safetensors"), "-o", str(out), "--device", "cpu", *extra])
+
+
+def test_defaults_are_the_originals_rank_32_bf16(models, tmp_path, capsys):
+    assert run(models, tmp_path / "lora.safetensors", "--report", str(tmp_path / "r.json")) == 0
+    sd = load_file(str(tmp_path / "lora.safetensors"))
+    assert sd[f"{Q}.lora_down.weight"].shape == (32, 96) and sd[f"{Q}.lora_up.weight"].dtype == torch.bfloat16
+    assert float(sd[f"{Q}.alpha"]) == 32.0
+    assert sd[f"{CONV}.lora_down.weight"].shape == (32, 48, 3, 3)
+    assert f"{TE}.lora_up.weight" in sd and "lora_unet_input_blocks_4_1_norm.diff_b" in sd
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["operation"] == "extract" and report["parameters"]["rank"] == 32
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_energy_gives_the_dynamic_rule(models, tmp_path):
+    assert run(models, tmp_path / "dyn.safetensors", "--energy", "0.9", "--min-rank", "2", "--max-rank", "12",
+               "--conv-rank", "3") == 0
+    sd = load_file(str(tmp_path / "dyn.safetensors"))
+    ranks = {k.split(".")[0]: v.shape[0] for k, v in sd.items() if k.endswith("lora_down.weight")}
+    assert 2 <= ranks[Q] <= 12 and ranks[Q] < 32 and ranks[CONV] <= 3
+
+
+def test_diff_only_no_text_encoders_fp32(models, tmp_path):
+    assert run(models, tmp_path / "d.safetensors", "--diff-only", "--no-text-encoders", "--output-dtype",
+               "fp32") == 0
+    sd = load_file(str(tmp_path / "d.safetensors"))
+    assert all(k.endswith((".diff", ".diff_b")) for k in sd) and not any(k.startswith("lora_te") for k in sd)
+    base, tuned = load_file(str(models / "base.safetensors")), load_file(str(models / "tuned.safetensors"))
+    key = next(iter(KEYS))
+    torch.testing.assert_close(sd[f"{Q}.diff"], tuned[key].float() - base[key].float())
+
+
+def test_output_format_pytorch_appends_suffix(models, tmp_path):
+    assert run(models, tmp_path / "out", "--output-format", "pytorch", "--rank", "4") == 0
+    sd = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert sd[f"{Q}.lora_down.weight"].shape == (4, 96)
+
+
+def test_refusals_are_one_line_errors(models, tmp_path, capsys):
+    out = tmp_path / "x.safetensors"
+    assert run(models, out, "--rank", "4") == 0
+    capsys.readouterr()
+    assert run(models, out, "--rank", "4") == 2
+    assert "output exists" in capsys.readouterr().err
+    assert run(models, tmp_path / "y.safetensors", "--source-type", "pytorch") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--source-model pytorch" in err and len(err.strip().splitlines()) == 1
