@@ -12,7 +12,7 @@ MAX_LORAS = 8
 REQUIRED_LORAS = 2
 
 
-def lora_slots(weight_default: float = 1.0, weight_tooltip: str = "") -> tuple[dict, dict]:
+def lora_slots(weight_tooltip: str) -> tuple[dict, dict]:
     """(required, optional) specs: lora_1, weight_1, lora_2, weight_2 required; lora_3..lora_8 optional."""
     required: dict = {}
     optional: dict = {}
@@ -20,8 +20,8 @@ def lora_slots(weight_default: float = 1.0, weight_tooltip: str = "") -> tuple[d
         target = required if i <= REQUIRED_LORAS else optional
         target[f"lora_{i}"] = (LORA_TYPE, {"tooltip": f"LoRA input {i}" + (" (optional)" if i > REQUIRED_LORAS
                                                                               else "")})
-        target[f"weight_{i}"] = ("FLOAT", {"default": weight_default, "min": -10.0, "max": 10.0, "step": 0.01,
-                                           "tooltip": weight_tooltip or f"weight of LoRA input {i}"})
+        target[f"weight_{i}"] = ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                                           "tooltip": weight_tooltip})
     return required, optional
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from merge_core.merge import METHODS, merge_loras
-from merge_core.merge.block_weights import parse_block_weights
+from merge_core.merge import METHODS, merge_loras, parse_block_weights
 
 from .inputs import (CATEGORY, connected_loras, device_input, dora_input, lora_slots, rank_inputs, rank_rule,
                      seed_input)

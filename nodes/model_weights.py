@@ -12,7 +12,7 @@ from typing import Iterable
 import torch
 
 MODEL_PREFIXES = ("diffusion_model.",)
-CLIP_PREFIXES = ("clip_l.", "clip_g.", "t5xxl.")
+CLIP_PREFIXES = ("clip_l.", "clip_g.")
 
 
 class PatcherWeights:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from merge_core.keys.sdxl_table import block_of
-from merge_core.merge.block_weights import BLOCKS_20
+from merge_core.merge import BLOCKS_20
 
 WIDTH, HEIGHT = 1024, 560
 MARGIN_LEFT, MARGIN_RIGHT = 64, 16

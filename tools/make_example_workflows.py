@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "example_workflows"
 LORA_A, LORA_B = "sdxl_style_a.safetensors", "sdxl_style_b.safetensors"
-LOKR, LOHA = "sdxl_lokr.safetensors", "sdxl_loha.safetensors"
+LOKR_A, LOKR_B = "sdxl_lokr_a.safetensors", "sdxl_lokr_b.safetensors"
 BASE_CKPT, TUNED_CKPT = "sdxl_base.safetensors", "sdxl_finetuned.safetensors"
 TXT2IMG_CKPT = "sd_xl_base_1.0.safetensors"
 CONVENTIONAL = ("concat", "svd", "weighted_avg", "ties", "dare", "geometric_mean")
@@ -64,7 +64,7 @@ def conventional() -> dict:
 
 
 def lokr_fusion() -> dict:
-    return {**load("1", LOKR), **load("2", LOHA),
+    return {**load("1", LOKR_A), **load("2", LOKR_B),
             "3": {"class_type": "LoRArSVD_Fuse", "inputs": {**two_inputs(0.5, 0.5), "strategy": "smart_fusion",
                                                             "output_format": "auto"}},
             **save("4", "3", "loras/lycoris_fusion"), **report("5", "3")}
@@ -111,9 +111,10 @@ EXAMPLES = {
         "## Conventional merges side by side\nThe same two LoRAs merged by concat (exact), SVD, weighted "
         "average, TIES, DARE and geometric mean, each saved as `loras/compare_<method>_…` to try in LoraLoader. "
         "Put SDXL block weights (20 or 12 values per line, one line per input) in `block_weights`.")),
-    "lokr_loha_fusion": (lokr_fusion, (
-        "## LoKr + LoHa fusion\nFuses a LoKr and a LoHa on their exact deltas (smart_fusion); `auto` writes "
-        "LoKr where the nearest Kronecker product keeps ≥ 99.9 % of the energy, else LoRA.")),
+    "lokr_fusion": (lokr_fusion, (
+        "## LoKr fusion\nFuses two LoKr files on their exact deltas (smart_fusion), never by adding raw "
+        "factors; `auto` writes LoKr (the nearest Kronecker product) where it keeps ≥ 99.9 % of the energy, "
+        "else LoRA. LoHa, LoRA and full-diff inputs fuse too.")),
     "extract_lora_from_two_checkpoints": (extraction, (
         "## Extract a LoRA from two checkpoints\nStreams both files one tensor pair at a time (no model is "
         "loaded) and keeps rank 32 per layer (set rank 0 for the energy rule). Text encoders included.")),

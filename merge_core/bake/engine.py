@@ -97,6 +97,41 @@ def _open_lora(lora: Union[LoraSet, str, os.PathLike], kind: str) -> LoraSet:
     return load_lora(path)
 
 
+def baked_tensors(base: WeightSource, patches: dict[str, list[Patch]], alpha: float,
+                  out_dtype: Optional[torch.dtype], dev: torch.device, progress: Progress = None):
+    """(key, tensor) of the output in the base's order, one base tensor read and patched at a time."""
+    keys = base.keys()
+    for done, key in enumerate(keys, 1):
+        t = base.get(key)
+        dtype = out_dtype if out_dtype is not None and t.is_floating_point() else t.dtype
+        if key in patches:
+            if not t.is_floating_point():
+                raise MergeCoreError(f"base tensor '{key}' is {t.dtype}, cannot add a LoRA delta to it")
+            t = with_cpu_fallback(lambda d, t=t, key=key: apply(t, patches[key], alpha, d), dev)
+        yield key, t.to(dtype)
+        if progress is not None:
+            progress(done, len(keys), key)
+
+
+def write_checkpoint(path: Path, base: WeightSource, tensors, metadata: dict, overwrite: bool) -> None:
+    """.safetensors streamed (header reserved from the base's shapes), .pt/.pth/.ckpt through torch.save."""
+    if path.suffix.lower() in PICKLE_OUTPUTS:
+        atomic_write(path, lambda tmp: torch.save(dict(tensors), tmp), overwrite)
+        return
+    # dtypes arrive with the tensors: size every entry as 8-byte elements, +1 byte for the longest dtype name
+    entries = [(k, torch.float64, tuple(base.shape(k))) for k in base.keys()]
+    reserve = header_bound(entries, metadata, slack=len(entries) + 4096)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            stream = SafetensorsStream(fh, reserve)
+            for key, tensor in tensors:
+                stream.add(key, tensor)
+            stream.finish(metadata)
+
+    atomic_write(path, write, overwrite)
+
+
 def bake_lora(base_path: Union[str, os.PathLike, WeightSource], lora: Union[LoraSet, str, os.PathLike],
               output: Union[str, os.PathLike], alpha: float = 1.0, output_dtype: Optional[str] = None,
               overwrite: bool = False, device: str = "auto", progress: Progress = None, base_kind: str = "auto",
@@ -111,46 +146,19 @@ def bake_lora(base_path: Union[str, os.PathLike, WeightSource], lora: Union[Lora
     lset.require_no_dora("baked")
     out_dtype = dtype_of(output_dtype) if output_dtype else None
     patches, matched, skipped = plan_patches(lset, BakeIndex(base))
+    base_label = label_of(base_path, "base (in memory)")
     if not patches:
         raise MergeCoreError(f"nothing to bake: none of the {len(lset.modules)} modules of {lset.source or 'the LoRA'} "
-                             f"matches a layer of {label_of(base_path, 'the base model')} "
+                             f"matches a layer of {base_label} "
                              f"(e.g. '{skipped[0]['module']}': {skipped[0]['reason']})")
-    recipe = make_recipe("bake", [label_of(base_path, "base (in memory)"), lset.source or "lora (in memory)"],
+    recipe = make_recipe("bake", [base_label, lset.source or "lora (in memory)"],
                          {"alpha": alpha, "output_dtype": output_dtype}, hash_inputs=False)
     if lset.source is not None and Path(lset.source).exists():
         recipe["inputs"][1]["sha256"] = sha256_of(lset.source)
     metadata = {**getattr(base, "metadata", {}), RECIPE_KEY: json.dumps(recipe, sort_keys=True)}
-    dev = resolve_device(device)
-    keys = base.keys()
-
-    def baked():
-        for done, key in enumerate(keys, 1):
-            t = base.get(key)
-            dtype = out_dtype if out_dtype is not None and t.is_floating_point() else t.dtype
-            if key in patches:
-                if not t.is_floating_point():
-                    raise MergeCoreError(f"base tensor '{key}' is {t.dtype}, cannot add a LoRA delta to it")
-                t = with_cpu_fallback(lambda d, t=t: apply(t, patches[key], alpha, d), dev)
-            yield key, t.to(dtype)
-            if progress is not None:
-                progress(done, len(keys), key)
-
-    if path.suffix.lower() in PICKLE_OUTPUTS:
-        atomic_write(path, lambda tmp: torch.save(dict(baked()), tmp), overwrite)
-    else:
-        # dtypes are read with the tensors: size every entry as 8-byte elements, +1 byte for the longest dtype name
-        entries = [(k, torch.float64, tuple(base.shape(k))) for k in keys]
-        reserve = header_bound(entries, metadata, slack=len(entries) + 4096)
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as fh:
-                stream = SafetensorsStream(fh, reserve)
-                for key, tensor in baked():
-                    stream.add(key, tensor)
-                stream.finish(metadata)
-
-        atomic_write(path, write, overwrite)
-    return {"operation": "bake", "base": str(label_of(base_path, "base (in memory)")), "lora": str(lset.source),
-            "output": str(path), "alpha": alpha, "output_dtype": output_dtype or "as base",
-            "base_keys": len(keys), "patched_keys": len(patches), "matched": matched, "skipped": skipped,
+    tensors = baked_tensors(base, patches, alpha, out_dtype, resolve_device(device), progress)
+    write_checkpoint(path, base, tensors, metadata, overwrite)
+    return {"operation": "bake", "base": str(base_label), "lora": str(lset.source), "output": str(path),
+            "alpha": alpha, "output_dtype": output_dtype or "as base", "base_keys": len(base.keys()),
+            "patched_keys": len(patches), "matched": matched, "skipped": skipped,
             "seconds": time.perf_counter() - began}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
 
 import torch
@@ -44,18 +45,22 @@ def iter_pieces(base: WeightSource, tuned: WeightSource, plan: Plan, opts: Extra
 
 
 def _task_pieces(base: WeightSource, tuned: WeightSource, task: Task, opts: ExtractOptions, dev: torch.device):
-    """Entries of one key's delta, or None for non-float tensors.  ΔW is built in place from a copy, so only
-    one fp32 layer (plus one source tensor) is alive, and in-memory sources are never modified."""
+    """Entries of one key's delta, or None for non-float tensors.  ΔW = tuned − base in fp32, in place when the
+    fp32 tuned tensor is our own conversion; a source's own tensors are never modified (in-memory weights
+    stay clean), and about two fp32 layers are alive at a time."""
     tuned_t = tuned.get(task.key)
     if not tuned_t.is_floating_point():
         return None
-    delta = tuned_t.to(dev, COMPUTE_DTYPE, copy=True)
+    t32 = tuned_t.to(dev, COMPUTE_DTYPE)
+    converted = t32 is not tuned_t
     del tuned_t
     base_t = base.get(task.key)
     if not base_t.is_floating_point():
         return None
-    delta.sub_(base_t.to(dev, COMPUTE_DTYPE))
+    b32 = base_t.to(dev, COMPUTE_DTYPE)
     del base_t
+    delta = t32.sub_(b32) if converted else t32 - b32
+    del t32, b32
     return [(tg, extract_piece(tg, tg.take(delta).contiguous(), opts)) for tg in task.targets]
 
 
@@ -72,30 +77,49 @@ def attach(modules: dict[str, AdapterModule], target: Target, module: AdapterMod
         modules[target.name] = module
 
 
-def start(base: Source, tuned: Source, rule: Optional[RankRule], conv_rank: Optional[int], diff_only: bool,
-          min_diff: float, text_encoders: bool, seed: int, base_kind: str = "auto", tuned_kind: str = "auto"):
-    """Open both models, plan the run and make its report and recipe (shared by extract_lora and to_file)."""
+@dataclass
+class Run:
+    """One extraction, opened and planned from the headers: what extract_lora and extract_to_file share."""
+
+    opts: ExtractOptions
+    base: WeightSource
+    tuned: WeightSource
+    plan: Plan
+    report: Report
+    recipe: dict
+    labels: tuple[str, str]
+    began: float = field(default_factory=time.perf_counter)
+
+    def pieces(self, device: Union[str, torch.device], progress: Progress) -> Iterator[tuple[Target, AdapterModule]]:
+        return iter_pieces(self.base, self.tuned, self.plan, self.opts, resolve_device(device), self.report,
+                           progress)
+
+    def finish(self, written: int) -> None:
+        """Totals into the report; an error when nothing changed."""
+        if written == 0:
+            raise MergeCoreError(f"nothing to extract: no tensor differs between {self.labels[0]} and "
+                                 f"{self.labels[1]} by more than min-diff ({self.opts.min_diff:g})")
+        self.report.seconds = time.perf_counter() - self.began
+        self.report.extra["tasks"] = len(self.plan.tasks)
+        self.report.extra["skipped"] = {reason: len(keys) for reason, keys in self.plan.skipped.items()}
+        self.report.extra["skipped_keys"] = self.plan.skipped
+
+
+def open_run(base: Source, tuned: Source, rule: Optional[RankRule] = None, conv_rank: Optional[int] = None,
+             diff_only: bool = False, min_diff: float = 0.0, text_encoders: bool = True, seed: int = 0,
+             base_kind: str = "auto", tuned_kind: str = "auto") -> Run:
+    """Open both models, plan the run, and start its report and recipe (rule None = fixed rank 32)."""
     opts = ExtractOptions(rule or RankRule(rank=DEFAULT_RANK), conv_rank, diff_only, min_diff, text_encoders, seed)
     b = open_weights(base, base_kind, "--source-model")
     t = open_weights(tuned, tuned_kind, "--target-model")
+    labels = (label_of(base, "base (in memory)"), label_of(tuned, "tuned (in memory)"))
     plan = make_plan(b, t, text_encoders)
     if not plan.tasks:
-        raise MergeCoreError(f"nothing to extract: {label_of(base, 'base')} and {label_of(tuned, 'tuned')} share "
-                             "no tensor a LoRA can hold (different models?)")
-    recipe = make_recipe("extract", [label_of(base, "base (in memory)"), label_of(tuned, "tuned (in memory)")],
-                         opts.describe(), hash_inputs=False)
+        raise MergeCoreError(f"nothing to extract: {labels[0]} and {labels[1]} share no tensor a LoRA can hold "
+                             "(different models?)")
+    recipe = make_recipe("extract", list(labels), opts.describe(), hash_inputs=False)
     report = Report("extract", extra={"arch": plan.arch, "parameters": opts.describe()})
-    return opts, b, t, plan, report, recipe
-
-
-def finish(report: Report, plan: Plan, began: float, written: int, base: Source, tuned: Source) -> None:
-    if written == 0:
-        raise MergeCoreError(f"nothing to extract: no tensor differs between {label_of(base, 'base')} and "
-                             f"{label_of(tuned, 'tuned')} by more than min-diff")
-    report.seconds = time.perf_counter() - began
-    report.extra["tasks"] = len(plan.tasks)
-    report.extra["skipped"] = {reason: len(keys) for reason, keys in plan.skipped.items()}
-    report.extra["skipped_keys"] = plan.skipped
+    return Run(opts, b, t, plan, report, recipe, (str(labels[0]), str(labels[1])))
 
 
 def extract_lora(base: Source, tuned: Source, rule: Optional[RankRule] = None, conv_rank: Optional[int] = None,
@@ -103,12 +127,10 @@ def extract_lora(base: Source, tuned: Source, rule: Optional[RankRule] = None, c
                  seed: int = 0, progress: Progress = None, base_kind: str = "auto",
                  tuned_kind: str = "auto") -> MergeResult:
     """LoRA of tuned − base (paths or WeightSources), kohya names; rule None = fixed rank 32."""
-    began = time.perf_counter()
-    opts, b, t, plan, report, recipe = start(base, tuned, rule, conv_rank, diff_only, min_diff, text_encoders, seed,
-                                             base_kind, tuned_kind)
+    run = open_run(base, tuned, rule, conv_rank, diff_only, min_diff, text_encoders, seed, base_kind, tuned_kind)
     modules: dict[str, AdapterModule] = {}
-    for target, module in iter_pieces(b, t, plan, opts, resolve_device(device), report, progress):
+    for target, module in run.pieces(device, progress):
         attach(modules, target, module)
-    finish(report, plan, began, len(modules), base, tuned)
-    profile = "sdxl" if plan.arch == "sdxl" else "kohya"
-    return MergeResult(modules, report, arch=plan.arch, profile=profile, recipe=recipe)
+    run.finish(len(modules))
+    profile = "sdxl" if run.plan.arch == "sdxl" else "kohya"
+    return MergeResult(modules, run.report, arch=run.plan.arch, profile=profile, recipe=run.recipe)

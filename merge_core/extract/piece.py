@@ -30,7 +30,10 @@ def full_piece(target: Target, delta: torch.Tensor, note: str = "") -> tuple[Mod
 
 def extract_piece(target: Target, delta: torch.Tensor, opts: ExtractOptions) -> Optional[tuple[Module, ModuleReport]]:
     """The entry for `delta` (fp32, on the compute device), or None when max |ΔW| ≤ min_diff (unchanged)."""
-    if delta.numel() == 0 or float(delta.abs().max()) <= opts.min_diff:
+    if delta.numel() == 0:
+        return None
+    low, high = torch.aminmax(delta)
+    if max(-float(low), float(high)) <= opts.min_diff:
         return None
     if target.role == BIAS or opts.diff_only or delta.ndim < 2:
         return full_piece(target, delta)

@@ -4,7 +4,6 @@ runs in the memory of one layer; .pt output goes through extract_lora + save (to
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Optional, Union
 
@@ -18,8 +17,7 @@ from ..keys.suffixes import KOHYA
 from ..lora_file import dtype_of, state_dict_of
 from ..lowrank.rank_select import RankRule
 from ..report import Progress, Report
-from ..device import resolve_device
-from .engine import Source, extract_lora, finish, iter_pieces, start
+from .engine import Source, extract_lora, open_run
 from .options import ExtractOptions
 from .plan import Plan
 
@@ -62,25 +60,24 @@ def extract_to_file(base: Source, tuned: Source, output: Union[str, os.PathLike]
                               tuned_kind=tuned_kind, **args)
         result.save(path, output_dtype, overwrite)
         return result.report
-    began = time.perf_counter()
-    opts, b, t, plan, report, recipe = start(base, tuned, base_kind=base_kind, tuned_kind=tuned_kind, **args)
     dtype = dtype_of(output_dtype)
-    reserve = header_bound(bound_entries(plan, opts, dtype),
-                           lora_metadata({"loha"}, [], [], plan.arch, recipe, path.stem), slack=4096)
+    run = open_run(base, tuned, base_kind=base_kind, tuned_kind=tuned_kind, **args)
+    reserve = header_bound(bound_entries(run.plan, run.opts, dtype),
+                           lora_metadata({"loha"}, [], [], run.plan.arch, run.recipe, path.stem), slack=4096)
 
     def write(tmp: Path) -> None:
         kinds, ranks, alphas = set(), [], []
         with open(tmp, "wb") as fh:
             stream = SafetensorsStream(fh, reserve)
-            for target, module in iter_pieces(b, t, plan, opts, resolve_device(device), report, progress):
+            for target, module in run.pieces(device, progress):
                 for key, tensor in state_dict_of({target.name: module}, KOHYA, dtype).items():
                     stream.add(key, tensor)
                 kinds.add(module.kind)
                 if module.kind != "full":
                     ranks.append(module.rank)
                     alphas.append(module.alpha)
-            finish(report, plan, began, len(stream.names), base, tuned)
-            stream.finish(lora_metadata(kinds, ranks, alphas, plan.arch, recipe, path.stem))
+            run.finish(len(stream.names))
+            stream.finish(lora_metadata(kinds, ranks, alphas, run.plan.arch, run.recipe, path.stem))
 
     atomic_write(path, write, overwrite)
-    return report
+    return run.report

@@ -133,5 +133,8 @@ def inner(a: Operator, b: Operator) -> float:
 
 
 def frob2(a: Operator) -> float:
-    """‖A‖_F² exactly; for factored A: trace((UᵀU)(VVᵀ))."""
+    """‖A‖_F² exactly; for factored A: trace((UᵀU)(VVᵀ)); dense: fp64 over 4M-element chunks (no full fp64 copy)."""
+    if isinstance(a, Dense):
+        chunks = a.W.reshape(-1).split(1 << 22)
+        return sum(float(torch.linalg.vector_norm(c, dtype=torch.float64)) ** 2 for c in chunks)
     return inner(a, a)

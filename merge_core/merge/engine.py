@@ -7,6 +7,8 @@ weights, DoRA, architectures, shapes, method-specific ones) run before the first
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -14,7 +16,7 @@ import torch
 from ..adapters import parameter_count
 from ..device import resolve_device, with_cpu_fallback
 from ..errors import MergeCoreError
-from ..files.metadata import make_recipe
+from ..files.metadata import make_recipe, sha256_of
 from ..lora_file import LoraSet
 from ..lowrank import RankRule
 from ..report import ModuleReport, Progress, Report
@@ -33,6 +35,17 @@ def _check_dora(sets: Sequence[LoraSet], dora: str) -> None:
     if dora == "error":
         for s in sets:
             s.require_no_dora("merged")
+
+
+def _hash_in_background(sets: Sequence[LoraSet]) -> list[Future]:
+    """sha256 of every input file for the recipe, computed on another thread while the merge runs
+    (hashlib and file reads release the GIL); None for inputs that are not files."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-sha256")
+    try:
+        return [pool.submit(lambda p=s.source: sha256_of(p) if p is not None and Path(p).exists() else None)
+                for s in sets]
+    finally:
+        pool.shutdown(wait=False)
 
 
 def output_layout(sets: Sequence[LoraSet]) -> tuple[str, str, Optional[dict]]:
@@ -71,17 +84,25 @@ def merge_loras(sets: Sequence[LoraSet], method: str = "rsvd", weights: Sequence
     if spec.check is not None:
         spec.check(targets, sets)
     dev = resolve_device(device)
-    report, modules = Report("merge"), {}
+    hashes = _hash_in_background(sets)
+    vectors = [[t] for t in targets if t.vector_only]
+    work = vectors + spec.batches([t for t in targets if not t.vector_only], opts)
+    outcomes: dict[str, Outcome] = {}
     start = time.perf_counter()
     with torch.no_grad():
-        for done, target in enumerate(targets, 1):
-            run = exact_sum_outcome if target.vector_only else (lambda t, d: spec.run(t, opts, d))
-            out = with_cpu_fallback(lambda d: run(target, d), dev)
-            report.add(_row(target, out))
-            if out.module is not None:
-                modules[target.name] = out.module
-            if progress is not None:
-                progress(done, len(targets), target.name)
+        for batch in work:
+            run = (lambda d: [exact_sum_outcome(batch[0], d)]) if batch[0].vector_only else (
+                lambda d: spec.run_many(batch, opts, d))
+            for target, out in zip(batch, with_cpu_fallback(run, dev)):
+                outcomes[target.name] = out
+                if progress is not None:
+                    progress(len(outcomes), len(targets), target.name)
+    report, modules = Report("merge"), {}
+    for target in targets:  # report and file in the inputs' module order
+        out = outcomes[target.name]
+        report.add(_row(target, out))
+        if out.module is not None:
+            modules[target.name] = out.module
     report.seconds = time.perf_counter() - start
     parameters = {"method": spec.name, "weights": w, **describe(spec, opts),
                   "block_weights": [list(b) if b is not None else None for b in block_weights] if block_weights
@@ -89,6 +110,8 @@ def merge_loras(sets: Sequence[LoraSet], method: str = "rsvd", weights: Sequence
     report.extra.update(parameters=parameters, inputs=[str(s.source) if s.source else f"input {i + 1}"
                                                        for i, s in enumerate(sets)])
     recipe = make_recipe("merge", [s.source if s.source is not None else f"input {i + 1}" for i, s in enumerate(sets)],
-                         parameters)
+                         parameters, hash_inputs=False)
+    for entry, digest in zip(recipe["inputs"], hashes):
+        entry["sha256"] = digest.result()
     arch, profile, peft_config = output_layout(sets)
     return MergeResult(modules, report, arch, profile, peft_config, recipe=recipe)

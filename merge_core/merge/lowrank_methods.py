@@ -11,13 +11,17 @@ Quality is exact: from all singular values (exact), the Grams (gram core), or tr
 from __future__ import annotations
 
 import math
+from typing import Optional, Sequence
 
 import torch
+
+from ..adapters import LoRA
+from ..adapters.base import tucker_right
 
 from ..lowrank import Dense, Factored, LowRank, Operator, Quality, RankRule, choose_rank, low_rank, svd_of
 from ..lowrank.exact_svd import factored_svd
 from ..lowrank.rsvd import DEFAULT_OVERSAMPLE
-from .gram_core import gram_low_rank
+from .gram_core import gram_low_rank, gram_low_rank_batch
 from .options import MergeOptions
 from .outcome import Outcome, lora_outcome
 from .targets import ModuleTarget
@@ -75,3 +79,61 @@ def merge_lowrank(target: ModuleTarget, opts: MergeOptions, device: torch.device
     """rsvd / svd / weighted_avg for one module (they differ only in default weights, rule and solver)."""
     lr = approximate(target.operator(device), opts.rule, opts.solver, opts.seed_for(target.name))
     return lora_outcome(target, lr.up, lr.down, lr.quality, device, target.note)
+
+
+# ---------------------------------------------------------------- batches for the Gram core
+
+BATCH_BYTES = 32 << 20  # stacked fp32 factors per batch: a fraction of the largest SDXL module's dense ΔW
+
+
+def _stacked_rank(target: ModuleTarget) -> Optional[int]:
+    """R = Σ rᵢ when every input is a LoRA/LoCon (whose factors stack directly), else None."""
+    terms = target.weighted
+    if target.vector_only or not all(isinstance(t.module, LoRA) for t in terms):
+        return None
+    return sum(t.module.rank for t in terms)
+
+
+def plan_batches(targets: Sequence[ModuleTarget], opts: MergeOptions) -> list[list[ModuleTarget]]:
+    """Modules the Gram core solves, grouped by (shape, R) in batches of ≤ BATCH_BYTES; the rest alone."""
+    if opts.solver != "rsvd":
+        return [[t] for t in targets]
+    singles, groups = [], {}
+    for t in targets:
+        R = _stacked_rank(t)
+        if R is None or R > gram_core_limit(opts.rule):
+            singles.append([t])
+        else:
+            groups.setdefault((t.matrix_shape, R), []).append(t)
+    batches = []
+    for ((out, n), R), group in groups.items():
+        size = max(1, BATCH_BYTES // (4 * (out + n) * R))
+        batches += [group[i:i + size] for i in range(0, len(group), size)]
+    return singles + batches
+
+
+def _fill(target: ModuleTarget, U: torch.Tensor, V: torch.Tensor, scale: torch.Tensor) -> None:
+    """Write [up₁ … upₙ] into U (out×R), [down₁; …; downₙ] into V (R×N) and each column's cᵢsᵢ into scale."""
+    at = 0
+    for t in target.weighted:
+        m: LoRA = t.module
+        r = m.rank
+        down = m.down if m.mid is None else tucker_right(m.mid.float(), m.down.float())
+        U[:, at:at + r].copy_(m.up.flatten(1))
+        V[at:at + r].copy_(down.flatten(1))
+        scale[at:at + r] = t.coeff * m.scale
+        at += r
+
+
+def merge_lowrank_batch(batch: Sequence[ModuleTarget], opts: MergeOptions, device: torch.device) -> list[Outcome]:
+    """One batch from plan_batches: several same-shape modules through the Gram core at once."""
+    if len(batch) == 1:
+        return [merge_lowrank(batch[0], opts, device)]
+    (out, n), R = batch[0].matrix_shape, _stacked_rank(batch[0])
+    U = torch.empty(len(batch), out, R, device=device)
+    V = torch.empty(len(batch), R, n, device=device)
+    scale = torch.empty(len(batch), R, dtype=torch.float64)
+    for i, t in enumerate(batch):
+        _fill(t, U[i], V[i], scale[i])
+    results = gram_low_rank_batch(U, V, opts.rule, scale.to(device))
+    return [lora_outcome(t, lr.up, lr.down, lr.quality, device, t.note) for t, lr in zip(batch, results)]

@@ -11,13 +11,15 @@ from ..lora_file import LoraSet
 from ..lowrank import SOLVERS, RankRule
 from .concat import merge_concat
 from .geometric_mean import check_factor_shapes, merge_geometric_mean
-from .lowrank_methods import merge_lowrank
+from .lowrank_methods import merge_lowrank, merge_lowrank_batch, plan_batches
 from .options import MergeOptions
 from .outcome import Outcome
 from .targets import ModuleTarget
 from .ties_dare import check_density, merge_dare, merge_ties
 
 ModuleMerge = Callable[[ModuleTarget, MergeOptions, torch.device], Outcome]
+BatchMerge = Callable[[Sequence[ModuleTarget], MergeOptions, torch.device], list[Outcome]]
+Planner = Callable[[Sequence[ModuleTarget], MergeOptions], list[list[ModuleTarget]]]
 Check = Callable[[Sequence[ModuleTarget], Sequence[LoraSet]], None]
 
 
@@ -31,15 +33,25 @@ class Method:
     input_rank: bool = False  # default rank: the largest input rank, fixed (else the dynamic rule)
     uses_density: bool = False
     check: Optional[Check] = None  # run over all modules before any work
+    plan: Optional[Planner] = None  # groups modules computed together (default: one at a time)
+    run_batch: Optional[BatchMerge] = None
+
+    def batches(self, targets: Sequence[ModuleTarget], opts: MergeOptions) -> list[list[ModuleTarget]]:
+        return self.plan(targets, opts) if self.plan is not None else [[t] for t in targets]
+
+    def run_many(self, batch: Sequence[ModuleTarget], opts: MergeOptions, device: torch.device) -> list[Outcome]:
+        if self.run_batch is not None:
+            return self.run_batch(batch, opts, device)
+        return [self.run(t, opts, device) for t in batch]
 
 
 _ALL = (
     Method("rsvd", merge_lowrank, "randomized SVD of T = Σ wᵢΔWᵢ on the factors, dynamic rank (default)",
-           average=True, solver="rsvd"),
+           average=True, solver="rsvd", plan=plan_batches, run_batch=merge_lowrank_batch),
     Method("svd", merge_lowrank, "exact truncated SVD of T (QR core), rank = largest input rank",
-           solver="exact", input_rank=True),
+           solver="exact", input_rank=True, plan=plan_batches, run_batch=merge_lowrank_batch),
     Method("weighted_avg", merge_lowrank, "svd with weights 1/N each", average=True, solver="exact",
-           input_rank=True),
+           input_rank=True, plan=plan_batches, run_batch=merge_lowrank_batch),
     Method("concat", merge_concat, "exact: factors side by side, rank Σ rᵢ"),
     Method("geometric_mean", merge_geometric_mean, "elementwise signed geometric mean of the factors "
            "(equal ranks; not gauge invariant)", check=check_factor_shapes),

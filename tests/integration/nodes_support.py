@@ -21,19 +21,19 @@ from merge_core.keys.sdxl_table import ModuleSpec, sdxl_modules
 PACK_MODULE = "custom_nodes/lora-rsvd-merge"
 NOT_LOADED = "lora key not loaded: "
 
-# One module per SDXL block kind, real shapes: attention in IN04/IN05/IN07/IN08/MID/OUT00/OUT03/OUT05, a
-# feed-forward, both text encoders, and a LoCon 3×3 conv.
+# Modules of real SDXL names and shapes in IN04/IN05/IN07/IN08/MID/OUT00/OUT03/OUT05, both text encoders,
+# and a LoCon 3×3 conv (none of the 6.5M-entry feed-forward layers: TIES/DARE work on dense deltas).
 MODULE_NAMES = (
     "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
     "lora_unet_input_blocks_5_1_transformer_blocks_1_attn2_to_k",
     "lora_unet_input_blocks_7_1_proj_in",
     "lora_unet_input_blocks_8_1_transformer_blocks_3_attn1_to_out_0",
     "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_v",
-    "lora_unet_output_blocks_0_1_transformer_blocks_9_ff_net_2",
+    "lora_unet_output_blocks_0_1_transformer_blocks_9_attn1_to_k",
     "lora_unet_output_blocks_3_1_transformer_blocks_0_attn1_to_k",
     "lora_unet_output_blocks_5_1_proj_out",
     "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
-    "lora_te2_text_model_encoder_layers_5_mlp_fc1",
+    "lora_te2_text_model_encoder_layers_5_self_attn_q_proj",
 )
 CONV_NAME = "lora_unet_input_blocks_1_0_in_layers_2"
 
@@ -91,13 +91,16 @@ def loha_tensors(module_specs: Iterable[ModuleSpec], rank: int, seed: int) -> di
     return out
 
 
-def lokr_tensors(module_specs: Iterable[ModuleSpec], seed: int, factor: int = 8) -> dict[str, torch.Tensor]:
-    """Full lokr_w1 [f, f] and lokr_w2 [out/f, in/f]: scale 1 (α ignored when both factors are full)."""
+def lokr_tensors(module_specs: Iterable[ModuleSpec], seed: int, factor: int = 8, rank: int = 2
+                 ) -> dict[str, torch.Tensor]:
+    """LoKr as trainers write it: full lokr_w1 [f, f], lokr_w2 = w2_a [out/f, r] @ w2_b [r, in/f], α = r."""
     g, out = _gen(seed), {}
     for s in module_specs:
         o, i = s.shape[0], s.shape[1]
-        out.update({f"{s.name}.lokr_w1": torch.randn(factor, factor, generator=g) * 0.1,
-                    f"{s.name}.lokr_w2": torch.randn(o // factor, i // factor, generator=g) * 0.1})
+        out.update({f"{s.name}.lokr_w1": torch.randn(factor, factor, generator=g) * 0.3,
+                    f"{s.name}.lokr_w2_a": torch.randn(o // factor, rank, generator=g) * 0.1,
+                    f"{s.name}.lokr_w2_b": torch.randn(rank, i // factor, generator=g) * 0.1,
+                    f"{s.name}.alpha": torch.tensor(float(rank))})
     return out
 
 
@@ -120,7 +123,11 @@ def dense_delta(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, .
         r = t["hada_w1_b"].shape[0]
         return (t["alpha"].item() / r * (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])
                 ).reshape(shape)
-    return torch.kron(t["lokr_w1"], t["lokr_w2"]).reshape(shape)
+    w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+    if "lokr_w2" in t:
+        return torch.kron(w1, t["lokr_w2"]).reshape(shape)  # both full: scale 1
+    scale = t["alpha"].item() / t["lokr_w2_b"].shape[0] if "alpha" in t else 1.0
+    return (scale * torch.kron(w1, t["lokr_w2_a"] @ t["lokr_w2_b"])).reshape(shape)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -102,14 +102,14 @@ def test_te2_in_proj_is_split_into_q_k_v():
 
 def test_openclip_mlp_and_text_projection_names_and_orientation():
     gen = torch.Generator().manual_seed(0)
-    keys = {f"{TE2}transformer.resblocks.3.mlp.c_fc.weight": (64, 16), f"{TE2}transformer.resblocks.3.mlp.c_proj.weight":
-            (16, 64), f"{TE2}text_projection": (16, 24), f"{TE2}ln_final.weight": (16,),
-            f"{TE2}positional_embedding": (77, 16), f"{TE2}logit_scale": ()}
+    block = f"{TE2}transformer.resblocks.3."
+    keys = {block + "mlp.c_fc.weight": (64, 16), block + "mlp.c_proj.weight": (16, 64), f"{TE2}text_projection": (16, 24),
+            f"{TE2}ln_final.weight": (16,), f"{TE2}positional_embedding": (77, 16), f"{TE2}logit_scale": ()}
     base = {k: torch.randn(s, generator=gen) for k, s in keys.items()}
     tuned = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
     res = extract_lora(DictSource(base), DictSource(tuned), RankRule(rank=4), device="cpu")
-    assert set(res.modules) == {"lora_te2_text_model_encoder_layers_3_mlp_fc1", "lora_te2_text_model_encoder_layers_3_mlp_fc2",
-                                "lora_te2_text_projection",
+    assert set(res.modules) == {"lora_te2_text_model_encoder_layers_3_mlp_fc1",
+                                "lora_te2_text_model_encoder_layers_3_mlp_fc2", "lora_te2_text_projection",
                                 "text_encoders.clip_g.transformer.text_model.final_layer_norm",
                                 "text_encoders.clip_g.transformer.text_model.embeddings.position_embedding"}
     # ComfyUI's text_projection weight is the transpose of OpenCLIP's (x @ P)

@@ -175,3 +175,19 @@ def test_written_file_verifies(tmp_path, form, suffix, dtype, tol):
     assert back.kind == row.kind
     truth = sum(c * dense(s.modules["mod"]) for c, s in zip(res.report.extra["coefficients"]["mod"], sets))
     assert rel(back.delta(), truth) == pytest.approx(errors["mod"], rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.parametrize("form", ["lokr", "lora", "full"])
+def test_conv_lokr_keeps_its_4d_layout(form):
+    """Conv LoKr with a full 4-D w2: ComfyUI's ΔW = kron(w1[:, :, None, None], w2), shape (a·c, b·d, kh, kw)."""
+    mods = [LoKr(w1=rnd(2, 2, seed=s), w2=rnd(4, 3, 3, 3, seed=s + 1)) for s in (1, 5)]
+    truth = sum(x * torch.kron(m.w1[:, :, None, None], m.w2) for x, m in zip([0.5, 0.5], mods))
+    shared = [LoKr(w1=rnd(2, 2, seed=1) * f, w2=rnd(4, 3, 3, 3, seed=s)) for f, s in ((1.0, 2), (-2.0, 6))]
+    exact = sum(x * torch.kron(m.w1[:, :, None, None], m.w2) for x, m in zip([0.5, 0.5], shared))
+    for inputs, target in ((mods, truth), (shared, exact)):
+        out = fuse(inputs, [0.5, 0.5], form, RankRule(energy=1.0, min_rank=1, max_rank=99)).modules["mod"]
+        assert out.weight_shape == (8, 6, 3, 3)
+        if form == "lokr":
+            assert out.w2.shape == (4, 3, 3, 3)
+        if form != "lokr" or inputs is shared:
+            assert rel(out.delta(), target) < 1e-5

@@ -158,3 +158,27 @@ def test_user_errors_are_one_line():
     bad = LoraSet({"mod": LoRA(rnd(OUT, 2, seed=0), rnd(2, IN + 1, seed=1))}, Naming("kohya", "other", {}))
     with pytest.raises(MergeCoreError, match="module 'mod' is 24x20 in input 1 but 24x21 in input 2"):
         fuse_models([as_set(lora(1)), bad])
+
+
+def test_progress_is_called_per_module_and_can_cancel():
+    sets = [LoraSet({"x": lokr(1), "y": loha(2)}, Naming("kohya", "other", {})), as_set(lokr(3), "x")]
+    calls = []
+    fuse_models(sets, progress=lambda done, total, name: calls.append((done, total, name)), device="cpu")
+    assert calls == [(1, 2, "x"), (2, 2, "y")]
+
+    def cancel(done, total, name):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fuse_models(sets, progress=cancel, device="cpu")
+
+
+def test_dora_inputs_need_an_explicit_choice():
+    m = lokr(1)
+    m.dora_scale = torch.ones(OUT, 1)
+    sets = [as_set(m), as_set(lokr(2))]
+    with pytest.raises(MergeCoreError, match="DoRA"):
+        fuse_models(sets, device="cpu")
+    res = fuse_models(sets, [1.0, 1.0], "weighted_sum", output_format="full", dora="ignore", device="cpu")
+    torch.testing.assert_close(res.modules["mod"].delta(), dense(m) + dense(sets[1].modules["mod"]),
+                               rtol=1e-5, atol=1e-6)

@@ -1,0 +1,125 @@
+"""`python -m merge_core merge` as a user runs it, on small synthetic SDXL files: the written file, the report
+JSON, the recipe, refusing to overwrite, and one-line errors with exit status 2."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from merge_core.cli import main
+from merge_core.lora_file import load_lora
+from merge_testlib import one_torch_thread  # noqa: F401  (autouse)
+from merge_testlib import CONV, F64, NAMES, gen, rel, shape_of
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(path: Path, rank: int, alpha: float, seed: int, names) -> Path:
+    sd = {}
+    for i, n in enumerate(names):
+        shape = shape_of(n)
+        kernel = tuple(shape[2:])
+        sd[f"{n}.lora_up.weight"] = torch.randn(shape[0], rank, *([1] * len(kernel)), generator=gen(seed + i)) * 0.1
+        sd[f"{n}.lora_down.weight"] = torch.randn(rank, shape[1], *kernel, generator=gen(seed + 50 + i)) * 0.1
+        sd[f"{n}.alpha"] = torch.tensor(alpha)
+    save_file(sd, str(path))
+    return path
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "merge_core", "merge", *map(str, args), "--threads", "1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def run_in_process(capsys, *args) -> tuple[int, str, str]:
+    """The same command line through merge_core.cli.main in this process (no interpreter start-up)."""
+    code = main(["merge", *map(str, args), "--threads", "1"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("merge_cli")
+    return write(d / "a.safetensors", 8, 4.0, 1, NAMES + [CONV]), write(d / "b.safetensors", 4, 4.0, 2, NAMES)
+
+
+def dense_of(path: Path, name: str) -> torch.Tensor:
+    with safe_open(str(path), "pt") as f:
+        up, down = f.get_tensor(f"{name}.lora_up.weight"), f.get_tensor(f"{name}.lora_down.weight")
+        alpha = float(f.get_tensor(f"{name}.alpha"))
+    return alpha / down.shape[0] * (up.flatten(1).to(F64) @ down.flatten(1).to(F64))
+
+
+def test_rsvd_end_to_end_report_recipe_and_no_overwrite(inputs, tmp_path):
+    out, rep = tmp_path / "merged.safetensors", tmp_path / "report.json"
+    r = cli(*inputs, "-o", out, "--report", rep)
+    assert r.returncode == 0, r.stderr
+    assert out.exists() and "merge: 5 modules" in r.stdout
+    report = json.loads(rep.read_text())
+    assert {"modules", "total_params", "avg_rank", "seconds"} <= set(report)
+    assert isinstance(report["total_params"], int) and isinstance(report["avg_rank"], float)
+    assert len(report["modules"]) == 5
+    assert set(report["modules"][0]) >= {"name", "rank", "params", "rel_error", "energy_kept"}
+    assert report["total_params"] == sum(m["params"] for m in report["modules"])
+    merged = load_lora(out)
+    assert set(merged.modules) == set(NAMES + [CONV])
+    for n in NAMES:  # default 1/N weights; ranks 8 + 4 = 12 <= 32 keep >= 99 % of the energy
+        m = merged.modules[n]
+        assert m.alpha == m.rank and m.up.dtype == torch.float16
+        T = 0.5 * dense_of(inputs[0], n) + 0.5 * dense_of(inputs[1], n)
+        row = next(x for x in report["modules"] if x["name"] == n)
+        assert rel(dense_of(out, n), T) == pytest.approx(row["rel_error"], abs=2e-3)  # fp16 file
+    recipe = json.loads(merged.metadata["lora_rsvd_merge.recipe"])
+    assert recipe["parameters"]["method"] == "rsvd" and recipe["parameters"]["weights"] == [0.5, 0.5]
+    assert [i["sha256"] for i in recipe["inputs"]] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in inputs]
+
+    before = out.read_bytes()
+    again = cli(*inputs, "-o", out)
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines() == [
+        f"error: output exists, not overwriting (pass --overwrite to replace it): {out}"]
+    assert out.read_bytes() == before
+    assert cli(*inputs, "-o", out, "--method", "concat", "--overwrite").returncode == 0
+    assert load_lora(out).modules[NAMES[0]].rank == 12
+
+
+def test_concat_with_weights_block_weights_and_fp32(inputs, tmp_path, capsys):
+    out = tmp_path / "c.safetensors"
+    blocks = ",".join(["1"] * 12)  # short form: IN01 (the LoCon conv) -> 0
+    code, _, err = run_in_process(capsys, *inputs, "--method", "concat", "--weights", "1", "-0.5", "--block-weights",
+                                  blocks, "-", "--dtype", "fp32", "-o", out)
+    assert code == 0, err
+    merged = load_lora(out)
+    assert CONV not in merged.modules and merged.modules[NAMES[0]].up.dtype == torch.float32
+    T = dense_of(inputs[0], NAMES[0]) - 0.5 * dense_of(inputs[1], NAMES[0])
+    assert rel(dense_of(out, NAMES[0]), T) < 1e-6
+
+
+def test_fixed_rank(inputs, tmp_path, capsys):
+    out = tmp_path / "r.safetensors"
+    assert run_in_process(capsys, *inputs, "--rank", "3", "-o", out)[0] == 0
+    assert {m.rank for m in load_lora(out).modules.values()} == {3}
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--weights", "1"), "error: number of weights (1) must match number of inputs (2)"),
+    (("--method", "geometric_mean"), f"error: geometric_mean needs equal factor shapes: module '{sorted(NAMES)[0]}' "
+                                     "has rank 8 in {a} but rank 4 in {b}"),
+    (("--block-weights", "1,2,3"), "error: SDXL block weights take 20 values (BASE, IN00-IN08, MID, OUT00-OUT08) or "
+                                   "12 (BASE, IN04, IN05, IN07, IN08, MID, OUT00-OUT05), got 3"),
+])
+def test_errors_are_one_line_and_write_nothing(inputs, tmp_path, capsys, args, message):
+    """(the first module in file order: safetensors keeps keys sorted)"""
+    out = tmp_path / "x.safetensors"
+    code, _, err = run_in_process(capsys, *inputs, *args, "-o", out)
+    assert code == 2
+    assert err.strip().splitlines() == [message.format(a=inputs[0], b=inputs[1])]
+    assert not out.exists()

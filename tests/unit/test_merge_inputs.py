@@ -1,0 +1,185 @@
+"""What merge accepts and refuses: mixed formats (kohya + diffusers/PEFT names), mixed ranks, LoCon 3x3,
+N = 5 inputs, negative weights, modules missing in one input, bias deltas, SDXL block weights (20 and 12
+values), DoRA, SD1.5 with SDXL and other shape clashes (refused before any work, naming the module)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from merge_core.errors import DoraError, MergeCoreError, ShapeMismatchError
+from merge_core.keys.sdxl_table import sdxl_modules
+from merge_core.lora_file import load_lora
+from merge_core.lowrank import RankRule
+from merge_core.merge import merge_loras
+from merge_testlib import one_torch_thread  # noqa: F401  (autouse)
+from merge_testlib import CONV, F64, NAMES, dense, gen, lora_set, random_lora, rel, shape_of, target
+
+EXACT = RankRule(energy=1.0, min_rank=1, max_rank=128)
+
+
+def raw(shape, rank, seed):
+    out, inn, kernel = shape[0], shape[1], tuple(shape[2:])
+    return (torch.randn(out, rank, *([1] * len(kernel)), generator=gen(seed)) * 0.1,
+            torch.randn(rank, inn, *kernel, generator=gen(seed + 1)) * 0.1)
+
+
+def diffusers_prefix(name: str) -> str:
+    spec = sdxl_modules()[name]
+    if spec.group == "unet":
+        return "unet." + spec.diffusers
+    inner = spec.key.split(".transformer.", 1)[1][: -len(".weight")]
+    return ("text_encoder." if spec.group == "te1" else "text_encoder_2.") + inner
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A kohya file (rank 64, alpha 32, with a 3x3 LoCon) and a PEFT-named diffusers file (rank 32, no alpha,
+    without the conv module), plus the dense deltas computed here from the raw tensors."""
+    d = tmp_path_factory.mktemp("merge_inputs")
+    ka, kb, deltas_a, deltas_b = {}, {}, {}, {}
+    for i, n in enumerate(NAMES + [CONV]):
+        up, down = raw(shape_of(n), 64, seed=i)
+        ka.update({f"{n}.lora_up.weight": up, f"{n}.lora_down.weight": down, f"{n}.alpha": torch.tensor(32.0)})
+        deltas_a[n] = 0.5 * up.flatten(1).to(F64) @ down.flatten(1).to(F64)
+    for i, n in enumerate(NAMES):
+        up, down = raw(shape_of(n), 32, seed=100 + i)
+        p = diffusers_prefix(n)
+        kb.update({f"{p}.lora_B.weight": up, f"{p}.lora_A.weight": down})
+        deltas_b[n] = up.to(F64) @ down.to(F64)
+    save_file(ka, str(d / "kohya.safetensors"))
+    save_file(kb, str(d / "diffusers.safetensors"))
+    return d / "kohya.safetensors", d / "diffusers.safetensors", deltas_a, deltas_b
+
+
+@pytest.mark.parametrize("method", ["rsvd", "concat"])
+def test_kohya_with_diffusers_names_mixed_ranks_and_a_missing_conv(files, method):
+    a, b = load_lora(files[0]), load_lora(files[1])
+    assert a.arch == b.arch == "sdxl" and set(b.modules) == set(NAMES)
+    w = [0.6, -0.3]
+    r = merge_loras([a, b], method, weights=w, rule=EXACT if method == "rsvd" else None, device="cpu")
+    assert r.profile == "sdxl" and set(r.modules) == set(NAMES + [CONV])
+    for n in NAMES:
+        assert rel(dense(r.modules[n]), w[0] * files[2][n] + w[1] * files[3][n]) < 1e-5
+    conv = r.modules[CONV]
+    assert tuple(conv.down.shape) == (conv.rank, 320, 3, 3)
+    assert rel(dense(conv), w[0] * files[2][CONV]) < 1e-5  # carried as a scaled copy
+    assert {x.name: x.note for x in r.report.modules}[CONV] == "in 1 of 2 inputs"
+
+
+def test_five_inputs_with_negative_weights():
+    sets = [lora_set({n: random_lora(shape_of(n), 4, float(j + 1), seed=20 * j + i) for i, n in enumerate(NAMES)})
+            for j in range(5)]
+    w = [0.4, -0.2, 0.3, -0.5, 1.0]
+    r = merge_loras(sets, "rsvd", weights=w, rule=EXACT, device="cpu")
+    for n in NAMES:
+        assert r.modules[n].rank == 20
+        assert rel(dense(r.modules[n]), target(sets, w, n)) < 1e-5
+
+
+def test_default_weights_per_method():
+    s = [lora_set({NAMES[0]: random_lora(shape_of(NAMES[0]), 4, None, seed=j)}) for j in range(4)]
+    expect = {"rsvd": 0.25, "weighted_avg": 0.25, "svd": 1.0, "concat": 1.0, "geometric_mean": 1.0, "ties": 1.0,
+              "dare": 1.0}
+    for method, w in expect.items():
+        r = merge_loras(s, method, device="cpu")
+        assert r.report.extra["parameters"]["weights"] == [w] * 4
+    assert merge_loras(s, "svd", device="cpu").modules[NAMES[0]].rank == 4  # largest input rank, fixed
+
+
+def test_bias_deltas_are_summed_exactly():
+    n = NAMES[0]
+    m1, m2 = random_lora(shape_of(n), 4, None, 1), random_lora(shape_of(n), 4, None, 2)
+    m1.diff_b, m2.diff_b = torch.ones(640), torch.arange(640.0)
+    r = merge_loras([lora_set({n: m1}), lora_set({n: m2})], "rsvd", weights=[2.0, 0.5], device="cpu")
+    assert torch.allclose(r.modules[n].diff_b, 2.0 + 0.5 * torch.arange(640.0))
+
+
+def test_block_weights_20_and_12_values():
+    names = [NAMES[0], NAMES[3], CONV]  # blocks IN04, BASE, IN01
+    assert [sdxl_modules()[n].block for n in names] == ["IN04", "BASE", "IN01"]
+    a = lora_set({n: random_lora(shape_of(n), 4, None, seed=i) for i, n in enumerate(names)})
+    b = lora_set({n: random_lora(shape_of(n), 4, None, seed=9 + i) for i, n in enumerate(names)})
+    twenty = [1.0] * 20
+    twenty[0], twenty[5] = 0.25, -1.0  # BASE, IN04
+    r = merge_loras([a, b], "concat", block_weights=[twenty, None], device="cpu")
+    assert rel(dense(r.modules[NAMES[0]]), -dense(a.modules[NAMES[0]]) + dense(b.modules[NAMES[0]])) < 1e-6
+    assert rel(dense(r.modules[NAMES[3]]), 0.25 * dense(a.modules[NAMES[3]]) + dense(b.modules[NAMES[3]])) < 1e-6
+    twelve = [1.0, 0.5] + [1.0] * 10  # BASE, IN04, ...; IN01 is not in the short form -> 0
+    r = merge_loras([a, b], "concat", block_weights=[twelve, twelve], device="cpu")
+    assert rel(dense(r.modules[NAMES[0]]), 0.5 * target([a, b], [1, 1], NAMES[0])) < 1e-6
+    assert CONV not in r.modules
+
+
+def test_block_weight_errors():
+    a = lora_set({NAMES[0]: random_lora(shape_of(NAMES[0]), 4, None, 1)})
+    with pytest.raises(MergeCoreError, match="take 20 values .* or 12 .* got 7"):
+        merge_loras([a, a], block_weights=[[1.0] * 7, None])
+    other = lora_set({"lora_unet_custom": random_lora((8, 8), 2, None, 1)}, arch="other")
+    with pytest.raises(MergeCoreError, match="block weights need an SDXL LoRA"):
+        merge_loras([other, other], block_weights=[[1.0] * 20, None])
+
+
+def test_dora_is_refused_unless_ignored():
+    n = NAMES[0]
+    m = random_lora(shape_of(n), 4, None, 1)
+    m.dora_scale = torch.ones(640, 1)
+    plain = random_lora(shape_of(n), 4, None, 2)
+    with pytest.raises(DoraError, match="--dora ignore"):
+        merge_loras([lora_set({n: m}), lora_set({n: plain})])
+    r = merge_loras([lora_set({n: m}), lora_set({n: plain})], "concat", dora="ignore", device="cpu")
+    assert r.modules[n].dora_scale is None
+    assert rel(dense(r.modules[n]), dense(m) + dense(plain)) < 1e-6
+
+
+def test_sd15_with_sdxl_is_refused_before_any_work(tmp_path):
+    sd15 = {"lora_te_text_model_encoder_layers_0_self_attn_q_proj": (768, 768),
+            "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k": (640, 768)}
+    sd = {}
+    for i, (n, (o, k)) in enumerate(sd15.items()):
+        up, down = raw((o, k), 4, seed=i)
+        sd.update({f"{n}.lora_up.weight": up, f"{n}.lora_down.weight": down})
+    save_file(sd, str(tmp_path / "sd15.safetensors"))
+    a = load_lora(tmp_path / "sd15.safetensors")
+    assert a.arch == "sd15"
+    xl = lora_set({n: random_lora(shape_of(n), 4, None, seed=i) for i, n in enumerate(NAMES)})
+    calls = []
+    with pytest.raises(ShapeMismatchError, match="module 'lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k' "
+                                                 "is 640x2048 in input 2 \\(SDXL\\) but 640x768 in .*sd15"):
+        merge_loras([a, xl], progress=lambda *x: calls.append(x))
+    assert calls == []
+
+
+def test_same_name_different_shapes_is_refused_naming_the_module():
+    a = lora_set({"lora_unet_x": random_lora((8, 8), 2, None, 1), "lora_unet_y": random_lora((8, 8), 2, None, 2)},
+                 arch="other")
+    b = lora_set({"lora_unet_x": random_lora((8, 8), 2, None, 3), "lora_unet_y": random_lora((8, 16), 2, None, 4)},
+                 arch="other")
+    with pytest.raises(ShapeMismatchError, match="module 'lora_unet_y' is 8x8 in input 1 but 8x16 in input 2"):
+        merge_loras([a, b])
+
+
+def test_argument_errors():
+    a = lora_set({NAMES[0]: random_lora(shape_of(NAMES[0]), 4, None, 1)})
+    with pytest.raises(MergeCoreError, match=r"number of weights \(1\) must match number of inputs \(2\)"):
+        merge_loras([a, a], weights=[1.0])
+    with pytest.raises(MergeCoreError, match="unknown merge method 'avg'"):
+        merge_loras([a, a], "avg")
+    with pytest.raises(MergeCoreError, match="unknown solver"):
+        merge_loras([a, a], solver="magic")
+    with pytest.raises(MergeCoreError, match="unknown dora policy"):
+        merge_loras([a, a], dora="maybe")
+
+
+def test_progress_after_every_module_and_cancel():
+    s = lora_set({n: random_lora(shape_of(n), 4, None, seed=i) for i, n in enumerate(NAMES)})
+    seen = []
+    merge_loras([s, s], progress=lambda done, total, name: seen.append((done, total, name)), device="cpu")
+    assert [d for d, _, _ in seen] == [1, 2, 3, 4] and {t for _, t, _ in seen} == {4}
+    assert sorted(n for _, _, n in seen) == sorted(NAMES)
+
+    def cancel(done, total, name):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        merge_loras([s, s], progress=cancel, device="cpu")
