@@ -9,7 +9,8 @@ Error columns come from the run's report: per module ‖T − written‖/‖T‖
 
     python bench/fuse_bench.py [--quick] [--device cpu|cuda|auto] [--threads N] [--verify] [--keep DIR]
 
-Table 1, all 986 modules, smart_fusion (the default): LoKr pair as lokr, lora, auto; LoHa pair as lora (LoHa
+Table 1, all 986 modules, smart_fusion (the default): LoKr pair as lokr, lora, auto; a LoKr pair whose w1 are
+equal up to scale (w2 full: the nearest Kronecker product is exact) as lokr and auto; LoHa pair as lora (LoHa
 has no Kronecker form, so its lokr/auto runs fall back to lora per module: the same work, shown in table 2).
 Table 2, every --stride-th module (50 of 986 by default, same factor sizes), so the 40 runs fit in minutes and
 the dense `full` form fits in memory (all 986 modules as full diffs are 2.9 G entries: 5.9 GB in fp16, twice
@@ -39,16 +40,26 @@ from merge_core.fuse import OUTPUT_FORMATS, STRATEGIES  # noqa: E402
 from merge_core.keys.sdxl_table import sdxl_modules  # noqa: E402
 
 FACTOR, RANK, ALPHA = 8, 16, 8.0
+# Linux carries a process's RSS high-water mark across fork/exec, so a child of this (large) process would
+# report at least our RSS: each run is forked from this small launcher instead, which prints the run's peak.
+LAUNCHER = ("import os, sys\npid = os.fork()\nif pid == 0:\n    os.execv(sys.executable, [sys.executable] + sys.argv[2:])\n"
+            "_, status, usage = os.wait4(pid, 0)\nopen(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+            "sys.exit(os.waitstatus_to_exitcode(status))")
 
 
 def module_specs(stride: int) -> list:
     return [s for s in sdxl_modules().values() if not s.locon][::stride]
 
 
-def lokr_file(path: Path, specs: list, rank: int, seed: int) -> Path:
-    gen, sd = torch.Generator().manual_seed(seed), {}
+def lokr_file(path: Path, specs: list, rank: int, seed: int, shared_w1: float = 0.0) -> Path:
+    """LoKr with w2 at `rank`; or, with shared_w1 ≠ 0, w1 = shared_w1 × a w1 common to all such files and w2 full."""
+    gen, common, sd = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(0), {}
     for s in specs:
         out, inn = s.shape
+        if shared_w1:
+            sd[f"{s.name}.lokr_w1"] = torch.randn(FACTOR, FACTOR, generator=common) * 0.5 * shared_w1
+            sd[f"{s.name}.lokr_w2"] = torch.randn(out // FACTOR, inn // FACTOR, generator=gen) * 0.01
+            continue
         sd[f"{s.name}.lokr_w1"] = torch.randn(FACTOR, FACTOR, generator=gen) * 0.5
         sd[f"{s.name}.lokr_w2_a"] = torch.randn(out // FACTOR, rank, generator=gen) * 0.05
         sd[f"{s.name}.lokr_w2_b"] = torch.randn(rank, inn // FACTOR, generator=gen) * 0.05
@@ -73,20 +84,20 @@ def run_fuse(inputs: list[Path], strategy: str, form: str, out_dir: Path, args) 
     """One CLI run in a child: [seconds, peak MiB, max err, median err, min energy, MiB written, kinds]."""
     tag = f"{inputs[0].stem}_{strategy}_{form}"
     out, report = out_dir / f"{tag}.safetensors", out_dir / f"{tag}.json"
-    cmd = [sys.executable, "-m", "merge_core", "fuse", *map(str, inputs), "--strategy", strategy,
+    peak = out_dir / f"{tag}.maxrss"
+    cmd = [sys.executable, "-c", LAUNCHER, str(peak), "-m", "merge_core", "fuse", *map(str, inputs), "--strategy", strategy,
            "--output-format", form, "--device", args.device, "--report", str(report), "-o", str(out), "--overwrite"]
     if args.verify:
         cmd.append("--verify")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads)) if args.threads else None
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[4:])} failed: {proc.stderr.decode()[-2000:]}")
     rep = json.loads(report.read_text())
     errs = [m["rel_error"] for m in rep["modules"]]
-    row = [f"{seconds:.1f}", f"{usage.ru_maxrss / 1024:.0f}", f"{max(errs):.2e}", f"{statistics.median(errs):.2e}",
+    row = [f"{seconds:.1f}", f"{int(peak.read_text()) / 1024:.0f}", f"{max(errs):.2e}", f"{statistics.median(errs):.2e}",
            f"{min(m['energy_kept'] for m in rep['modules']):.4f}", f"{out.stat().st_size / 2**20:.1f}",
            " ".join(f"{k}:{v}" for k, v in sorted(rep["kinds"].items()))]
     if args.verify:
@@ -127,6 +138,8 @@ def main() -> None:
     all_specs, sub_specs = module_specs(33 if args.quick else 1), module_specs(33 if args.quick else args.stride)
     start = time.perf_counter()
     full_pairs = make_pairs(work, all_specs, rank, "_all")
+    full_pairs["LoKr shared w1"] = [lokr_file(work / f"lokr_w1_{i}.safetensors", all_specs, rank, 30 + i, f)
+                                    for i, f in ((1, 1.0), (2, -0.5))]
     sub_pairs = make_pairs(work, sub_specs, rank, "_sub")
     size = {k: v[0].stat().st_size / 2**20 for k, v in full_pairs.items()}
     print(f"# fuse bench: SDXL LoKr (w1 {FACTOR}x{FACTOR}, w2 rank {rank}, {size['LoKr']:.1f} MiB/file) and LoHa "
@@ -135,6 +148,7 @@ def main() -> None:
           f"torch threads {args.threads or torch.get_num_threads()}, {os.cpu_count()} CPUs\n", flush=True)
     if not args.skip_full_table:
         plan = [("LoKr", "smart_fusion", f) for f in ("lokr", "lora", "auto")]
+        plan += [("LoKr shared w1", "smart_fusion", f) for f in ("lokr", "auto")]
         plan += [("LoHa", "smart_fusion", "lora")]
         run_table(f"table 1: all {len(all_specs)} modules, smart_fusion", full_pairs, plan, work, args)
     plan = [(kind, s, f) for kind in sub_pairs for s in STRATEGIES for f in OUTPUT_FORMATS]

@@ -16,7 +16,7 @@ SEED_TOOLTIP = "seed of the randomized SVD sketches: same seed, same file"
 def extraction_inputs() -> dict:
     """The CLI's rank modes: fixed --rank (default 32) or the energy rule, --conv-rank, --diff-only, --min-diff."""
     return {
-        **rank_inputs(0.99, 4, 128, rank=DEFAULT_RANK),
+        **rank_inputs(0.99, 4, 32, rank=DEFAULT_RANK),
         "conv_rank": ("INT", {"default": 0, "min": 0, "max": 4096,
                               "tooltip": "rank for 3×3 conv layers (LoCon): the fixed rank, or the max rank of the "
                                          "energy rule; 0 = as linear layers"}),
@@ -33,8 +33,8 @@ def extract(base, tuned, label: str, rank: int, energy: float, min_rank: int, ma
             diff_only: bool, min_diff: float, device: str, seed: int, text_encoders: bool = True) -> dict:
     rule = rank_rule(rank, energy, min_rank, max_rank)
     result = run_job(lambda progress: extract_lora(
-        base, tuned, rule, conv_rank or None, diff_only, min_diff, text_encoders, torch_device(device), seed,
-        progress))
+        base, tuned, rule=rule, conv_rank=conv_rank or None, diff_only=diff_only, min_diff=min_diff,
+        text_encoders=text_encoders, device=torch_device(device), seed=seed, progress=progress))
     return {"ui": {"text": [summary_line(result.report)]}, "result": (PackLora.from_result(result, label),)}
 
 

@@ -45,8 +45,9 @@ class FuseLycoris:
         inputs = connected_loras(slots)
         rule = rank_rule(rank, energy, min_rank, max_rank)
         result = run_job(lambda progress: fuse_models(
-            [lora.lora for _, lora, _ in inputs], [w for _, _, w in inputs], strategy, norm_threshold,
-            output_format, rule, torch_device(device), dora, progress))
+            [lora.lora for _, lora, _ in inputs], weights=[w for _, _, w in inputs], strategy=strategy,
+            norm_threshold=norm_threshold, output_format=output_format, rule=rule, device=torch_device(device),
+            dora=dora, progress=progress))
         pack = PackLora.from_result(result, f"fuse ({strategy}, {output_format})")
         return {"ui": {"text": [summary_line(result.report)]}, "result": (pack,)}
 

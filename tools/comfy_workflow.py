@@ -122,7 +122,7 @@ def api_to_ui(prompt: Mapping[str, dict], object_info: Mapping[str, Any],
                 out_links[(value[0], value[1])].append(link_id)
                 socket["link"] = link_id
             sockets.append(socket)
-        height = 46 + 24 * (len(values) + max(len(sockets), len(info["output"])))
+        height = 40 + 20 * max(len(sockets), len(info["output"])) + 24 * len(values)
         x = 40 + column[node_id] * (NODE_WIDTH + COLUMN_GAP)
         y = 40 + rows[column[node_id]]
         rows[column[node_id]] += height + ROW_GAP

@@ -17,6 +17,7 @@ from ..lora_file import dtype_of, load_lora
 from ..lowrank import SOLVERS, RankRule
 from ..merge import DORA_CHOICES, METHODS, REGISTRY, merge_loras, parse_block_weights
 from ..merge.methods import method_named, resolve_weights
+from ..merge.scheduler import torch_threads
 from ..result import MergeResult
 from .common import add_device, add_dtype, add_output, add_rank_rule, add_report, write_report
 
@@ -85,13 +86,15 @@ def block_weights_from(specs: Optional[Sequence[str]], n: int) -> Optional[list]
 
 
 def cast_for_saving(result: MergeResult, dtype: str) -> None:
-    """Cast the merged factors to the file dtype one module at a time, so writing needs no second full copy."""
+    """Cast the merged factors to the file dtype one module at a time, so writing needs no second full copy
+    (one torch thread: these small memory-bound copies only stall on thread barriers when the cores are busy)."""
     dt = dtype_of(dtype)
     if result.profile == "peft":
         return  # the PEFT writer folds α/r into B from the fp32 factors
-    for m in result.modules.values():
-        if isinstance(m, LoRA):
-            m.up, m.down = m.up.to(dt), m.down.to(dt)
+    with torch_threads(1):
+        for m in result.modules.values():
+            if isinstance(m, LoRA):
+                m.up, m.down = m.up.to(dt), m.down.to(dt)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,9 +115,15 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise OutputExistsError(f"output exists, not overwriting (pass --overwrite to replace it): {out}")
     sets = [load_lora(p, profile=args.profile) for p in args.inputs]
+
+    def progress(done: int, total: int, name: str) -> None:
+        for s in sets:  # a merged module's inputs are not needed again: free them as the outputs grow
+            s.modules.pop(name, None)
+        log.info("%d/%d %s", done, total, name)
+
     result = merge_loras(sets, args.method, args.weights, rule, args.solver, args.seed, args.device, args.density,
-                         blocks, args.dora, progress=lambda done, total, name: log.info("%d/%d %s", done, total, name))
-    del sets  # the inputs are no longer needed: free them before writing
+                         blocks, args.dora, progress=progress)
+    del sets
     result.recipe["parameters"]["dtype"] = args.dtype
     cast_for_saving(result, args.dtype)
     path = result.save(out, dtype=args.dtype, overwrite=args.overwrite)

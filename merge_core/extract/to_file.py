@@ -3,6 +3,7 @@ reserved up front and filled in at the end), so even --diff-only, whose output i
 runs in the memory of one layer; .pt output goes through extract_lora + save (torch.save needs it all)."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Optional, Union
@@ -10,6 +11,7 @@ from typing import Optional, Union
 import torch
 
 from ..checkpoint.lora_names import BIAS
+from ..errors import OutputExistsError
 from ..files.atomic import atomic_write
 from ..files.metadata import lora_metadata
 from ..files.stream_writer import SafetensorsStream, header_bound
@@ -36,10 +38,7 @@ def bound_entries(plan: Plan, opts: ExtractOptions, dtype: torch.dtype) -> list[
                 continue
             out.append((t.name + ".diff", dtype, shape))
             if len(shape) >= 2 and not opts.diff_only:
-                n = 1
-                for d in shape[1:]:
-                    n *= d
-                k = min(shape[0], n, opts.rule_for(shape).sketch_rank)
+                k = min(shape[0], math.prod(shape[1:]), opts.rule_for(shape).sketch_rank)
                 out += [(t.name + KOHYA.up, dtype, (shape[0], k, *[1] * (len(shape) - 2))),
                         (t.name + KOHYA.down, dtype, (k, *shape[1:])),
                         (t.name + KOHYA.alpha, torch.float32, ())]
@@ -53,6 +52,8 @@ def extract_to_file(base: Source, tuned: Source, output: Union[str, os.PathLike]
                     tuned_kind: str = "auto") -> Report:
     """extract_lora(...).save(output), streamed for .safetensors; returns the report."""
     path = Path(output)
+    if path.exists() and not overwrite:  # before any work
+        raise OutputExistsError(f"output exists, not overwriting (pass --overwrite to replace it): {path}")
     args = dict(rule=rule, conv_rank=conv_rank, diff_only=diff_only, min_diff=min_diff, text_encoders=text_encoders,
                 seed=seed)
     if path.suffix.lower() in PICKLE_OUTPUTS:

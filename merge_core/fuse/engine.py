@@ -49,12 +49,11 @@ def check_inputs(sets: Sequence[LoraSet], dora: str) -> str:
     if dora == "error":
         for s in sets:
             s.require_no_dora("fused")
-    arches = {s.arch for s in sets}
-    if len(arches) > 1:
-        first, odd = sets[0], next(s for s in sets if s.arch != sets[0].arch)
-        raise ShapeMismatchError(f"inputs are for different models: {_label(first, 0)} is {first.arch}, "
-                                 f"{_label(odd, sets.index(odd))} is {odd.arch}")
-    return arches.pop()
+    odd = next((i for i, s in enumerate(sets) if s.arch != sets[0].arch), None)
+    if odd is not None:
+        raise ShapeMismatchError(f"inputs are for different models: {_label(sets[0], 0)} is {sets[0].arch}, "
+                                 f"{_label(sets[odd], odd)} is {sets[odd].arch}")
+    return sets[0].arch
 
 
 def module_names(sets: Sequence[LoraSet]) -> list[str]:

@@ -7,6 +7,7 @@ weights, DoRA, architectures, shapes, method-specific ones) run before the first
 from __future__ import annotations
 
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
@@ -14,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..adapters import parameter_count
-from ..device import resolve_device, with_cpu_fallback
+from ..device import resolve_device
 from ..errors import MergeCoreError
 from ..files.metadata import make_recipe, sha256_of
 from ..lora_file import LoraSet
@@ -24,6 +25,7 @@ from ..result import MergeResult
 from .methods import describe, method_named, resolve_options, resolve_weights
 from .options import MergeOptions
 from .outcome import Outcome, exact_sum_outcome
+from .scheduler import run_work
 from .targets import ModuleTarget, plan_targets
 
 DORA_CHOICES = ("error", "ignore")
@@ -58,9 +60,9 @@ def output_layout(sets: Sequence[LoraSet]) -> tuple[str, str, Optional[dict]]:
     return arch, sets[0].profile, None
 
 
-def _row(target: ModuleTarget, out: Outcome) -> ModuleReport:
+def _row(name: str, out: Outcome) -> ModuleReport:
     m = out.module
-    return ModuleReport(target.name, m.kind if m is not None else "none", out.rank,
+    return ModuleReport(name, m.kind if m is not None else "none", out.rank,
                         parameter_count(m) if m is not None else 0, out.quality.rel_error, out.quality.energy_kept,
                         out.note)
 
@@ -85,24 +87,35 @@ def merge_loras(sets: Sequence[LoraSet], method: str = "rsvd", weights: Sequence
         spec.check(targets, sets)
     dev = resolve_device(device)
     hashes = _hash_in_background(sets)
-    vectors = [[t] for t in targets if t.vector_only]
-    work = vectors + spec.batches([t for t in targets if not t.vector_only], opts)
+    names = [t.name for t in targets]
+    # the engine lets go of each input module once its outcome is recorded, so a caller that drops its own
+    # references as progress reports modules done (the CLI does) frees the inputs while the outputs grow
+    work = deque([[t] for t in targets if t.vector_only]
+                 + spec.batches([t for t in targets if not t.vector_only], opts))
+    del targets
+
+    def run(batch: list[ModuleTarget], d: torch.device) -> list[Outcome]:
+        with torch.no_grad():  # per thread
+            if batch[0].vector_only:
+                return [exact_sum_outcome(batch[0], d)]
+            return spec.run_many(batch, opts, d)
+
     outcomes: dict[str, Outcome] = {}
+
+    def record(batch: list[ModuleTarget], outs: list[Outcome]) -> None:
+        for target, out in zip(batch, outs):
+            outcomes[target.name] = out
+            if progress is not None:
+                progress(len(outcomes), len(names), target.name)
+
     start = time.perf_counter()
-    with torch.no_grad():
-        for batch in work:
-            run = (lambda d: [exact_sum_outcome(batch[0], d)]) if batch[0].vector_only else (
-                lambda d: spec.run_many(batch, opts, d))
-            for target, out in zip(batch, with_cpu_fallback(run, dev)):
-                outcomes[target.name] = out
-                if progress is not None:
-                    progress(len(outcomes), len(targets), target.name)
+    run_work(work, run, record, dev)
     report, modules = Report("merge"), {}
-    for target in targets:  # report and file in the inputs' module order
-        out = outcomes[target.name]
-        report.add(_row(target, out))
+    for name in names:  # report and file in the inputs' module order
+        out = outcomes[name]
+        report.add(_row(name, out))
         if out.module is not None:
-            modules[target.name] = out.module
+            modules[name] = out.module
     report.seconds = time.perf_counter() - start
     parameters = {"method": spec.name, "weights": w, **describe(spec, opts),
                   "block_weights": [list(b) if b is not None else None for b in block_weights] if block_weights

@@ -8,15 +8,16 @@ up = U X with X = D F⁺ A_k Σ_k^½;  down = Y V with Y = (XᵀG_U X)⁻¹ Xᵀ
 for that up.  Quality is exact from the same Grams:
 ‖T‖² = Σ G_U⊙G_V,  ⟨T, UXYV⟩ = Σ (G_U X)⊙(G_V Yᵀ),  ‖UXYV‖² = Σ (XᵀG_U X)⊙(Y G_V Yᵀ).
 
-Cost: two GEMM-speed Gram products O((out+N)R²), two O((out+N)Rk) products for the factors and R×R
-problems in fp64 — several times cheaper than Householder QR of both factors (the QR-core path) and than a
-sketch with power iterations once R ≤ 2(k+p).  The Grams are fp32 products, so singular values below
-~1e-3·σ₁ carry their round-off; the kept ones and the reported quality are unaffected at usual energies.
+Cost: Gram blocks O((out+N)R²) and the factor products O((out+N)Rk), all GEMMs on the inputs' own blocks
+(no stacked copy), and R×R work batched over the modules (roots and solves in fp64, the eigenproblem of M in
+fp32) — several times cheaper than Householder QR of both factors (the QR-core path) and than a sketch with
+power iterations once R ≤ 2(k+p).  The Grams are fp32 products, so singular values below ~1e-3·σ₁ carry
+their round-off; the kept ones and the reported quality are unaffected at usual energies.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -75,47 +76,75 @@ def _roots(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return F, F_pinv
 
 
-def gram_low_rank_batch(U: torch.Tensor, V: torch.Tensor, rule: RankRule,
-                        col_scale: Optional[torch.Tensor] = None) -> list[LowRank]:
-    """Best rank-k factors of each T_b = U_b diag(c_b) V_b (U: batch × out × R, V: batch × R × N, c: batch × R,
-    default 1), k from `rule`.  The column scales are folded into the small matrices, never into U."""
-    shape = (U.shape[1], V.shape[2])
-    gu, gv = (U.mT @ U).to(F64), (V @ V.mT).to(F64)
-    if col_scale is not None:
-        c = col_scale.to(F64)
-        gu = gu * (c[:, :, None] * c[:, None, :])
+def _grams(blocks: Sequence[torch.Tensor], transpose: bool, R: int, device: torch.device) -> torch.Tensor:
+    """R×R Gram of the side-by-side blocks (UᵀU for up factors, V Vᵀ for down factors), one GEMM per pair."""
+    g = torch.empty(R, R, device=device)
+    offsets = [0]
+    for b in blocks:
+        offsets.append(offsets[-1] + (b.shape[0] if transpose else b.shape[1]))
+    for i, a in enumerate(blocks):
+        for j in range(i, len(blocks)):
+            b = blocks[j]
+            gij = a @ b.T if transpose else a.T @ b
+            g[offsets[i]:offsets[i + 1], offsets[j]:offsets[j + 1]] = gij
+            if j != i:
+                g[offsets[j]:offsets[j + 1], offsets[i]:offsets[i + 1]] = gij.T
+    return g
+
+
+def _apply(blocks: Sequence[torch.Tensor], coeffs: torch.Tensor, left: bool) -> torch.Tensor:
+    """[U₁ … Uₙ] @ X (left) or Y @ [V₁; …; Vₙ] as a sum of block products (no stacked copy)."""
+    out, at = None, 0
+    for b in blocks:
+        r = b.shape[1] if left else b.shape[0]
+        part = b @ coeffs[at:at + r] if left else coeffs[:, at:at + r] @ b
+        out = part if out is None else out.add_(part)
+        at += r
+    return out
+
+
+def gram_low_rank_batch(ups: Sequence[Sequence[torch.Tensor]], downs: Sequence[Sequence[torch.Tensor]],
+                        col_scale: torch.Tensor, rule: RankRule) -> list[LowRank]:
+    """Best rank-k factors of each T_b = [U_b1 … U_bn] diag(c_b) [V_b1; …; V_bn] (one shape for the batch;
+    U/V blocks fp32 on one device, c: batch × R), k from `rule`.  c is folded into the small matrices."""
+    first_u, first_v = ups[0][0], downs[0][0]
+    shape, R, device = (first_u.shape[0], first_v.shape[1]), col_scale.shape[1], first_u.device
+    gu = torch.stack([_grams(us, False, R, device) for us in ups]).to(F64)
+    gv = torch.stack([_grams(vs, True, R, device) for vs in downs]).to(F64)
+    c = col_scale.to(device=device, dtype=F64)
+    gu = gu * (c[:, :, None] * c[:, None, :])
     totals = (gu * gv).sum((-2, -1))
     d = _balance(gu, gv)
     dd = d[:, :, None] * d[:, None, :]
     F, F_pinv = _roots(gu * dd)
     M = F @ (gv / dd) @ F.mT
-    lam, A = torch.linalg.eigh((M + M.mT) / 2)
-    S, A = lam.flip(-1).clamp_min(0.0).sqrt(), A.flip(-1)
+    lam, A = torch.linalg.eigh(((M + M.mT) / 2).float())  # fp32: as accurate as the fp32 Grams behind M
+    S, A = lam.to(F64).flip(-1).clamp_min(0.0).sqrt(), A.to(F64).flip(-1)
     totals_np = totals.cpu().numpy()
     ks = choose_ranks(S.cpu().numpy(), totals_np, rule, shape)
-    kmax = int(ks.max()) if len(ks) else 0
-    kept = torch.arange(kmax, device=U.device)[None, :] < torch.as_tensor(ks, device=U.device)[:, None]
+    kmax = int(ks.max())
+    kept = torch.arange(kmax, device=device)[None, :] < torch.as_tensor(ks, device=device)[:, None]
     X = d[:, :, None] * (F_pinv @ (A[:, :, :kmax] * (S[:, :kmax].sqrt() * kept)[:, None, :]))
     gx = gu @ X
-    gram_x = X.mT @ gx + torch.diag_embed((~kept).to(F64))  # identity on unused columns keeps it invertible
-    Y = torch.linalg.solve(gram_x, gx.mT)
-    inner = (gx * (gv @ Y.mT)).sum((-2, -1)).tolist()
-    approx2 = ((X.mT @ gx) * (Y @ gv @ Y.mT)).sum((-2, -1)).tolist()
-    if col_scale is not None:
-        X = c[:, :, None] * X  # up = U diag(c) X
-    X, Y = X.to(U.dtype), Y.to(V.dtype)
+    xgx = X.mT @ gx
+    Y = torch.linalg.solve(xgx + torch.diag_embed((~kept).to(F64)), gx.mT)  # identity on unused columns
+    gvy = gv @ Y.mT
+    inner = (gx * gvy).sum((-2, -1)).tolist()
+    approx2 = (xgx * (Y @ gvy)).sum((-2, -1)).tolist()
+    X, Y = (c[:, :, None] * X).float(), Y.float()  # up = [U] diag(c) X
     out = []
     for b, k in enumerate(ks.tolist()):
         total = float(totals_np[b])
         if k == 0:
-            out.append(LowRank(None, None, 0, Quality(0.0, 1.0) if total <= 0 else Quality(1.0, 0.0),
-                               S[b].to(U.dtype)))
+            out.append(LowRank(None, None, 0, Quality(0.0, 1.0) if total <= 0 else Quality(1.0, 0.0), S[b].float()))
             continue
         rel = math.sqrt(max(0.0, total - 2.0 * inner[b] + approx2[b]) / total)
-        out.append(LowRank(U[b] @ X[b, :, :k], Y[b, :k] @ V[b], k, Quality(rel, 1.0 - rel * rel), S[b].to(U.dtype)))
+        up, down = _apply(ups[b], X[b, :, :k], True), _apply(downs[b], Y[b, :k], False)
+        out.append(LowRank(up, down, k, Quality(rel, 1.0 - rel * rel), S[b].float()))
     return out
 
 
 def gram_low_rank(op: Factored, rule: RankRule) -> LowRank:
     """The Gram core for one factored operator."""
-    return gram_low_rank_batch(op.U[None], op.V[None], rule)[0]
+    ones = torch.ones(1, op.inner_rank, dtype=F64, device=op.device)
+    return gram_low_rank_batch([[op.U]], [[op.V]], ones, rule)[0]

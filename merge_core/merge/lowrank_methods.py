@@ -17,7 +17,6 @@ import torch
 
 from ..adapters import LoRA
 from ..adapters.base import tucker_right
-
 from ..lowrank import Dense, Factored, LowRank, Operator, Quality, RankRule, choose_rank, low_rank, svd_of
 from ..lowrank.exact_svd import factored_svd
 from ..lowrank.rsvd import DEFAULT_OVERSAMPLE
@@ -83,7 +82,7 @@ def merge_lowrank(target: ModuleTarget, opts: MergeOptions, device: torch.device
 
 # ---------------------------------------------------------------- batches for the Gram core
 
-BATCH_BYTES = 32 << 20  # stacked fp32 factors per batch: a fraction of the largest SDXL module's dense ΔW
+BATCH_BYTES = 32 << 20  # fp32 factors per batch: a fraction of the largest SDXL module's dense ΔW
 
 
 def _stacked_rank(target: ModuleTarget) -> Optional[int]:
@@ -112,28 +111,22 @@ def plan_batches(targets: Sequence[ModuleTarget], opts: MergeOptions) -> list[li
     return singles + batches
 
 
-def _fill(target: ModuleTarget, U: torch.Tensor, V: torch.Tensor, scale: torch.Tensor) -> None:
-    """Write [up₁ … upₙ] into U (out×R), [down₁; …; downₙ] into V (R×N) and each column's cᵢsᵢ into scale."""
-    at = 0
+def _factors(target: ModuleTarget, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
+    """Each input's fp32 up (out×r), down (r×N) and the scale cᵢ·αᵢ/rᵢ of its columns."""
+    ups, downs, scales = [], [], []
     for t in target.weighted:
         m: LoRA = t.module
-        r = m.rank
         down = m.down if m.mid is None else tucker_right(m.mid.float(), m.down.float())
-        U[:, at:at + r].copy_(m.up.flatten(1))
-        V[at:at + r].copy_(down.flatten(1))
-        scale[at:at + r] = t.coeff * m.scale
-        at += r
+        ups.append(m.up.flatten(1).to(device=device, dtype=torch.float32))
+        downs.append(down.flatten(1).to(device=device, dtype=torch.float32))
+        scales += [t.coeff * m.scale] * m.rank
+    return ups, downs, scales
 
 
 def merge_lowrank_batch(batch: Sequence[ModuleTarget], opts: MergeOptions, device: torch.device) -> list[Outcome]:
     """One batch from plan_batches: several same-shape modules through the Gram core at once."""
     if len(batch) == 1:
         return [merge_lowrank(batch[0], opts, device)]
-    (out, n), R = batch[0].matrix_shape, _stacked_rank(batch[0])
-    U = torch.empty(len(batch), out, R, device=device)
-    V = torch.empty(len(batch), R, n, device=device)
-    scale = torch.empty(len(batch), R, dtype=torch.float64)
-    for i, t in enumerate(batch):
-        _fill(t, U[i], V[i], scale[i])
-    results = gram_low_rank_batch(U, V, opts.rule, scale.to(device))
+    ups, downs, scales = zip(*(_factors(t, device) for t in batch))
+    results = gram_low_rank_batch(ups, downs, torch.tensor(scales, dtype=torch.float64), opts.rule)
     return [lora_outcome(t, lr.up, lr.down, lr.quality, device, t.note) for t, lr in zip(batch, results)]

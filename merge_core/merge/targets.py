@@ -8,6 +8,7 @@ inputs fails at once, naming a module.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional, Sequence
 
 import torch
@@ -46,11 +47,11 @@ class ModuleTarget:
             n *= d
         return self.weight_shape[0], n
 
-    @property
+    @cached_property
     def weighted(self) -> tuple[Term, ...]:
         return tuple(t for t in self.terms if t.has_weight)
 
-    @property
+    @cached_property
     def vector_only(self) -> bool:
         """Nothing to factor: only bias deltas, or 1-D diffs (norm weights)."""
         return not self.weighted or len(self.weight_shape) < 2

@@ -158,6 +158,9 @@ def test_user_errors_are_one_line():
     bad = LoraSet({"mod": LoRA(rnd(OUT, 2, seed=0), rnd(2, IN + 1, seed=1))}, Naming("kohya", "other", {}))
     with pytest.raises(MergeCoreError, match="module 'mod' is 24x20 in input 1 but 24x21 in input 2"):
         fuse_models([as_set(lora(1)), bad])
+    sd15 = LoraSet({"mod": lora(2)}, Naming("kohya", "sd15", {}))
+    with pytest.raises(MergeCoreError, match="different models: input 1 is other, input 2 is sd15"):
+        fuse_models([as_set(lora(1)), sd15])
 
 
 def test_progress_is_called_per_module_and_can_cancel():

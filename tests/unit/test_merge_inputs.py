@@ -183,3 +183,29 @@ def test_progress_after_every_module_and_cancel():
 
     with pytest.raises(KeyboardInterrupt):
         merge_loras([s, s], progress=cancel, device="cpu")
+
+
+def test_worker_threads_give_the_same_result_and_can_be_cancelled():
+    """With torch at 2 threads on the CPU, batches run on two worker threads: identical output, progress in
+    this thread, a raising progress stops the merge, and torch's thread count is restored."""
+    sets = [lora_set({n: random_lora(shape_of(n), 4, None, seed=9 * j + i) for i, n in enumerate(NAMES + [CONV])})
+            for j in range(2)]
+    serial = merge_loras(sets, "rsvd", device="cpu")
+    torch.set_num_threads(2)
+    try:
+        threaded = merge_loras(sets, "rsvd", device="cpu")
+        assert torch.get_num_threads() == 2
+        seen = []
+
+        def cancel(done, total, name):
+            seen.append(done)
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            merge_loras(sets, "ties", device="cpu", progress=cancel)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    for n in NAMES + [CONV]:
+        assert torch.equal(serial.modules[n].up, threaded.modules[n].up)
+        assert torch.equal(serial.modules[n].down, threaded.modules[n].down)

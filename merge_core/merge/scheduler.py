@@ -1,0 +1,57 @@
+"""Running a merge's batches: in order (CUDA, or one CPU thread), or on worker threads (CPU).
+
+On the CPU with torch set to n > 1 threads, n worker threads each run whole batches with one torch thread:
+independent modules side by side scale better than splitting every small op across threads (no OpenMP
+barrier per op, which stalls badly when the cores are shared), and each batch stays deterministic.
+"""
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
+from typing import Callable, Iterator, TypeVar
+
+import torch
+
+from ..device import with_cpu_fallback
+
+B = TypeVar("B")
+R = TypeVar("R")
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch.set_num_threads(n) for the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_work(work: deque[B], run: Callable[[B, torch.device], R], record: Callable[[B, R], None],
+             device: torch.device) -> None:
+    """run(batch, device) for every batch, record(batch, result) in the calling thread as each finishes (it
+    may raise to cancel: batches not started are dropped).  `work` is consumed: no batch is referenced here
+    after it is recorded.  CUDA: in order, each with a CPU fallback on out-of-memory.  torch's thread
+    count is restored afterwards."""
+    workers = torch.get_num_threads() if device.type == "cpu" else 1
+    if workers <= 1 or len(work) <= 1:
+        while work:
+            batch = work.popleft()
+            record(batch, with_cpu_fallback(lambda d: run(batch, d), device))
+        return
+    with torch_threads(1):
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge",
+                                  initializer=lambda: torch.set_num_threads(1))
+        try:
+            futures = {}
+            while work:
+                batch = work.popleft()
+                futures[pool.submit(run, batch, device)] = batch
+            del batch
+            for future in as_completed(list(futures)):
+                record(futures.pop(future), future.result())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
