@@ -10,7 +10,9 @@ rank): rSVD = merge_core's path (rank 32, oversampling 8, 2 power iterations, ex
 extractor's torch.linalg.svd(full_matrices=False) then truncation.  Errors are ‖ΔW − LoRA‖_F / ‖ΔW‖_F.
 Part 2 extrapolates both to the 986 kohya LoRA-table modules (shape counts from merge_core's SDXL table).
 Part 3 writes base and tuned checkpoints in the original SDXL layout with merge_core's streaming writer, runs
-`extract` (and `bake` of the result) in a subprocess and reports its peak RSS (ru_maxrss), then deletes them.
+`extract` (and `bake` of the result) in a subprocess and reports its peak RSS (ru_maxrss, cross-checked with
+/proc VmHWM), then deletes them.  It runs before parts 1-2 (printed last) so that the parent's own peak does
+not leak into the children's ru_maxrss.
 """
 from __future__ import annotations
 
@@ -152,7 +154,8 @@ else:
     from merge_core.bake import bake_lora
     rep = bake_lora({a!r}, {b!r}, {out!r}, device={device!r})
     extra = {{"patched": rep["patched_keys"], "skipped": len(rep["skipped"])}}
-print(json.dumps({{"seconds": time.perf_counter() - t, "import_rss_mb": rss0 / 1024,
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({{"seconds": time.perf_counter() - t, "import_rss_mb": rss0 / 1024, "vm_hwm_mb": hwm / 1024,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **extra}}))
 """
 
@@ -165,36 +168,40 @@ def child(op: str, a: Path, b: Path, out: Path, rank: int, device: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def streaming(tmp: Path, unet_only: bool, limit: int | None, rank: int, device: str) -> None:
+def streaming(tmp: Path, unet_only: bool, limit: int | None, rank: int, device: str) -> list[str]:
+    """Part 3, run first (see main) and returned as lines: generation, extract and bake each in a subprocess."""
     shapes = sdxl_checkpoint_shapes(True, not unet_only)
     keys = list(shapes)[:limit] if limit else list(shapes)
     size = sum(torch.Size(shapes[k][0]).numel() * torch.empty((), dtype=shapes[k][1]).element_size() for k in keys)
     need = 3 * size + (1 << 30)
     free = shutil.disk_usage(tmp).free
     what = "UNet" if unet_only else "UNet + CLIP-L + OpenCLIP-G"
-    print(f"\n3) streaming run over a synthetic SDXL pair ({what}, {len(keys)} tensors, "
-          f"{size / 2**30:.2f} GiB fp16 per file)")
+    lines = [f"\n3) streaming run over a synthetic SDXL pair ({what}, {len(keys)} tensors, "
+             f"{size / 2**30:.2f} GiB fp16 per file)"]
     if free < need:
-        print(f"   skipped: needs {need / 2**30:.1f} GiB free in {tmp}, {free / 2**30:.1f} GiB free")
-        return
+        return lines + [f"   skipped: needs {need / 2**30:.1f} GiB free in {tmp}, {free / 2**30:.1f} GiB free"]
     work = Path(tempfile.mkdtemp(prefix="extract_bench_", dir=tmp))
     try:
         t = time.perf_counter()
-        synthetic_checkpoint(work / "base.safetensors", work / "tuned.safetensors", unet_only, limit)
-        print(f"   wrote base + tuned in {time.perf_counter() - t:.0f} s ({work})")
+        gen = [sys.executable, __file__, "--generate", str(work)] + (["--unet-only"] if unet_only else []) + \
+            (["--limit", str(limit)] if limit else [])
+        subprocess.run(gen, check=True)
+        lines.append(f"   wrote base + tuned in {time.perf_counter() - t:.0f} s (in a subprocess; {work})")
         ex = child("extract", work / "base.safetensors", work / "tuned.safetensors", work / "lora.safetensors",
                    rank, device)
         lora_mb = (work / "lora.safetensors").stat().st_size / 2**20
-        print(f"   extract rank {rank}: {ex['seconds']:.0f} s, peak RSS {ex['peak_rss_mb']:.0f} MiB "
-              f"(python + torch alone: {ex['import_rss_mb']:.0f} MiB), {ex['modules']} entries, "
-              f"LoRA {lora_mb:.0f} MiB, max rel error {ex['max_rel_error']:.3g}, not extracted {ex['skipped']}")
+        lines.append(f"   extract rank {rank}: {ex['seconds']:.0f} s, peak RSS {ex['peak_rss_mb']:.0f} MiB "
+                     f"(ru_maxrss; VmHWM {ex['vm_hwm_mb']:.0f} MiB; after importing torch: "
+                     f"{ex['import_rss_mb']:.0f} MiB), {ex['modules']} entries, LoRA {lora_mb:.0f} MiB, "
+                     f"max rel error {ex['max_rel_error']:.3g}, not extracted {ex['skipped']}")
         bk = child("bake", work / "base.safetensors", work / "lora.safetensors", work / "baked.safetensors", rank,
                    device)
-        print(f"   bake of that LoRA: {bk['seconds']:.0f} s, peak RSS {bk['peak_rss_mb']:.0f} MiB, "
-              f"{bk['patched']} tensors patched, {bk['skipped']} modules skipped")
+        lines.append(f"   bake of that LoRA: {bk['seconds']:.0f} s, peak RSS {bk['peak_rss_mb']:.0f} MiB "
+                     f"(VmHWM {bk['vm_hwm_mb']:.0f} MiB), {bk['patched']} tensors patched, "
+                     f"{bk['skipped']} modules skipped")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print("   temp files deleted")
+    return lines + ["   temp files deleted"]
 
 
 def main() -> None:
@@ -204,12 +211,22 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tmp", default=tempfile.gettempdir(), help="where the synthetic checkpoints go")
+    ap.add_argument("--generate", metavar="DIR", help=argparse.SUPPRESS)  # internal: part 3's writer subprocess
+    ap.add_argument("--limit", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.generate:
+        synthetic_checkpoint(Path(args.generate) / "base.safetensors", Path(args.generate) / "tuned.safetensors",
+                             args.unet_only, args.limit)
+        return
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}")
+    # Part 3 runs first: Linux keeps a process's ru_maxrss across fork+exec, so its subprocesses must start
+    # from a parent that has not yet held the big matrices of part 1.
+    part3 = streaming(Path(args.tmp), args.unet_only or args.quick, 200 if args.quick else None, args.rank,
+                      args.device)
     rows = per_shape(QUICK_SHAPES if args.quick else SHAPES + TE_SHAPES, args.rank, device, 1 if args.quick else 2)
     extrapolate(rows)
-    streaming(Path(args.tmp), args.unet_only or args.quick, 200 if args.quick else None, args.rank, args.device)
+    print("\n".join(part3))
 
 
 if __name__ == "__main__":
