@@ -22,6 +22,7 @@ from ..lora_file import LoraSet
 from ..lowrank import RankRule
 from ..report import ModuleReport, Progress, Report
 from ..result import MergeResult
+from .heap import HeapTrimmer
 from .methods import describe, method_named, resolve_options, resolve_weights
 from .options import MergeOptions
 from .outcome import Outcome, exact_sum_outcome
@@ -101,8 +102,10 @@ def merge_loras(sets: Sequence[LoraSet], method: str = "rsvd", weights: Sequence
             return spec.run_many(batch, opts, d)
 
     outcomes: dict[str, Outcome] = {}
+    trim = HeapTrimmer()
 
     def record(batch: list[ModuleTarget], outs: list[Outcome]) -> None:
+        trim()
         for target, out in zip(batch, outs):
             outcomes[target.name] = out
             if progress is not None:

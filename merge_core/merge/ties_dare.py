@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from ..errors import MergeCoreError
@@ -48,12 +47,11 @@ def kth_largest_abs(tau: torch.Tensor, k: int) -> float:
     return float(mags.kthvalue(n - k + 1).values)
 
 
-def trim(tau: torch.Tensor, threshold: float) -> torch.Tensor:
-    """τ with every entry of magnitude below the threshold set to 0 (hardshrink just under it keeps |τ| ≥ it)."""
+def kept(tau: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Mask of the entries with |τ| ≥ threshold, from comparisons only (no float temporary)."""
     if threshold <= 0.0:
-        return tau
-    below = float(np.nextafter(np.float32(threshold), np.float32(0.0)))
-    return torch.nn.functional.hardshrink(tau, below)
+        return tau.ne(0)
+    return tau.ge(threshold) | tau.le(-threshold)
 
 
 def ties(terms: Sequence[Term], density: float, device: torch.device) -> torch.Tensor:
@@ -63,15 +61,16 @@ def ties(terms: Sequence[Term], density: float, device: torch.device) -> torch.T
     for t in terms:  # pass 1: thresholds and the total trimmed mass
         tau = delta(t, device)
         thresholds.append(kth_largest_abs(tau, keep) if keep < n else 0.0)
-        tau = trim(tau, thresholds[-1])
+        tau.mul_(kept(tau, thresholds[-1]))
         mass = tau if mass is None else mass.add_(tau)
     up, down = mass.gt(0), mass.lt(0)  # the elected sign, as two masks
     del mass, tau
     total = torch.zeros(terms[0].module.matrix_shape, device=device)
     count = torch.zeros(total.shape, dtype=torch.uint8 if len(terms) < 256 else torch.int32, device=device)
-    for t, threshold in zip(terms, thresholds):  # pass 2: disjoint mean of the entries that agree with it
-        tau = trim(delta(t, device), threshold)
-        agree = (tau.gt(0) & up) | (tau.lt(0) & down)
+    for t, threshold in zip(terms, thresholds):  # pass 2: disjoint mean of the kept entries that agree with it
+        tau = delta(t, device)
+        agree = kept(tau, threshold)
+        agree &= (tau.gt(0) & up) | (tau.lt(0) & down)
         total.add_(tau.mul_(agree))
         count.add_(agree)
     return total.div_(count.clamp_(min=1))
