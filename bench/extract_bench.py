@@ -3,7 +3,8 @@ memory of a streaming extract (and bake) over a synthetic full-size SDXL checkpo
 
     python bench/extract_bench.py            # full run (several minutes; writes ~13 GB of temp files)
     python bench/extract_bench.py --quick    # small smoke run
-    options: --unet-only (synthetic pair without text encoders), --tmp DIR, --device cpu|cuda, --rank N
+    options: --unet-only (synthetic pair without text encoders), --no-streaming (parts 1-2 only), --tmp DIR,
+             --device cpu|cuda, --rank N
 
 Part 1 times one module's extraction both ways on a fine-tune-like ΔW (power-law spectrum σᵢ ∝ (i+1)^-0.8, full
 rank): rSVD = merge_core's path (rank 32, oversampling 8, 2 power iterations, exact ‖ΔW‖²), full = the original
@@ -81,7 +82,7 @@ def per_shape(shapes, rank: int, device: torch.device, repeat: int) -> dict:
             U, S, Vh = torch.linalg.svd(D, full_matrices=False)
             return U[:, :rank] * S[:rank], Vh[:rank]
 
-        t_f, (up, down) = best_of(full, 1, device)
+        t_f, (up, down) = best_of(full, repeat, device)
         err_f = float((D - up @ down).norm() / D.norm())
         label = "x".join(map(str, shape))
         rows[tuple(shape)] = {"rsvd_s": t_r, "full_s": t_f, "rsvd_err": err_r, "full_err": err_f}
@@ -211,6 +212,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tmp", default=tempfile.gettempdir(), help="where the synthetic checkpoints go")
+    ap.add_argument("--no-streaming", action="store_true", help="parts 1-2 only (no synthetic checkpoints)")
     ap.add_argument("--generate", metavar="DIR", help=argparse.SUPPRESS)  # internal: part 3's writer subprocess
     ap.add_argument("--limit", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -222,9 +224,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}")
     # Part 3 runs first: Linux keeps a process's ru_maxrss across fork+exec, so its subprocesses must start
     # from a parent that has not yet held the big matrices of part 1.
-    part3 = streaming(Path(args.tmp), args.unet_only or args.quick, 200 if args.quick else None, args.rank,
-                      args.device)
-    rows = per_shape(QUICK_SHAPES if args.quick else SHAPES + TE_SHAPES, args.rank, device, 1 if args.quick else 2)
+    part3 = [] if args.no_streaming else streaming(Path(args.tmp), args.unet_only or args.quick,
+                                                   200 if args.quick else None, args.rank, args.device)
+    rows = per_shape(QUICK_SHAPES if args.quick else SHAPES + TE_SHAPES, args.rank, device, 1 if args.quick else 3)
     extrapolate(rows)
     print("\n".join(part3))
 

@@ -68,7 +68,8 @@ def child_peak_mb(code: str) -> float:
 
     ru_maxrss of a child would be no good here: Linux carries the parent's high-water mark across fork+exec."""
     probe = ("\nwith open('/proc/self/status') as _f:\n"
-             "    print('VmHWM', [l.split()[1] for l in _f if l.startswith('VmHWM')][0], file=__import__('sys').stderr)")
+             "    _hwm = [line.split()[1] for line in _f if line.startswith('VmHWM')][0]\n"
+             "print('VmHWM', _hwm, file=sys.stderr)")
     script = f"import sys; sys.path.insert(0, {str(ROOT)!r})\n{code}{probe}"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     if done.returncode != 0:

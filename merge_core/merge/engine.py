@@ -102,7 +102,7 @@ def merge_loras(sets: Sequence[LoraSet], method: str = "rsvd", weights: Sequence
             return spec.run_many(batch, opts, d)
 
     outcomes: dict[str, Outcome] = {}
-    trim = HeapTrimmer()
+    trim = HeapTrimmer(step=(8 if spec.dense else 64) << 20)  # dense methods churn whole modules
 
     def record(batch: list[ModuleTarget], outs: list[Outcome]) -> None:
         trim()
@@ -112,7 +112,7 @@ def merge_loras(sets: Sequence[LoraSet], method: str = "rsvd", weights: Sequence
                 progress(len(outcomes), len(names), target.name)
 
     start = time.perf_counter()
-    run_work(work, run, record, dev)
+    run_work(work, run, record, dev, parallel=not spec.dense)
     report, modules = Report("merge"), {}
     for name in names:  # report and file in the inputs' module order
         out = outcomes[name]

@@ -32,6 +32,7 @@ class Method:
     solver: Optional[str] = None  # default solver; None: no SVD, rank rule and solver do not apply
     input_rank: bool = False  # default rank: the largest input rank, fixed (else the dynamic rule)
     uses_density: bool = False
+    dense: bool = False  # works on dense ΔW: modules one at a time (each op threaded), to bound the memory
     check: Optional[Check] = None  # run over all modules before any work
     plan: Optional[Planner] = None  # groups modules computed together (default: one at a time)
     run_batch: Optional[BatchMerge] = None
@@ -56,9 +57,9 @@ _ALL = (
     Method("geometric_mean", merge_geometric_mean, "elementwise signed geometric mean of the factors "
            "(equal ranks; not gauge invariant)", check=check_factor_shapes),
     Method("ties", merge_ties, "TIES (trim, elect sign, disjoint mean) on each dense ΔW, re-factored",
-           solver="rsvd", uses_density=True),
+           solver="rsvd", uses_density=True, dense=True),
     Method("dare", merge_dare, "DARE (random drop + rescale, seeded) on each dense ΔW, re-factored",
-           solver="rsvd", uses_density=True),
+           solver="rsvd", uses_density=True, dense=True),
 )
 REGISTRY = {m.name: m for m in _ALL}
 METHODS = tuple(REGISTRY)

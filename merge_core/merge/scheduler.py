@@ -31,12 +31,12 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def run_work(work: deque[B], run: Callable[[B, torch.device], R], record: Callable[[B, R], None],
-             device: torch.device) -> None:
+             device: torch.device, parallel: bool = True) -> None:
     """run(batch, device) for every batch, record(batch, result) in the calling thread as each finishes (it
     may raise to cancel: batches not started are dropped).  `work` is consumed: no batch is referenced here
-    after it is recorded.  CUDA: in order, each with a CPU fallback on out-of-memory.  torch's thread
-    count is restored afterwards."""
-    workers = torch.get_num_threads() if device.type == "cpu" else 1
+    after it is recorded.  parallel=False, or CUDA: in order (CUDA: each with a CPU fallback on
+    out-of-memory).  torch's thread count is restored afterwards."""
+    workers = torch.get_num_threads() if device.type == "cpu" and parallel else 1
     if workers <= 1 or len(work) <= 1:
         while work:
             batch = work.popleft()

@@ -3,26 +3,29 @@ same solver and rank rule as rsvd (the result is full rank, so it is approximate
 
 ties (Yadav et al. 2023): trim each τᵢ to its top `density` share of entries by magnitude; elect the sign
 γ = sign(Σᵢ trimmed τᵢ) (total mass); disjoint mean: per entry, the mean of the trimmed τᵢ whose sign is γ.
-dare (Yu et al. 2023): drop each entry of each τᵢ with probability p = 1 − density (seeded per module and
-input), rescale the kept ones by 1/(1 − p), and sum.
-Inputs are streamed: each τᵢ is rebuilt from its factors when needed, so memory stays a few dense modules
-whatever the number of inputs.  The report's rel_error is against T = Σ cᵢΔWᵢ (how far the method moves
-from plain stacking); each module's note gives the re-factoring error against the method's own dense
-result ("fit").
+dare (Yu et al. 2023): drop each entry of each τᵢ with probability p = 1 − density, rescale the kept ones by
+1/(1 − p), and sum; the masks are seeded per module and input and drawn block of rows by block of rows.
+Both are elementwise once each input's trim threshold is known, so they run on blocks of rows rebuilt
+from the factors: besides the result, memory holds one dense τᵢ at a time (for its exact threshold) and
+small blocks, whatever the number of inputs.  The report's rel_error is against T = Σ cᵢΔWᵢ (how far the
+method moves from plain stacking); each module's note gives the re-factoring error against the method's
+own dense result ("fit").
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from ..errors import MergeCoreError
-from ..lowrank import Dense, Factored, measure
+from ..lowrank import Dense, Factored, Operator, measure
 from .lowrank_methods import approximate
 from .options import MergeOptions
 from .outcome import Outcome, combine_notes, lora_outcome
 from .targets import ModuleTarget, Term
+
+BLOCK = 1 << 20  # entries per block of rows
 
 
 def check_density(density: float) -> None:
@@ -30,15 +33,19 @@ def check_density(density: float) -> None:
         raise MergeCoreError(f"density must be in (0, 1], got {density}")
 
 
-def delta(term: Term, device: torch.device) -> torch.Tensor:
-    """τ = c·ΔW as a fresh dense fp32 matrix (safe to modify in place)."""
-    op = term.module.operator(device)
-    return (op.U * term.coeff) @ op.V if isinstance(op, Factored) else op.W * term.coeff
+def row_blocks(rows: int, cols: int) -> Iterator[slice]:
+    step = max(1, BLOCK // cols)
+    return (slice(i, min(i + step, rows)) for i in range(0, rows, step))
 
 
-def kth_largest_abs(tau: torch.Tensor, k: int) -> float:
-    """The k-th largest |τ| (exact selection; numpy's in-place partition on the CPU, which is faster)."""
-    mags = tau.abs().flatten()
+def delta_rows(op: Operator, coeff: float, rows: slice) -> torch.Tensor:
+    """Rows of τ = c·ΔW as a fresh fp32 block (safe to modify in place)."""
+    return (op.U[rows] * coeff) @ op.V if isinstance(op, Factored) else op.W[rows] * coeff
+
+
+def kth_largest_abs(op: Operator, coeff: float, k: int) -> float:
+    """The k-th largest |τ| (exact selection, in place on one dense τ: numpy's partition on the CPU)."""
+    mags = delta_rows(op, coeff, slice(None)).abs_().flatten()
     n = mags.numel()
     if mags.device.type == "cpu":
         arr = mags.numpy()
@@ -48,44 +55,49 @@ def kth_largest_abs(tau: torch.Tensor, k: int) -> float:
 
 
 def kept(tau: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Mask of the entries with |τ| ≥ threshold, from comparisons only (no float temporary)."""
+    """Mask of the entries with |τ| ≥ threshold (from comparisons only)."""
     if threshold <= 0.0:
         return tau.ne(0)
     return tau.ge(threshold) | tau.le(-threshold)
 
 
 def ties(terms: Sequence[Term], density: float, device: torch.device) -> torch.Tensor:
-    n = math.prod(terms[0].module.matrix_shape)
-    keep = min(n, max(1, math.ceil(density * n)))
-    thresholds, mass = [], None
-    for t in terms:  # pass 1: thresholds and the total trimmed mass
-        tau = delta(t, device)
-        thresholds.append(kth_largest_abs(tau, keep) if keep < n else 0.0)
-        tau.mul_(kept(tau, thresholds[-1]))
-        mass = tau if mass is None else mass.add_(tau)
-    up, down = mass.gt(0), mass.lt(0)  # the elected sign, as two masks
-    del mass, tau
-    total = torch.zeros(terms[0].module.matrix_shape, device=device)
-    count = torch.zeros(total.shape, dtype=torch.uint8 if len(terms) < 256 else torch.int32, device=device)
-    for t, threshold in zip(terms, thresholds):  # pass 2: disjoint mean of the kept entries that agree with it
-        tau = delta(t, device)
-        agree = kept(tau, threshold)
-        agree &= (tau.gt(0) & up) | (tau.lt(0) & down)
-        total.add_(tau.mul_(agree))
-        count.add_(agree)
-    return total.div_(count.clamp_(min=1))
+    ops = [t.module.operator(device) for t in terms]
+    rows, cols = ops[0].shape
+    keep = min(rows * cols, max(1, math.ceil(density * rows * cols)))
+    thresholds = [kth_largest_abs(op, t.coeff, keep) if keep < rows * cols else 0.0 for op, t in zip(ops, terms)]
+    out = torch.empty(rows, cols, device=device)
+    for block in row_blocks(rows, cols):
+        trimmed = []
+        for op, t, threshold in zip(ops, terms, thresholds):
+            tau = delta_rows(op, t.coeff, block)
+            trimmed.append(tau.mul_(kept(tau, threshold)))
+        mass = sum(trimmed)
+        up, down = mass.gt(0), mass.lt(0)  # the elected sign
+        total, count = torch.zeros_like(mass), torch.zeros_like(mass)
+        for tau in trimmed:  # disjoint mean of the entries that agree with it
+            agree = (tau.gt(0) & up) | (tau.lt(0) & down)
+            total.add_(tau.mul_(agree))
+            count.add_(agree)
+        out[block] = total.div_(count.clamp_(min=1.0))
+    return out
 
 
 def dare(terms: Sequence[Term], density: float, seed: int, device: torch.device) -> torch.Tensor:
     """Σᵢ mᵢ⊙τᵢ/density with mᵢ ~ Bernoulli(density), drawn on the CPU so any device gives the same masks."""
-    out = None
-    for i, t in enumerate(terms):
-        tau = delta(t, device)
-        if density < 1.0:
-            gen = torch.Generator(device="cpu").manual_seed(seed + i)
-            drop = torch.rand(tau.shape, generator=gen).ge_(density).bool()
-            tau.masked_fill_(drop.to(tau.device), 0.0).div_(density)
-        out = tau if out is None else out.add_(tau)
+    ops = [t.module.operator(device) for t in terms]
+    rows, cols = ops[0].shape
+    gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(terms))]
+    out = torch.empty(rows, cols, device=device)
+    for block in row_blocks(rows, cols):
+        total = None
+        for op, t, gen in zip(ops, terms, gens):
+            tau = delta_rows(op, t.coeff, block)
+            if density < 1.0:
+                drop = torch.rand(tau.shape, generator=gen) >= density
+                tau.masked_fill_(drop.to(tau.device), 0.0).div_(density)
+            total = tau if total is None else total.add_(tau)
+        out[block] = total
     return out
 
 
@@ -94,7 +106,7 @@ def _refit(merged: torch.Tensor, target: ModuleTarget, opts: MergeOptions, seed:
     lr = approximate(Dense(merged), opts.rule, opts.solver, seed)
     del merged
     quality = measure(target.operator(device), lr.factored())
-    return lora_outcome(target, lr.up, lr.down, quality, device,
+    return lora_outcome(target, lr.up, lr.down, lr.quality, device,
                         combine_notes(f"fit {lr.quality.rel_error:.2e}", target.note))
 
 
