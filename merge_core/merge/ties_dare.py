@@ -5,8 +5,8 @@ ties (Yadav et al. 2023): trim each τᵢ to its top `density` share of entries 
 γ = sign(Σᵢ trimmed τᵢ) (total mass); disjoint mean: per entry, the mean of the trimmed τᵢ whose sign is γ.
 dare (Yu et al. 2023): drop each entry of each τᵢ with probability p = 1 − density, rescale the kept ones by
 1/(1 − p), and sum; the masks are seeded per module and input and drawn block of rows by block of rows.
-Both are elementwise once each input's trim threshold is known, so they run on blocks of rows rebuilt
-from the factors: besides the result, memory holds one dense τᵢ at a time (for its exact threshold) and
+Both are elementwise once each input's trim threshold is known (found exactly by a radix select over
+blocks), so they run on blocks of rows rebuilt from the factors: memory holds the dense result and a few
 small blocks, whatever the number of inputs.  The report's rel_error is against T = Σ cᵢΔWᵢ (how far the
 method moves from plain stacking); each module's note gives the re-factoring error against the method's
 own dense result ("fit").
@@ -44,14 +44,26 @@ def delta_rows(op: Operator, coeff: float, rows: slice) -> torch.Tensor:
 
 
 def kth_largest_abs(op: Operator, coeff: float, k: int) -> float:
-    """The k-th largest |τ| (exact selection, in place on one dense τ: numpy's partition on the CPU)."""
-    mags = delta_rows(op, coeff, slice(None)).abs_().flatten()
-    n = mags.numel()
-    if mags.device.type == "cpu":
-        arr = mags.numpy()
-        arr.partition(n - k)
-        return float(arr[n - k])
-    return float(mags.kthvalue(n - k + 1).values)
+    """The exact k-th largest |τ| without a dense τ: a radix select on the float bits (for x ≥ 0 the int32
+    view of a float32 is monotonic) — a histogram of the top 16 bits over blocks of rows, then an exact
+    selection among the entries of the one bin that holds it."""
+    rows, cols = op.shape
+    hist = None
+    for block in row_blocks(rows, cols):
+        top = delta_rows(op, coeff, block).abs_().view(torch.int32).flatten() >> 15
+        counts = torch.bincount(top, minlength=1 << 16)
+        hist = counts if hist is None else hist.add_(counts)
+    from_top = hist.flip(0).cumsum(0)  # entries in the bins at or above each bin, from the top
+    i = int(torch.searchsorted(from_top, torch.tensor([k], device=from_top.device)))
+    above = int(from_top[i - 1]) if i > 0 else 0
+    target_bin = (1 << 16) - 1 - i
+    found = []
+    for block in row_blocks(rows, cols):
+        bits = delta_rows(op, coeff, block).abs_().view(torch.int32).flatten()
+        found.append(bits[(bits >> 15) == target_bin])
+    candidates = torch.cat(found)
+    bits = candidates.kthvalue(candidates.numel() - (k - above) + 1).values
+    return float(bits.view(torch.float32))
 
 
 def kept(tau: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -106,7 +118,7 @@ def _refit(merged: torch.Tensor, target: ModuleTarget, opts: MergeOptions, seed:
     lr = approximate(Dense(merged), opts.rule, opts.solver, seed)
     del merged
     quality = measure(target.operator(device), lr.factored())
-    return lora_outcome(target, lr.up, lr.down, lr.quality, device,
+    return lora_outcome(target, lr.up, lr.down, quality, device,
                         combine_notes(f"fit {lr.quality.rel_error:.2e}", target.note))
 
 
