@@ -18,8 +18,8 @@ F32 = torch.float32
 
 
 def matrix_shape(weight_shape: tuple[int, ...]) -> tuple[int, int]:
-    """(out, in·kh·kw) of a weight of shape (out, in, kh, kw) or (out, in)."""
-    return weight_shape[0], math.prod(weight_shape[1:])
+    """(out, in·kh·kw) of a weight of shape (out, in, kh, kw) or (out, in); a scalar is 1×1."""
+    return (weight_shape[0], math.prod(weight_shape[1:])) if weight_shape else (1, 1)
 
 
 def f32(t: torch.Tensor, device: Optional[torch.device] = None) -> torch.Tensor:

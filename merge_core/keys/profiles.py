@@ -6,7 +6,8 @@
 - peft: module paths kept (`base_model.model.…`), `lora_A`/`lora_B`, alpha from adapter_config.json.
 - kohya: prefixes kept as they are (SD1.5 and other kohya-style files), kohya suffixes.
 - custom: prefixes kept, the caller's up/down/alpha suffixes (the original merge_rsvd.py API).
-- auto: sdxl when every module is a known SDXL module with the right shape; else peft/kohya by style.
+- auto: sdxl when every module is a known SDXL module with the right shape (or a name ComfyUI maps for SDXL
+  weights outside the LoRA table, e.g. `lora_unet_input_blocks_0_0` of an extracted LoRA); else peft/kohya.
 """
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from .suffixes import KOHYA, PEFT, Suffixes
 
 PROFILES = ("auto", "sdxl", "peft", "kohya", "custom")
 SD15_CONTEXT = 768  # cross-attention context width of SD1.x (SDXL: 2048)
+# names ComfyUI maps for every SDXL weight outside the LoRA table (conv_in, norms, embeddings, text_projection):
+# kept as they are, e.g. in extracted LoRAs and full diffs
+SDXL_EXTRA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "text_encoders.clip_l.", "text_encoders.clip_g.")
 
 
 @dataclass(frozen=True)
@@ -69,14 +73,16 @@ def resolve(shapes: dict[str, Optional[tuple[int, int]]], profile: str = "auto",
     if profile in ("peft", "custom", "kohya"):
         return Naming(profile, "sd15" if looks_sd15(shapes) else "other", keep)
     names, unknown, mismatched = sdxl_names(shapes)
+    extras = [p for p in unknown if p.startswith(SDXL_EXTRA_PREFIXES)]
+    strange = [p for p in unknown if not p.startswith(SDXL_EXTRA_PREFIXES)]
     if profile == "sdxl":
-        if unknown:
-            raise FormatError(f"not an SDXL module name: '{unknown[0]}' ({len(unknown)} of {len(shapes)} "
+        if strange:
+            raise FormatError(f"not an SDXL module name: '{strange[0]}' ({len(strange)} of {len(shapes)} "
                               "modules unknown; try --profile auto)")
         if mismatched:
             raise FormatError(mismatched[0])
-        return Naming("sdxl", "sdxl", names)
-    if names and not unknown and not mismatched:
-        return Naming("sdxl", "sdxl", names)
+        return Naming("sdxl", "sdxl", {**names, **{p: p for p in extras}})
+    if names and not strange and not mismatched and not looks_sd15(shapes):
+        return Naming("sdxl", "sdxl", {**names, **{p: p for p in extras}})
     arch = "sd15" if looks_sd15(shapes) else "other"
     return Naming("peft" if (peft_dir or style == "peft") else "kohya", arch, keep)

@@ -161,3 +161,16 @@ def test_dora_is_detected_and_refused_unless_dropped(tmp_path):
         lset.require_no_dora("merged")
     lset.drop_dora()
     lset.require_no_dora("merged")
+
+
+def test_sdxl_extras_outside_the_table_keep_the_file_sdxl(tmp_path):
+    from merge_core.adapters import FullDiff
+    q = sdxl_modules()["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"]
+    mods = {q.name: lora_for(q.shape, 2, 1.0),
+            "lora_unet_input_blocks_0_0": FullDiff(randn(320, 4, 3, 3, seed=1)),
+            "text_encoders.clip_l.transformer.text_model.final_layer_norm": FullDiff(randn(768, seed=2))}
+    path = save_lora(mods, tmp_path / "x.safetensors", dtype="fp32")
+    lset = load_lora(path)
+    assert (lset.profile, lset.arch) == ("sdxl", "sdxl")
+    same_deltas(mods, lset.modules)
+    assert load_lora(path, profile="sdxl").arch == "sdxl"
