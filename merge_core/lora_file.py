@@ -75,6 +75,19 @@ class LoraSet:
             m.dora_scale = None
 
 
+DORA_CHOICES = ("error", "ignore")
+
+
+def check_dora(sets, dora: str, what: str) -> None:
+    """The DoRA policy of an operation on several sets: `error` refuses DoRA files, `ignore` uses their
+    low-rank part without the magnitude rescaling."""
+    if dora not in DORA_CHOICES:
+        raise MergeCoreError(f"unknown dora policy {dora!r}; choose one of {', '.join(DORA_CHOICES)}")
+    if dora == "error":
+        for s in sets:
+            s.require_no_dora(what)
+
+
 def dtype_of(name: Union[str, torch.dtype]) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name

@@ -14,7 +14,7 @@ import torch
 from ..device import resolve_device, with_cpu_fallback
 from ..errors import MergeCoreError, ShapeMismatchError
 from ..files.metadata import make_recipe
-from ..lora_file import LoraSet
+from ..lora_file import LoraSet, check_dora
 from ..lowrank import RankRule
 from ..report import Progress, Report
 from ..result import MergeResult
@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 # lokr/auto need no rank rule; lora (and auto's fallback) default to 99.9 % of ‖T‖² within ranks 4..128
 DEFAULT_RULE = RankRule(energy=0.999, min_rank=4, max_rank=128)
-DORA_CHOICES = ("error", "ignore")
 
 
 def resolve_weights(weights: Optional[Sequence[float]], n: int) -> list[float]:
@@ -44,11 +43,7 @@ def _label(s: LoraSet, i: int) -> str:
 
 def check_inputs(sets: Sequence[LoraSet], dora: str) -> str:
     """DoRA policy and a common architecture; returns that architecture."""
-    if dora not in DORA_CHOICES:
-        raise MergeCoreError(f"unknown dora policy {dora!r}; choose one of {', '.join(DORA_CHOICES)}")
-    if dora == "error":
-        for s in sets:
-            s.require_no_dora("fused")
+    check_dora(sets, dora, "fused")
     odd = next((i for i, s in enumerate(sets) if s.arch != sets[0].arch), None)
     if odd is not None:
         raise ShapeMismatchError(f"inputs are for different models: {_label(sets[0], 0)} is {sets[0].arch}, "

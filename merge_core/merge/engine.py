@@ -18,7 +18,7 @@ from ..adapters import parameter_count
 from ..device import resolve_device
 from ..errors import MergeCoreError
 from ..files.metadata import make_recipe, sha256_of
-from ..lora_file import LoraSet
+from ..lora_file import LoraSet, check_dora
 from ..lowrank import RankRule
 from ..report import ModuleReport, Progress, Report
 from ..result import MergeResult
@@ -29,15 +29,6 @@ from .outcome import Outcome, exact_sum_outcome
 from .scheduler import run_work
 from .targets import ModuleTarget, plan_targets
 
-DORA_CHOICES = ("error", "ignore")
-
-
-def _check_dora(sets: Sequence[LoraSet], dora: str) -> None:
-    if dora not in DORA_CHOICES:
-        raise MergeCoreError(f"unknown dora policy {dora!r}; choose one of {', '.join(DORA_CHOICES)}")
-    if dora == "error":
-        for s in sets:
-            s.require_no_dora("merged")
 
 
 def _hash_in_background(sets: Sequence[LoraSet]) -> list[Future]:
@@ -82,7 +73,7 @@ def merge_loras(sets: Sequence[LoraSet], method: str = "rsvd", weights: Sequence
     spec = method_named(method)
     w = resolve_weights(spec, len(sets), weights)
     opts: MergeOptions = resolve_options(spec, sets, rule, solver, seed, density)
-    _check_dora(sets, dora)
+    check_dora(sets, dora, "merged")
     targets = plan_targets(sets, w, block_weights)
     if spec.check is not None:
         spec.check(targets, sets)
