@@ -41,7 +41,7 @@ from merge_core.merge import METHODS  # noqa: E402
 
 RANK, ALPHA = 32, 16.0
 MIB = 1024 * 1024
-MODULE_MULTIPLE = 6  # "a small multiple of the largest module": its dense fp32 ΔW, 6 times
+MODULE_MULTIPLE = 4  # "a small multiple of the largest module": its dense fp32 ΔW, 4 times
 
 
 def specs(quick: bool):

@@ -30,7 +30,6 @@ from .scheduler import run_work
 from .targets import ModuleTarget, plan_targets
 
 
-
 def _hash_in_background(sets: Sequence[LoraSet]) -> list[Future]:
     """sha256 of every input file for the recipe, computed on another thread while the merge runs
     (hashlib and file reads release the GIL); None for inputs that are not files."""

@@ -44,9 +44,10 @@ def exact_low_rank(op: Factored, rule: RankRule) -> LowRank:
     return LowRank(up, down, k, Quality(rel, 1.0 - rel * rel), svd.S)
 
 
-def sum_of_squares(W: torch.Tensor, rows: int = 1024) -> float:
+def sum_of_squares(W: torch.Tensor, entries: int = 1 << 18) -> float:
     """‖W‖_F² accumulated in fp64 a block of rows at a time (no full fp64 copy of a large module)."""
-    return sum(float(block.to(torch.float64).square().sum()) for block in W.split(rows))
+    rows = max(1, entries // max(1, W.shape[1]))
+    return sum(float(block.to(torch.float64).square_().sum()) for block in W.split(rows))
 
 
 def dense_low_rank(W: torch.Tensor, rule: RankRule, solver: str, seed: int) -> LowRank:

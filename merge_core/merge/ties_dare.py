@@ -25,7 +25,7 @@ from .options import MergeOptions
 from .outcome import Outcome, combine_notes, lora_outcome
 from .targets import ModuleTarget, Term
 
-BLOCK = 1 << 20  # entries per block of rows
+BLOCK = 1 << 18  # entries per block of rows (1 MiB of fp32)
 
 
 def check_density(density: float) -> None:
