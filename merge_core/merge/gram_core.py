@@ -19,31 +19,13 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from ..lowrank import Factored, LowRank, Quality, RankRule
-from ..lowrank.rank_select import NULL_TOL
+from ..lowrank.rank_select import choose_rank
 
 F64 = torch.float64
 ROOT_TOL = 1e-7  # relative size below which a direction of G_U is fp32 round-off (left out of its root)
-
-
-def choose_ranks(S: np.ndarray, totals: np.ndarray, rule: RankRule, shape: tuple[int, int]) -> np.ndarray:
-    """merge_core.lowrank.choose_rank for a batch: S (batch × m, descending), totals = ‖T‖² per row."""
-    s0 = S[:, :1]
-    available = np.where(s0[:, 0] > 0, (S > s0 * NULL_TOL).sum(1), 0)
-    if rule.rank is not None:
-        k = np.full(len(S), rule.rank)
-    elif rule.energy >= 1.0:
-        k = np.clip(available, rule.min_rank, rule.max_rank)
-    else:
-        kept = np.where(np.arange(S.shape[1]) < available[:, None], S.astype(np.float64) ** 2, 0.0)
-        reached = np.cumsum(kept, 1) >= rule.energy * np.maximum(totals, np.finfo(np.float64).tiny)[:, None]
-        energy_rank = np.where(reached.any(1), reached.argmax(1) + 1, available)
-        k = np.clip(energy_rank, rule.min_rank, rule.max_rank)
-    k = np.maximum(1, np.minimum(np.minimum(k, min(shape)), available))
-    return np.where((available == 0) | (totals <= 0), 0, k)
 
 
 def _balance(gu: torch.Tensor, gv: torch.Tensor) -> torch.Tensor:
@@ -120,9 +102,9 @@ def gram_low_rank_batch(ups: Sequence[Sequence[torch.Tensor]], downs: Sequence[S
     M = F @ (gv / dd) @ F.mT
     lam, A = torch.linalg.eigh(((M + M.mT) / 2).float())  # fp32: as accurate as the fp32 Grams behind M
     S, A = lam.to(F64).flip(-1).clamp_min(0.0).sqrt(), A.to(F64).flip(-1)
-    totals_np = totals.cpu().numpy()
-    ks = choose_ranks(S.cpu().numpy(), totals_np, rule, shape)
-    kmax = int(ks.max())
+    totals_list, S_cpu = totals.tolist(), S.cpu()
+    ks = [choose_rank(S_cpu[b], totals_list[b], rule, shape) for b in range(len(totals_list))]
+    kmax = max(ks)
     kept = torch.arange(kmax, device=device)[None, :] < torch.as_tensor(ks, device=device)[:, None]
     X = d[:, :, None] * (F_pinv @ (A[:, :, :kmax] * (S[:, :kmax].sqrt() * kept)[:, None, :]))
     gx = gu @ X
@@ -133,8 +115,8 @@ def gram_low_rank_batch(ups: Sequence[Sequence[torch.Tensor]], downs: Sequence[S
     approx2 = (xgx * (Y @ gvy)).sum((-2, -1)).tolist()
     X, Y = (c[:, :, None] * X).float(), Y.float()  # up = [U] diag(c) X
     out = []
-    for b, k in enumerate(ks.tolist()):
-        total = float(totals_np[b])
+    for b, k in enumerate(ks):
+        total = totals_list[b]
         if k == 0:
             out.append(LowRank(None, None, 0, Quality(0.0, 1.0) if total <= 0 else Quality(1.0, 0.0), S[b].float()))
             continue
