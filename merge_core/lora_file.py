@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import tempfile
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 from .adapters import AdapterModule, LoRA, module_from_roles, parameter_count
 from .errors import DoraError, FormatError, MergeCoreError, OutputExistsError
 from .files.atomic import atomic_write
-from .files.metadata import lora_metadata
+from .files.metadata import lora_metadata, sha256_later
 from .files.tensor_source import TensorSource
 from .keys.profiles import Naming, resolve
 from .keys.sdxl_table import sdxl_modules
@@ -44,6 +45,17 @@ class LoraSet:
     metadata: dict[str, str] = field(default_factory=dict)
     source: Optional[Path] = None
     peft_config: Optional[dict] = None
+    digest: Optional[Future] = field(default=None, repr=False, compare=False)  # sha256 of source, in the background
+
+    def start_digest(self) -> None:
+        """Begin hashing the source for the recipe, on the background hasher (once)."""
+        if self.digest is None:
+            self.digest = sha256_later(self.source)
+
+    def sha256(self) -> Optional[str]:
+        """The source's sha256 (None when it is not a file on disk); waits for the background hash."""
+        self.start_digest()
+        return self.digest.result()
 
     @property
     def arch(self) -> str:
@@ -123,11 +135,16 @@ def _open(path: Path) -> tuple[TensorSource, Optional[dict]]:
     return TensorSource(path), None
 
 
-def load_lora(path: PathLike, profile: str = "auto", suffixes: Optional[Suffixes] = None) -> LoraSet:
-    """Read a LoRA/LyCORIS file or PEFT folder; modules keyed by canonical name."""
+def load_lora(path: PathLike, profile: str = "auto", suffixes: Optional[Suffixes] = None,
+              digest: bool = False) -> LoraSet:
+    """Read a LoRA/LyCORIS file or PEFT folder; modules keyed by canonical name.  digest: start hashing the
+    file for a recipe now, beside the parsing (LoraSet.sha256() reads it)."""
     path = Path(path)
+    pending = sha256_later(path) if digest else None
     src, config = _open(path)
-    return lora_set_from(src, path, profile, suffixes, config)
+    lset = lora_set_from(src, path, profile, suffixes, config)
+    lset.digest = pending
+    return lset
 
 
 def lora_set_from(src, path: Optional[Path], profile: str = "auto", suffixes: Optional[Suffixes] = None,

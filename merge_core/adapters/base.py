@@ -6,7 +6,7 @@ matrix exactly, as factors when the adapter is factored (scale folded into the l
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional
 
 import torch
@@ -66,6 +66,11 @@ class Extras:
     @property
     def matrix_shape(self) -> tuple[int, int]:
         return matrix_shape(self.weight_shape)
+
+    def to_dtype(self, dtype: torch.dtype) -> "Extras":
+        """A copy with every tensor cast to dtype (scalars such as alpha stay floats)."""
+        cast = {f.name: v.to(dtype) for f in fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)}
+        return replace(self, **cast)
 
     def delta(self) -> torch.Tensor:
         """The dense ΔW in the weight's shape (fp32): for tests, baking and dense per-module methods."""

@@ -10,15 +10,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..adapters import LoRA
 from ..errors import MergeCoreError, OutputExistsError
 from ..keys.profiles import PROFILES
 from ..lora_file import dtype_of, load_lora
 from ..lowrank import SOLVERS, RankRule
-from ..merge import DORA_CHOICES, METHODS, REGISTRY, merge_loras, parse_block_weights
+from ..merge import DORA_CHOICES, METHODS, REGISTRY, parse_block_weights
+from ..merge.engine import collect, plan_merge
 from ..merge.methods import method_named, resolve_weights
-from ..merge.scheduler import torch_threads
-from ..result import MergeResult
+from ..merge.to_file import merge_to_file, streams_to
 from .common import add_device, add_dtype, add_output, add_rank_rule, add_report, write_report
 
 log = logging.getLogger(__name__)
@@ -85,18 +84,6 @@ def block_weights_from(specs: Optional[Sequence[str]], n: int) -> Optional[list]
     return parsed * n if len(parsed) == 1 else parsed
 
 
-def cast_for_saving(result: MergeResult, dtype: str) -> None:
-    """Cast the merged factors to the file dtype one module at a time, so writing needs no second full copy
-    (one torch thread: these small memory-bound copies only stall on thread barriers when the cores are busy)."""
-    dt = dtype_of(dtype)
-    if result.profile == "peft":
-        return  # the PEFT writer folds α/r into B from the fp32 factors
-    with torch_threads(1):
-        for m in result.modules.values():
-            if isinstance(m, LoRA):
-                m.up, m.down = m.up.to(dt), m.down.to(dt)
-
-
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if len(args.inputs) < 2:
@@ -114,21 +101,25 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise OutputExistsError(f"output exists, not overwriting (pass --overwrite to replace it): {out}")
-    sets = [load_lora(p, profile=args.profile) for p in args.inputs]
+    # each file's sha256 (for the recipe) is hashed on a spare core from now on, beside the parsing and the merge
+    sets = [load_lora(p, profile=args.profile, digest=True) for p in args.inputs]
 
     def progress(done: int, total: int, name: str) -> None:
         for s in sets:  # a merged module's inputs are not needed again: free them as the outputs grow
             s.modules.pop(name, None)
         log.info("%d/%d %s", done, total, name)
 
-    result = merge_loras(sets, args.method, args.weights, rule, args.solver, args.seed, args.device, args.density,
-                         blocks, args.dora, progress=progress)
-    del sets
-    result.recipe["parameters"]["dtype"] = args.dtype
-    cast_for_saving(result, args.dtype)
-    path = result.save(out, dtype=args.dtype, overwrite=args.overwrite)
-    result.report.extra["total_seconds"] = time.perf_counter() - start
-    print(result.report.table())
-    print(f"wrote {path} ({len(result.modules)} modules, method {args.method})")
-    write_report(args.report, result.report.as_dict())
+    plan = plan_merge(sets, args.method, args.weights, rule, args.solver, args.seed, args.density, blocks, args.dora)
+    if streams_to(out, plan):
+        report = merge_to_file(plan, out, args.dtype, args.overwrite, args.device, progress)
+    else:
+        plan.parameters["dtype"] = args.dtype
+        result = collect(plan, args.device, progress, hold_dtype=dtype_of(args.dtype))
+        result.save(out, dtype=args.dtype, overwrite=args.overwrite)
+        report = result.report
+    report.extra["total_seconds"] = time.perf_counter() - start
+    print(report.table())
+    print(f"wrote {out} ({sum(m.kind != 'none' for m in report.modules)} modules, "
+          f"method {args.method})")
+    write_report(args.report, report.as_dict())
     return 0

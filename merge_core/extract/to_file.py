@@ -14,9 +14,9 @@ from ..checkpoint.lora_names import BIAS
 from ..errors import OutputExistsError
 from ..files.atomic import atomic_write
 from ..files.metadata import lora_metadata
-from ..files.stream_writer import SafetensorsStream, header_bound
-from ..keys.suffixes import KOHYA
-from ..lora_file import dtype_of, state_dict_of
+from ..files.stream_writer import header_bound
+from ..lora_file import dtype_of
+from ..lora_stream import LoraStream, lora_entries
 from ..lowrank.rank_select import RankRule
 from ..report import Progress, Report
 from .engine import Source, extract_lora, open_run
@@ -39,9 +39,7 @@ def bound_entries(plan: Plan, opts: ExtractOptions, dtype: torch.dtype) -> list[
             out.append((t.name + ".diff", dtype, shape))
             if len(shape) >= 2 and not opts.diff_only:
                 k = min(shape[0], math.prod(shape[1:]), opts.rule_for(shape).sketch_rank)
-                out += [(t.name + KOHYA.up, dtype, (shape[0], k, *[1] * (len(shape) - 2))),
-                        (t.name + KOHYA.down, dtype, (k, *shape[1:])),
-                        (t.name + KOHYA.alpha, torch.float32, ())]
+                out += lora_entries(t.name, shape, k, dtype)
     return out
 
 
@@ -67,18 +65,12 @@ def extract_to_file(base: Source, tuned: Source, output: Union[str, os.PathLike]
                            lora_metadata({"loha"}, [], [], run.plan.arch, run.recipe, path.stem), slack=4096)
 
     def write(tmp: Path) -> None:
-        kinds, ranks, alphas = set(), [], []
         with open(tmp, "wb") as fh:
-            stream = SafetensorsStream(fh, reserve)
+            stream = LoraStream(fh, reserve, dtype)
             for target, module in run.pieces(device, progress):
-                for key, tensor in state_dict_of({target.name: module}, KOHYA, dtype).items():
-                    stream.add(key, tensor)
-                kinds.add(module.kind)
-                if module.kind != "full":
-                    ranks.append(module.rank)
-                    alphas.append(module.alpha)
-            run.finish(len(stream.names))
-            stream.finish(lora_metadata(kinds, ranks, alphas, run.plan.arch, run.recipe, path.stem))
+                stream.add(target.name, module)
+            run.finish(stream.tensor_count)
+            stream.finish(run.plan.arch, run.recipe, path.stem)
 
     atomic_write(path, write, overwrite)
     return run.report

@@ -4,9 +4,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Iterable, Optional, Sequence, Union
 
 RECIPE_KEY = "lora_rsvd_merge.recipe"
 NETWORK_MODULE = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya", "full": "lycoris.kohya"}
@@ -32,13 +34,37 @@ def sha256_of(path: Union[str, os.PathLike], chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+_hasher: Optional[ThreadPoolExecutor] = None
+_hasher_lock = threading.Lock()
+
+
+def sha256_later(path: Union[str, os.PathLike, None]) -> "Future[Optional[str]]":
+    """sha256_of(path) on the one background hashing thread (None when there is no such file): start it as a
+    file is opened and read it when the recipe is written, so hashing runs beside the work instead of after
+    it (hashlib and file reads release the GIL; one thread leaves the other cores to the arithmetic)."""
+    global _hasher
+    if path is None or not Path(path).exists():
+        done: Future = Future()
+        done.set_result(None)
+        return done
+    with _hasher_lock:
+        if _hasher is None:
+            _hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+    return _hasher.submit(sha256_of, path)
+
+
 def make_recipe(operation: str, inputs: Iterable[Union[str, os.PathLike]], parameters: dict,
-                hash_inputs: bool = True) -> dict:
-    """{operation, inputs [{name, sha256}], parameters, pack version, time}."""
+                hash_inputs: bool = True, digests: Optional[Sequence[Optional[str]]] = None) -> dict:
+    """{operation, inputs [{name, sha256}], parameters, pack version, time}; `digests`: the inputs' sha256
+    when the caller has them already (else they are computed here, if hash_inputs)."""
     entries = []
-    for p in inputs:
+    for i, p in enumerate(inputs):
         p = Path(p)
-        entries.append({"name": p.name, "sha256": sha256_of(p) if hash_inputs and p.exists() else None})
+        if digests is not None:
+            digest = digests[i]
+        else:
+            digest = sha256_of(p) if hash_inputs and p.exists() else None
+        entries.append({"name": p.name, "sha256": digest})
     return {"operation": operation, "inputs": entries, "parameters": parameters,
             "pack": "lora-rsvd-merge", "version": pack_version(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -100,6 +100,8 @@ def fuse_models(sets: Sequence[LoraSet], weights: Optional[Sequence[float]] = No
     check_strategy(strategy, w, norm_threshold)
     check_output_format(output_format)
     arch = check_inputs(sets, dora)
+    for s in sets:  # the recipe's sha256, hashed on a spare core while the modules are fused
+        s.start_digest()
     rule = rule or DEFAULT_RULE
     dev = resolve_device(device)
     names = module_names(sets)
@@ -122,7 +124,7 @@ def fuse_models(sets: Sequence[LoraSet], weights: Optional[Sequence[float]] = No
     report.extra.update(parameters=parameters, coefficients=table,
                         kinds={k: sum(m.kind == k for m in report.modules) for k in {m.kind for m in report.modules}})
     recipe = make_recipe("fuse", [s.source if s.source is not None else f"input {i + 1}" for i, s in enumerate(sets)],
-                         parameters)
+                         parameters, digests=[s.sha256() for s in sets])
     return MergeResult(modules, report, arch, "sdxl" if arch == "sdxl" else "kohya", recipe=recipe)
 
 

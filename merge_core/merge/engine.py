@@ -1,44 +1,40 @@
-"""merge_loras: N LoRA sets -> one, module by module, by one of the merge methods.
+"""Merging N LoRA sets into one, module by module: plan (every check), run (batches on the device), collect.
 
 Per module the target is T = Σ wᵢ·bᵢ·ΔWᵢ (weights applied once, as stacking LoRAs in LoraLoader does;
-bᵢ the SDXL block weight), and the method writes a LoRA/LoCon with α = rank.  All checks (methods,
-weights, DoRA, architectures, shapes, method-specific ones) run before the first module is computed.
+bᵢ the SDXL block weight), and the method writes a LoRA/LoCon with α = rank.  `plan_merge` runs all checks
+(methods, weights, DoRA, architectures, shapes, method-specific ones) before the first module is computed;
+`run_merge` hands each merged module to a sink as soon as it and the modules planned before it are done, so
+a caller can write the file while the rest is computed (merge/to_file.py) or hold the modules
+(`merge_loras`, for the nodes and the Python API).
 """
 from __future__ import annotations
 
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ..adapters import parameter_count
+from ..adapters import AdapterModule, parameter_count
 from ..device import resolve_device
 from ..errors import MergeCoreError
-from ..files.metadata import make_recipe, sha256_of
+from ..files.metadata import make_recipe
 from ..lora_file import LoraSet, check_dora
 from ..lowrank import RankRule
 from ..report import ModuleReport, Progress, Report
 from ..result import MergeResult
 from .heap import HeapTrimmer
-from .methods import describe, method_named, resolve_options, resolve_weights
+from .methods import Method, describe, method_named, resolve_options, resolve_weights
 from .options import MergeOptions
 from .outcome import Outcome, exact_sum_outcome
 from .scheduler import run_work
-from .targets import ModuleTarget, plan_targets
+from .targets import ModuleTarget, label, plan_targets
 
-
-def _hash_in_background(sets: Sequence[LoraSet]) -> list[Future]:
-    """sha256 of every input file for the recipe, computed on another thread while the merge runs
-    (hashlib and file reads release the GIL); None for inputs that are not files."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-sha256")
-    try:
-        return [pool.submit(lambda p=s.source: sha256_of(p) if p is not None and Path(p).exists() else None)
-                for s in sets]
-    finally:
-        pool.shutdown(wait=False)
+# called in the calling thread with each merged module, in plan order: sink(name, outcome, prepared)
+Sink = Callable[[str, Outcome, Any], None]
+# called on the worker thread that computed the outcome (e.g. to cast it to the file's dtype)
+Prepare = Callable[[str, Outcome], Any]
 
 
 def output_layout(sets: Sequence[LoraSet]) -> tuple[str, str, Optional[dict]]:
@@ -51,21 +47,33 @@ def output_layout(sets: Sequence[LoraSet]) -> tuple[str, str, Optional[dict]]:
     return arch, sets[0].profile, None
 
 
-def _row(name: str, out: Outcome) -> ModuleReport:
-    m = out.module
-    return ModuleReport(name, m.kind if m is not None else "none", out.rank,
-                        parameter_count(m) if m is not None else 0, out.quality.rel_error, out.quality.energy_kept,
-                        out.note)
+@dataclass
+class MergePlan:
+    """A merge with every check done: the batches to run (consumed by run_merge) and what the recipe says."""
+
+    spec: Method
+    opts: MergeOptions
+    names: list[str]  # every output module, in the inputs' order (the report's order)
+    work: deque  # (index, batch of ModuleTargets), in the order the sink sees them
+    parameters: dict
+    sets: list[LoraSet]
+    layout: tuple[str, str, Optional[dict]]
+
+    def targets(self) -> list[ModuleTarget]:
+        """Every planned module (before the run consumes the work)."""
+        return [t for _, batch in self.work for t in batch]
+
+    def recipe(self, digests: Optional[Sequence[Optional[str]]] = None) -> dict:
+        """The recipe to write: inputs with their sha256 (hashed in the background since the plan was made,
+        or since the files were opened; `digests` overrides them)."""
+        return make_recipe("merge", [label(s, i) for i, s in enumerate(self.sets)], self.parameters,
+                           digests=digests if digests is not None else [s.sha256() for s in self.sets])
 
 
-def merge_loras(sets: Sequence[LoraSet], method: str = "rsvd", weights: Sequence[float] | None = None,
-                rule: RankRule | None = None, solver: str | None = None, seed: int = 0, device: str = "auto",
-                density: float = 0.5, block_weights: Sequence[Sequence[float] | None] | None = None,
-                dora: str = "error", progress: Progress = None) -> MergeResult:
-    """Merge `sets` by `method` (see METHODS); None arguments take the method's defaults:
-    weights 1/N (rsvd, weighted_avg) or 1.0 (others); rule dynamic 4..32 at 0.99 energy (rsvd, ties, dare)
-    or the largest input rank fixed (svd, weighted_avg); solver rsvd or exact.  `block_weights`: per input,
-    None or 20/12 SDXL block values.  `dora`: error (refuse DoRA inputs) or ignore (drop the magnitude)."""
+def plan_merge(sets: Sequence[LoraSet], method: str = "rsvd", weights: Sequence[float] | None = None,
+               rule: RankRule | None = None, solver: str | None = None, seed: int = 0, density: float = 0.5,
+               block_weights: Sequence[Sequence[float] | None] | None = None, dora: str = "error") -> MergePlan:
+    """Check everything and group the modules into batches; see merge_loras for the arguments."""
     sets = list(sets)
     if not sets:
         raise MergeCoreError("merge needs at least one input")
@@ -76,48 +84,99 @@ def merge_loras(sets: Sequence[LoraSet], method: str = "rsvd", weights: Sequence
     targets = plan_targets(sets, w, block_weights)
     if spec.check is not None:
         spec.check(targets, sets)
-    dev = resolve_device(device)
-    hashes = _hash_in_background(sets)
-    names = [t.name for t in targets]
-    # the engine lets go of each input module once its outcome is recorded, so a caller that drops its own
-    # references as progress reports modules done (the CLI does) frees the inputs while the outputs grow
-    work = deque([[t] for t in targets if t.vector_only]
-                 + spec.batches([t for t in targets if not t.vector_only], opts))
-    del targets
-
-    def run(batch: list[ModuleTarget], d: torch.device) -> list[Outcome]:
-        with torch.no_grad():  # per thread
-            if batch[0].vector_only:
-                return [exact_sum_outcome(batch[0], d)]
-            return spec.run_many(batch, opts, d)
-
-    outcomes: dict[str, Outcome] = {}
-    trim = HeapTrimmer(step=(8 if spec.dense else 64) << 20)  # dense methods churn whole modules
-
-    def record(batch: list[ModuleTarget], outs: list[Outcome]) -> None:
-        trim()
-        for target, out in zip(batch, outs):
-            outcomes[target.name] = out
-            if progress is not None:
-                progress(len(outcomes), len(names), target.name)
-
-    start = time.perf_counter()
-    run_work(work, run, record, dev, parallel=not spec.dense)
-    report, modules = Report("merge"), {}
-    for name in names:  # report and file in the inputs' module order
-        out = outcomes[name]
-        report.add(_row(name, out))
-        if out.module is not None:
-            modules[name] = out.module
-    report.seconds = time.perf_counter() - start
+    for s in sets:
+        s.start_digest()
+    batches = [[t] for t in targets if t.vector_only] + spec.batches([t for t in targets if not t.vector_only], opts)
     parameters = {"method": spec.name, "weights": w, **describe(spec, opts),
                   "block_weights": [list(b) if b is not None else None for b in block_weights] if block_weights
                   else None, "dora": dora}
-    report.extra.update(parameters=parameters, inputs=[str(s.source) if s.source else f"input {i + 1}"
-                                                       for i, s in enumerate(sets)])
-    recipe = make_recipe("merge", [s.source if s.source is not None else f"input {i + 1}" for i, s in enumerate(sets)],
-                         parameters, hash_inputs=False)
-    for entry, digest in zip(recipe["inputs"], hashes):
-        entry["sha256"] = digest.result()
-    arch, profile, peft_config = output_layout(sets)
-    return MergeResult(modules, report, arch, profile, peft_config, recipe=recipe)
+    return MergePlan(spec, opts, [t.name for t in targets], deque(enumerate(batches)), parameters, sets,
+                     output_layout(sets))
+
+
+def cast_to(dtype: torch.dtype) -> Prepare:
+    """A Prepare that casts each merged module's tensors to `dtype` on its worker thread."""
+    return lambda name, out: out.module.to_dtype(dtype) if out.module is not None else None
+
+
+def _row(name: str, out: Outcome) -> ModuleReport:
+    m = out.module
+    return ModuleReport(name, m.kind if m is not None else "none", out.rank,
+                        parameter_count(m) if m is not None else 0, out.quality.rel_error, out.quality.energy_kept,
+                        out.note)
+
+
+def run_merge(plan: MergePlan, sink: Sink, device: str = "auto", progress: Progress = None,
+              prepare: Optional[Prepare] = None) -> Report:
+    """Compute every planned module and hand it to `sink` in plan order; returns the report (inputs' order).
+
+    The run keeps nothing of a module once the sink has it, and lets go of its inputs as it goes, so a caller
+    that drops its own references as progress reports modules done (the CLI does) frees the inputs while the
+    outputs are written."""
+    spec, opts, work = plan.spec, plan.opts, plan.work
+    dev = resolve_device(device)
+
+    def run(item: tuple[int, list[ModuleTarget]], d: torch.device) -> list[tuple[Outcome, Any]]:
+        batch = item[1]
+        with torch.no_grad():  # per thread
+            outs = [exact_sum_outcome(batch[0], d)] if batch[0].vector_only else spec.run_many(batch, opts, d)
+        return [(o, prepare(t.name, o) if prepare is not None else None) for t, o in zip(batch, outs)]
+
+    rows: dict[str, ModuleReport] = {}
+    waiting: dict[int, list[tuple[str, Outcome, Any]]] = {}
+    next_index = 0
+    # dense methods churn whole modules: hand freed heap pages back as they go (the factored ones stay small)
+    trim = HeapTrimmer(step=8 << 20) if spec.dense else None
+
+    def record(item: tuple[int, list[ModuleTarget]], results: list[tuple[Outcome, Any]]) -> None:
+        nonlocal next_index
+        index, batch = item
+        waiting[index] = [(t.name, out, ready) for t, (out, ready) in zip(batch, results)]
+        for t, (out, _) in zip(batch, results):
+            rows[t.name] = _row(t.name, out)
+            if progress is not None:
+                progress(len(rows), len(plan.names), t.name)
+        while next_index in waiting:
+            for name, out, ready in waiting.pop(next_index):
+                sink(name, out, ready)
+            next_index += 1
+        if trim is not None:
+            trim()
+
+    start = time.perf_counter()
+    run_work(work, run, record, dev, parallel=not spec.dense)
+    report = Report("merge")
+    for name in plan.names:
+        report.add(rows[name])
+    report.seconds = time.perf_counter() - start
+    report.extra.update(parameters=plan.parameters, inputs=[str(label(s, i)) for i, s in enumerate(plan.sets)])
+    return report
+
+
+def collect(plan: MergePlan, device: str = "auto", progress: Progress = None,
+            hold_dtype: Optional[torch.dtype] = None) -> MergeResult:
+    """Run `plan` into modules held in memory (in the inputs' order); `hold_dtype`: keep them in this dtype
+    (cast on the worker threads; default fp32)."""
+    held: dict[str, AdapterModule] = {}
+
+    def keep(name: str, out: Outcome, cast: Optional[AdapterModule]) -> None:
+        if out.module is not None:
+            held[name] = cast if cast is not None else out.module
+
+    report = run_merge(plan, keep, device, progress, None if hold_dtype is None else cast_to(hold_dtype))
+    modules = {name: held[name] for name in plan.names if name in held}
+    arch, profile, peft_config = plan.layout
+    return MergeResult(modules, report, arch, profile, peft_config, recipe=plan.recipe())
+
+
+def merge_loras(sets: Sequence[LoraSet], method: str = "rsvd", weights: Sequence[float] | None = None,
+                rule: RankRule | None = None, solver: str | None = None, seed: int = 0, device: str = "auto",
+                density: float = 0.5, block_weights: Sequence[Sequence[float] | None] | None = None,
+                dora: str = "error", progress: Progress = None) -> MergeResult:
+    """Merge `sets` by `method` (see METHODS) into modules held in memory (fp32); None arguments take the
+    method's defaults: weights 1/N (rsvd, weighted_avg) or 1.0 (others); rule dynamic 4..32 at 0.99 energy
+    (rsvd, ties, dare) or the largest input rank fixed (svd, weighted_avg); solver rsvd or exact.
+    `block_weights`: per input, None or 20/12 SDXL block values.  `dora`: error (refuse DoRA inputs) or
+    ignore (drop the magnitude)."""
+    return collect(plan_merge(sets, method, weights, rule, solver, seed, density, block_weights, dora), device,
+                   progress)

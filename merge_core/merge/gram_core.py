@@ -8,16 +8,16 @@ up = U X with X = D F⁺ A_k Σ_k^½;  down = Y V with Y = (XᵀG_U X)⁻¹ Xᵀ
 for that up.  Quality is exact from the same Grams:
 ‖T‖² = Σ G_U⊙G_V,  ⟨T, UXYV⟩ = Σ (G_U X)⊙(G_V Yᵀ),  ‖UXYV‖² = Σ (XᵀG_U X)⊙(Y G_V Yᵀ).
 
-Cost: Gram blocks O((out+N)R²) and the factor products O((out+N)Rk), all GEMMs on the inputs' own blocks
-(no stacked copy), and R×R work batched over the modules (roots and solves in fp64, the eigenproblem of M in
-fp32) — several times cheaper than Householder QR of both factors (the QR-core path) and than a sketch with
+Cost: the Grams O((out+N)R²) and the factor products O((out+N)Rk), batched GEMMs over the modules' stacked
+factors (the inputs' up/down side by side, cast to fp32 once), and R×R work batched over the modules (roots
+and solves in fp64, the eigenproblem of M in fp32) — several times cheaper than Householder QR of both factors (the QR-core path) and than a sketch with
 power iterations once R ≤ 2(k+p).  The Grams are fp32 products, so singular values below ~1e-3·σ₁ carry
 their round-off; the kept ones and the reported quality are unaffected at usual energies.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -58,41 +58,32 @@ def _roots(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return F, F_pinv
 
 
-def _grams(blocks: Sequence[torch.Tensor], transpose: bool, R: int, device: torch.device) -> torch.Tensor:
-    """R×R Gram of the side-by-side blocks (UᵀU for up factors, V Vᵀ for down factors), one GEMM per pair."""
-    g = torch.empty(R, R, device=device)
-    offsets = [0]
-    for b in blocks:
-        offsets.append(offsets[-1] + (b.shape[0] if transpose else b.shape[1]))
-    for i, a in enumerate(blocks):
-        for j in range(i, len(blocks)):
-            b = blocks[j]
-            gij = a @ b.T if transpose else a.T @ b
-            g[offsets[i]:offsets[i + 1], offsets[j]:offsets[j + 1]] = gij
+def _gram(W: torch.Tensor, blocks: Sequence[int], rows: bool) -> torch.Tensor:
+    """Batched Gram of stacked factors, fp64: WᵀW (columns, rows=False) or WWᵀ (rows=True), one batched GEMM
+    per block pair i ≤ j of the inputs' blocks and the rest mirrored (a quarter fewer products for two inputs)."""
+    R = sum(blocks)
+    g = torch.empty(W.shape[0], R, R, dtype=F64, device=W.device)
+    edges = [0]
+    for r in blocks:
+        edges.append(edges[-1] + r)
+    parts = [W[:, edges[i]:edges[i + 1]] if rows else W[:, :, edges[i]:edges[i + 1]] for i in range(len(blocks))]
+    for i, a in enumerate(parts):
+        for j in range(i, len(parts)):
+            gij = a @ parts[j].mT if rows else a.mT @ parts[j]
+            g[:, edges[i]:edges[i + 1], edges[j]:edges[j + 1]] = gij
             if j != i:
-                g[offsets[j]:offsets[j + 1], offsets[i]:offsets[i + 1]] = gij.T
+                g[:, edges[j]:edges[j + 1], edges[i]:edges[i + 1]] = gij.mT
     return g
 
 
-def _apply(blocks: Sequence[torch.Tensor], coeffs: torch.Tensor, left: bool) -> torch.Tensor:
-    """[U₁ … Uₙ] @ X (left) or Y @ [V₁; …; Vₙ] as a sum of block products (no stacked copy)."""
-    out, at = None, 0
-    for b in blocks:
-        r = b.shape[1] if left else b.shape[0]
-        part = b @ coeffs[at:at + r] if left else coeffs[:, at:at + r] @ b
-        out = part if out is None else out.add_(part)
-        at += r
-    return out
-
-
-def gram_low_rank_batch(ups: Sequence[Sequence[torch.Tensor]], downs: Sequence[Sequence[torch.Tensor]],
-                        col_scale: torch.Tensor, rule: RankRule) -> list[LowRank]:
-    """Best rank-k factors of each T_b = [U_b1 … U_bn] diag(c_b) [V_b1; …; V_bn] (one shape for the batch;
-    U/V blocks fp32 on one device, c: batch × R), k from `rule`.  c is folded into the small matrices."""
-    first_u, first_v = ups[0][0], downs[0][0]
-    shape, R, device = (first_u.shape[0], first_v.shape[1]), col_scale.shape[1], first_u.device
-    gu = torch.stack([_grams(us, False, R, device) for us in ups]).to(F64)
-    gv = torch.stack([_grams(vs, True, R, device) for vs in downs]).to(F64)
+def gram_low_rank_batch(U: torch.Tensor, V: torch.Tensor, col_scale: torch.Tensor, rule: RankRule,
+                        blocks: Optional[Sequence[int]] = None) -> list[LowRank]:
+    """Best rank-k factors of each T_b = U_b diag(c_b) V_b (U: batch × out × R, V: batch × R × N, fp32 on one
+    device; c: batch × R), k from `rule`; `blocks`: the inputs' ranks along R (default: one block).
+    c is folded into the small matrices."""
+    shape, device = (U.shape[1], V.shape[2]), U.device
+    blocks = blocks or (U.shape[2],)
+    gu, gv = _gram(U, blocks, rows=False), _gram(V, blocks, rows=True)
     c = col_scale.to(device=device, dtype=F64)
     gu = gu * (c[:, :, None] * c[:, None, :])
     totals = (gu * gv).sum((-2, -1))
@@ -113,7 +104,7 @@ def gram_low_rank_batch(ups: Sequence[Sequence[torch.Tensor]], downs: Sequence[S
     gvy = gv @ Y.mT
     inner = (gx * gvy).sum((-2, -1)).tolist()
     approx2 = (xgx * (Y @ gvy)).sum((-2, -1)).tolist()
-    X, Y = (c[:, :, None] * X).float(), Y.float()  # up = [U] diag(c) X
+    ups, downs = U @ (c[:, :, None] * X).float(), Y.float() @ V  # up = U diag(c) X, down = Y V
     out = []
     for b, k in enumerate(ks):
         total = totals_list[b]
@@ -121,12 +112,11 @@ def gram_low_rank_batch(ups: Sequence[Sequence[torch.Tensor]], downs: Sequence[S
             out.append(LowRank(None, None, 0, Quality(0.0, 1.0) if total <= 0 else Quality(1.0, 0.0), S[b].float()))
             continue
         rel = math.sqrt(max(0.0, total - 2.0 * inner[b] + approx2[b]) / total)
-        up, down = _apply(ups[b], X[b, :, :k], True), _apply(downs[b], Y[b, :k], False)
-        out.append(LowRank(up, down, k, Quality(rel, 1.0 - rel * rel), S[b].float()))
+        out.append(LowRank(ups[b, :, :k], downs[b, :k], k, Quality(rel, 1.0 - rel * rel), S[b].float()))
     return out
 
 
 def gram_low_rank(op: Factored, rule: RankRule) -> LowRank:
     """The Gram core for one factored operator."""
     ones = torch.ones(1, op.inner_rank, dtype=F64, device=op.device)
-    return gram_low_rank_batch([[op.U]], [[op.V]], ones, rule)[0]
+    return gram_low_rank_batch(op.U[None], op.V[None], ones, rule)[0]

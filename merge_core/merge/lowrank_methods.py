@@ -83,51 +83,59 @@ def merge_lowrank(target: ModuleTarget, opts: MergeOptions, device: torch.device
 
 # ---------------------------------------------------------------- batches for the Gram core
 
-BATCH_BYTES = 32 << 20  # fp32 factors per batch: a fraction of the largest SDXL module's dense ΔW
+BATCH_BYTES = 8 << 20  # fp32 factors per batch: small enough to stay in cache from the Grams to the products
 
 
-def _stacked_rank(target: ModuleTarget) -> Optional[int]:
-    """R = Σ rᵢ when every input is a LoRA/LoCon (whose factors stack directly), else None."""
+def input_ranks(target: ModuleTarget) -> Optional[tuple[int, ...]]:
+    """Each input's rank rᵢ when every input is a LoRA/LoCon (whose factors stack directly), else None."""
     terms = target.weighted
     if target.vector_only or not all(isinstance(t.module, LoRA) for t in terms):
         return None
-    return sum(t.module.rank for t in terms)
+    return tuple(t.module.rank for t in terms)
 
 
 def plan_batches(targets: Sequence[ModuleTarget], opts: MergeOptions) -> list[list[ModuleTarget]]:
-    """Modules the Gram core solves, grouped by (shape, R) in batches of ≤ BATCH_BYTES; the rest alone."""
+    """Modules the Gram core solves, grouped by (shape, input ranks) in batches of ≤ BATCH_BYTES; the rest
+    alone."""
     if opts.solver != "rsvd":
         return [[t] for t in targets]
     singles, groups = [], {}
     for t in targets:
-        R = _stacked_rank(t)
-        if R is None or R > gram_core_limit(opts.rule):
+        ranks = input_ranks(t)
+        if ranks is None or sum(ranks) > gram_core_limit(opts.rule):
             singles.append([t])
         else:
-            groups.setdefault((t.matrix_shape, R), []).append(t)
+            groups.setdefault((t.matrix_shape, ranks), []).append(t)
     batches = []
-    for ((out, n), R), group in groups.items():
-        size = max(1, BATCH_BYTES // (4 * (out + n) * R))
+    for ((out, n), ranks), group in groups.items():
+        size = max(1, BATCH_BYTES // (4 * (out + n) * sum(ranks)))
         batches += [group[i:i + size] for i in range(0, len(group), size)]
     return singles + batches
 
 
-def _factors(target: ModuleTarget, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
-    """Each input's fp32 up (out×r), down (r×N) and the scale cᵢ·αᵢ/rᵢ of its columns."""
-    ups, downs, scales = [], [], []
-    for t in target.weighted:
-        m: LoRA = t.module
-        down = m.down if m.mid is None else tucker_right(m.mid.float(), m.down.float())
-        ups.append(m.up.flatten(1).to(device=device, dtype=torch.float32))
-        downs.append(down.flatten(1).to(device=device, dtype=torch.float32))
-        scales += [t.coeff * m.scale] * m.rank
-    return ups, downs, scales
+def stacked_factors(batch: Sequence[ModuleTarget], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, V, c) for a batch from plan_batches: every input's up side by side (batch × out × R) and down stacked
+    (batch × R × N), cast to fp32 as they are copied in, and each column's scale cᵢ·αᵢ/rᵢ (batch × R)."""
+    out, n = batch[0].matrix_shape
+    R = sum(input_ranks(batch[0]))
+    U = torch.empty(len(batch), out, R, device=device)
+    V = torch.empty(len(batch), R, n, device=device)
+    c = torch.empty(len(batch), R, dtype=torch.float64)
+    for b, target in enumerate(batch):
+        at = 0
+        for t in target.weighted:
+            m: LoRA = t.module
+            down = m.down if m.mid is None else tucker_right(m.mid.float(), m.down.float())
+            U[b, :, at:at + m.rank].copy_(m.up.flatten(1))
+            V[b, at:at + m.rank].copy_(down.flatten(1))
+            c[b, at:at + m.rank] = t.coeff * m.scale
+            at += m.rank
+    return U, V, c
 
 
 def merge_lowrank_batch(batch: Sequence[ModuleTarget], opts: MergeOptions, device: torch.device) -> list[Outcome]:
     """One batch from plan_batches: several same-shape modules through the Gram core at once."""
     if len(batch) == 1:
         return [merge_lowrank(batch[0], opts, device)]
-    ups, downs, scales = zip(*(_factors(t, device) for t in batch))
-    results = gram_low_rank_batch(ups, downs, torch.tensor(scales, dtype=torch.float64), opts.rule)
+    results = gram_low_rank_batch(*stacked_factors(batch, device), opts.rule, input_ranks(batch[0]))
     return [lora_outcome(t, lr.up, lr.down, lr.quality, device, t.note) for t, lr in zip(batch, results)]

@@ -106,9 +106,7 @@ def test_gram_core_batch_matches_dense_svd():
     gen = torch.Generator().manual_seed(0)
     U, V = torch.randn(3, 200, 12, generator=gen), torch.randn(3, 12, 150, generator=gen)
     c = torch.rand(3, 12, generator=gen, dtype=torch.float64) + 0.5
-    blocks_u = [[U[b, :, :7], U[b, :, 7:]] for b in range(3)]
-    blocks_v = [[V[b, :7], V[b, 7:]] for b in range(3)]
-    for b, lr in enumerate(gram_low_rank_batch(blocks_u, blocks_v, c, RankRule(rank=5))):
+    for b, lr in enumerate(gram_low_rank_batch(U, V, c, RankRule(rank=5))):
         T = U[b].double() @ (c[b, :, None] * V[b].double())
         assert rel(lr.up.double() @ lr.down.double(), T) == pytest.approx(optimal_error(T, 5), rel=1e-4)
         assert lr.quality.rel_error == pytest.approx(optimal_error(T, 5), rel=1e-4)

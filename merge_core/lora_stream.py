@@ -1,0 +1,55 @@
+"""Write a kohya-named LoRA .safetensors one module at a time, for outputs made piece by piece (extract,
+merge): the file grows as modules are made, so writing overlaps the work and memory holds one module.
+
+The header is reserved up front from a bound on what may be written (`lora_entries` per module, then
+files.stream_writer.header_bound) and filled in by `finish`, with the kohya/modelspec metadata and recipe.
+"""
+from __future__ import annotations
+
+from typing import BinaryIO, Optional
+
+import torch
+
+from .adapters import AdapterModule
+from .files.metadata import lora_metadata
+from .files.stream_writer import SafetensorsStream
+from .keys.suffixes import KOHYA
+from .lora_file import state_dict_of
+
+Entry = tuple[str, torch.dtype, tuple[int, ...]]
+
+
+def lora_entries(name: str, shape: tuple[int, ...], rank: int, dtype: torch.dtype) -> list[Entry]:
+    """The tensors of a LoRA/LoCon of `rank` on a weight of `shape` (out, in[, kh, kw]): up, down, alpha."""
+    return [(name + KOHYA.up, dtype, (shape[0], rank, *[1] * (len(shape) - 2))),
+            (name + KOHYA.down, dtype, (rank, *shape[1:])),
+            (name + KOHYA.alpha, torch.float32, ())]
+
+
+class LoraStream:
+    """add(name, module) appends the module's tensors (kohya names, `dtype`; alpha fp32); finish(...) writes
+    the header with the metadata of what was added."""
+
+    def __init__(self, fh: BinaryIO, header_bytes: int, dtype: torch.dtype):
+        self._stream = SafetensorsStream(fh, header_bytes)
+        self._dtype = dtype
+        self._kinds: set[str] = set()
+        self._ranks: list[int] = []
+        self._alphas: list[float] = []
+
+    @property
+    def tensor_count(self) -> int:
+        return len(self._stream.names)
+
+    def add(self, name: str, module: AdapterModule) -> None:
+        for key, tensor in state_dict_of({name: module}, KOHYA, self._dtype).items():
+            self._stream.add(key, tensor)
+        self._kinds.add(module.kind)
+        if module.kind != "full":
+            self._ranks.append(module.rank)
+        alpha = getattr(module, "alpha", None)
+        if alpha is not None:
+            self._alphas.append(alpha)
+
+    def finish(self, arch: str, recipe: Optional[dict], title: Optional[str]) -> None:
+        self._stream.finish(lora_metadata(self._kinds, self._ranks, self._alphas, arch, recipe, title))
