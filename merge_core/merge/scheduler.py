@@ -7,7 +7,7 @@ barrier per op, which stalls badly when the cores are shared), and each batch st
 from __future__ import annotations
 
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Callable, Iterator, TypeVar
 
@@ -15,6 +15,7 @@ import torch
 
 from ..device import with_cpu_fallback
 
+AHEAD = 2  # batches started per worker before their results are recorded
 B = TypeVar("B")
 R = TypeVar("R")
 
@@ -34,8 +35,9 @@ def run_work(work: deque[B], run: Callable[[B, torch.device], R], record: Callab
              device: torch.device, parallel: bool = True) -> None:
     """run(batch, device) for every batch, record(batch, result) in the calling thread as each finishes (it
     may raise to cancel: batches not started are dropped).  `work` is consumed: no batch is referenced here
-    after it is recorded.  parallel=False, or CUDA: in order (CUDA: each with a CPU fallback on
-    out-of-memory).  torch's thread count is restored afterwards."""
+    after it is recorded, and at most two batches per worker are started ahead of the recording, so results
+    never pile up faster than the caller takes them (e.g. writes them).  parallel=False, or CUDA: in order
+    (CUDA: each with a CPU fallback on out-of-memory).  torch's thread count is restored afterwards."""
     workers = torch.get_num_threads() if device.type == "cpu" and parallel else 1
     if workers <= 1 or len(work) <= 1:
         while work:
@@ -46,12 +48,14 @@ def run_work(work: deque[B], run: Callable[[B, torch.device], R], record: Callab
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge",
                                   initializer=lambda: torch.set_num_threads(1))
         try:
-            futures = {}
-            while work:
-                batch = work.popleft()
-                futures[pool.submit(run, batch, device)] = batch
-            del batch
-            for future in as_completed(list(futures)):
-                record(futures.pop(future), future.result())
+            running: dict[Future, B] = {}
+            while work or running:
+                while work and len(running) < AHEAD * workers:
+                    batch = work.popleft()
+                    running[pool.submit(run, batch, device)] = batch
+                    del batch
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    record(running.pop(future), future.result())
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
