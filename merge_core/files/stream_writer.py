@@ -19,6 +19,8 @@ ST_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", to
             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
             torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 ALIGN = 8
+NUMPY_NATIVE = {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
+                torch.uint8, torch.bool}  # written straight from .numpy(); others as raw bytes
 
 
 def _entry_json(name: str, dtype: str, shape: Iterable[int], start: int, end: int) -> str:
@@ -54,11 +56,13 @@ class SafetensorsStream:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._entries:
             raise ValueError(f"tensor '{name}' written twice")
-        t = tensor.detach().to("cpu").contiguous()
+        t = tensor.detach()
+        if t.device.type != "cpu" or not t.is_contiguous():
+            t = t.to("cpu").contiguous()
         if t.dtype not in ST_DTYPE:
             raise MergeCoreError(f"cannot write tensor '{name}' of dtype {t.dtype} to safetensors")
-        data = t.reshape(-1).view(torch.uint8).numpy()
-        self._fh.write(memoryview(data))
+        data = t.numpy() if t.dtype in NUMPY_NATIVE else t.reshape(-1).view(torch.uint8).numpy()
+        self._fh.write(data)
         end = self._offset + data.nbytes
         self._entries[name] = {"dtype": ST_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [self._offset, end]}
         self._offset = end

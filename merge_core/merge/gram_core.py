@@ -104,7 +104,7 @@ def gram_low_rank_batch(U: torch.Tensor, V: torch.Tensor, col_scale: torch.Tenso
     gvy = gv @ Y.mT
     inner = (gx * gvy).sum((-2, -1)).tolist()
     approx2 = (xgx * (Y @ gvy)).sum((-2, -1)).tolist()
-    ups, downs = U @ (c[:, :, None] * X).float(), Y.float() @ V  # up = U diag(c) X, down = Y V
+    X, Y = (c[:, :, None] * X).float(), Y.float()  # up = U diag(c) X, down = Y V
     out = []
     for b, k in enumerate(ks):
         total = totals_list[b]
@@ -112,7 +112,8 @@ def gram_low_rank_batch(U: torch.Tensor, V: torch.Tensor, col_scale: torch.Tenso
             out.append(LowRank(None, None, 0, Quality(0.0, 1.0) if total <= 0 else Quality(1.0, 0.0), S[b].float()))
             continue
         rel = math.sqrt(max(0.0, total - 2.0 * inner[b] + approx2[b]) / total)
-        out.append(LowRank(ups[b, :, :k], downs[b, :k], k, Quality(rel, 1.0 - rel * rel), S[b].float()))
+        up, down = U[b] @ X[b, :, :k], Y[b, :k] @ V[b]  # exactly k columns/rows, each a fresh contiguous matrix
+        out.append(LowRank(up, down, k, Quality(rel, 1.0 - rel * rel), S[b].float()))
     return out
 
 
