@@ -19,6 +19,11 @@ from .lora_file import state_dict_of
 Entry = tuple[str, torch.dtype, tuple[int, ...]]
 
 
+def file_tensors(name: str, module: AdapterModule, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The module's tensors as the file holds them: kohya names, cast to dtype (alpha fp32), contiguous."""
+    return state_dict_of({name: module}, KOHYA, dtype)
+
+
 def lora_entries(name: str, shape: tuple[int, ...], rank: int, dtype: torch.dtype) -> list[Entry]:
     """The tensors of a LoRA/LoCon of `rank` on a weight of `shape` (out, in[, kh, kw]): up, down, alpha."""
     return [(name + KOHYA.up, dtype, (shape[0], rank, *[1] * (len(shape) - 2))),
@@ -41,8 +46,10 @@ class LoraStream:
     def tensor_count(self) -> int:
         return len(self._stream.names)
 
-    def add(self, name: str, module: AdapterModule) -> None:
-        for key, tensor in state_dict_of({name: module}, KOHYA, self._dtype).items():
+    def add(self, name: str, module: AdapterModule, tensors: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Append the module; `tensors`: its file_tensors(name, module, dtype) when made already (e.g. on the
+        worker thread that computed it, so the writing thread only writes)."""
+        for key, tensor in (tensors if tensors is not None else file_tensors(name, module, self._dtype)).items():
             self._stream.add(key, tensor)
         self._kinds.add(module.kind)
         if module.kind != "full":

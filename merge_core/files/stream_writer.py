@@ -8,6 +8,7 @@ format allows) into that area.  The caller bounds the header size from what it m
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import BinaryIO, Iterable, Optional
 
@@ -32,7 +33,7 @@ def header_bound(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], me
                  slack: int = 1024) -> int:
     """Bytes enough for a header naming any subset of `entries` (name, dtype, shape) plus `metadata`."""
     entries = list(entries)
-    total = sum(torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size() for _, dt, shape in entries)
+    total = sum(math.prod(shape) * dt.itemsize for _, dt, shape in entries)
     size = sum(len(_entry_json(n, ST_DTYPE[dt], s, total, total)) + 1 for n, dt, s in entries)
     if metadata:
         size += len(json.dumps({"__metadata__": metadata}, separators=(",", ":"))) + 1

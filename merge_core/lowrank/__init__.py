@@ -2,10 +2,10 @@
 from .decompose import SOLVERS, LowRank, low_rank, svd_of
 from .operators import Dense, Factored, Operator, frob2, inner, weighted_sum
 from .quality import Quality, measure
-from .rank_select import RankRule, choose_rank, energy_rank
+from .rank_select import RankRule, choose_rank, choose_ranks
 from .svd_result import SVD
 
 __all__ = [
     "SOLVERS", "LowRank", "low_rank", "svd_of", "Dense", "Factored", "Operator", "frob2", "inner",
-    "weighted_sum", "Quality", "measure", "RankRule", "choose_rank", "energy_rank", "SVD",
+    "weighted_sum", "Quality", "measure", "RankRule", "choose_rank", "choose_ranks", "SVD",
 ]

@@ -14,7 +14,7 @@ Edge cases (documented in the README):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -52,32 +52,26 @@ class RankRule:
         return {"energy": self.energy, "min_rank": self.min_rank, "max_rank": self.max_rank}
 
 
-def nonzero_count(s: torch.Tensor) -> int:
-    """Singular values above round-off (s descending)."""
-    if s.numel() == 0 or float(s[0]) <= 0.0:
-        return 0
-    return int((s > float(s[0]) * NULL_TOL).sum())
-
-
-def energy_rank(s: torch.Tensor, total_energy: float, energy: float) -> int:
-    """Smallest k with Σ_{i≤k} σᵢ² ≥ energy·total (all of s if never reached)."""
-    available = nonzero_count(s)
-    if available == 0 or total_energy <= 0.0:
-        return 0
-    if energy >= 1.0:
-        return available
-    cum = torch.cumsum(s[:available].to(torch.float64) ** 2, dim=0) / total_energy
-    reached = torch.nonzero(cum >= energy)
-    return int(reached[0]) + 1 if reached.numel() else available
+def choose_ranks(S: torch.Tensor, totals: Sequence[float], rule: RankRule, shape: tuple[int, int]) -> list[int]:
+    """The rank to keep for each row of singular values S (batch × n, each row descending) of modules of one
+    matrix shape (out, in·kh·kw), with exact energies ‖T_b‖² = totals[b] (all rows at once)."""
+    s = S.detach().to("cpu", torch.float64)
+    total = torch.as_tensor(list(totals), dtype=torch.float64)
+    top = s[:, 0] if s.shape[1] else torch.zeros(s.shape[0], dtype=torch.float64)
+    available = torch.where(top > 0, (s > (top * NULL_TOL)[:, None]).sum(1), 0)  # above round-off
+    if rule.rank is not None:
+        k = torch.full_like(available, rule.rank)
+    else:
+        k = available
+        if rule.energy < 1.0:  # smallest k with Σ_{i≤k} σᵢ² ≥ energy·‖T‖² (all available if never reached)
+            cum = torch.cumsum(s * s, 1) / total.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
+            reached = (cum >= rule.energy) & (torch.arange(s.shape[1])[None, :] < available[:, None])
+            k = torch.where(reached.any(1), reached.to(torch.int64).argmax(1) + 1, available)
+        k = k.clamp(rule.min_rank, rule.max_rank)
+    k = torch.minimum(k.clamp_max(min(shape)), available).clamp_min(1)
+    return torch.where((available == 0) | (total <= 0.0), 0, k).tolist()
 
 
 def choose_rank(s: torch.Tensor, total_energy: float, rule: RankRule, shape: tuple[int, int]) -> int:
-    """The rank to keep for singular values `s` of a module of matrix shape (out, in·kh·kw)."""
-    available = nonzero_count(s)
-    if available == 0 or total_energy <= 0.0:
-        return 0
-    if rule.rank is not None:
-        k = rule.rank
-    else:
-        k = min(max(energy_rank(s, total_energy, rule.energy), rule.min_rank), rule.max_rank)
-    return max(1, min(k, shape[0], shape[1], available))
+    """The rank to keep for singular values `s` (descending) of a module of matrix shape (out, in·kh·kw)."""
+    return choose_ranks(s.reshape(1, -1), [total_energy], rule, shape)[0]

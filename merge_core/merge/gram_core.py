@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..lowrank import Factored, LowRank, Quality, RankRule
-from ..lowrank.rank_select import choose_rank
+from ..lowrank.rank_select import choose_ranks
 
 F64 = torch.float64
 ROOT_TOL = 1e-7  # relative size below which a direction of G_U is fp32 round-off (left out of its root)
@@ -93,8 +93,8 @@ def gram_low_rank_batch(U: torch.Tensor, V: torch.Tensor, col_scale: torch.Tenso
     M = F @ (gv / dd) @ F.mT
     lam, A = torch.linalg.eigh(((M + M.mT) / 2).float())  # fp32: as accurate as the fp32 Grams behind M
     S, A = lam.to(F64).flip(-1).clamp_min(0.0).sqrt(), A.to(F64).flip(-1)
-    totals_list, S_cpu = totals.tolist(), S.cpu()
-    ks = [choose_rank(S_cpu[b], totals_list[b], rule, shape) for b in range(len(totals_list))]
+    totals_list = totals.tolist()
+    ks = choose_ranks(S, totals_list, rule, shape)
     kmax = max(ks)
     kept = torch.arange(kmax, device=device)[None, :] < torch.as_tensor(ks, device=device)[:, None]
     X = d[:, :, None] * (F_pinv @ (A[:, :, :kmax] * (S[:, :kmax].sqrt() * kept)[:, None, :]))

@@ -1,4 +1,4 @@
-"""Merge straight into a .safetensors file: each merged module is cast to the file's dtype on the worker that
+"""Merge straight into a .safetensors file: each merged module is cast to the file's tensors on the worker that
 made it and written as soon as it and the modules planned before it are done, so the write overlaps the
 arithmetic and the merged modules are never all in memory.  .pt files and PEFT layouts go through
 merge_loras + save (torch.save and the PEFT folder writer need everything at once)."""
@@ -15,9 +15,9 @@ from ..files.atomic import atomic_write
 from ..files.metadata import lora_metadata
 from ..files.stream_writer import header_bound
 from ..lora_file import dtype_of
-from ..lora_stream import Entry, LoraStream, lora_entries
+from ..lora_stream import Entry, LoraStream, file_tensors, lora_entries
 from ..report import Progress, Report
-from .engine import MergePlan, cast_to, run_merge
+from .engine import MergePlan, run_merge
 from .outcome import Outcome
 from .targets import ModuleTarget
 
@@ -66,11 +66,14 @@ def merge_to_file(plan: MergePlan, output: Union[str, os.PathLike], dtype: str =
         with open(tmp, "wb") as fh:
             stream = LoraStream(fh, reserve, dt)
 
-            def sink(name: str, out: Outcome, module) -> None:
-                if module is not None:
-                    stream.add(name, module)
+            def prepare(name: str, out: Outcome) -> Optional[dict[str, torch.Tensor]]:  # on the worker thread
+                return file_tensors(name, out.module, dt) if out.module is not None else None
 
-            report = run_merge(plan, sink, device, progress, cast_to(dt))
+            def sink(name: str, out: Outcome, tensors: Optional[dict[str, torch.Tensor]]) -> None:
+                if out.module is not None:
+                    stream.add(name, out.module, tensors)
+
+            report = run_merge(plan, sink, device, progress, prepare)
             if stream.tensor_count == 0:
                 raise MergeCoreError("nothing to write: the result has no modules")
             stream.finish(arch, plan.recipe(), path.stem)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from merge_core.errors import MergeCoreError
-from merge_core.lowrank import Dense, Factored, RankRule, choose_rank, frob2, inner, low_rank, measure, weighted_sum
+from merge_core.lowrank import Dense, Factored, RankRule, choose_rank, choose_ranks, frob2, inner, low_rank, measure, weighted_sum
 from merge_core.lowrank.exact_svd import factored_svd
 from merge_core.lowrank.rsvd import randomized_svd
 from synth import randn
@@ -135,6 +135,21 @@ def test_min_rank_is_a_floor_when_singular_values_exist():
 def test_choose_rank_without_reaching_energy_uses_max_rank():
     s = torch.ones(50)
     assert choose_rank(s, 50.0, RankRule(energy=0.99, min_rank=4, max_rank=32), (100, 100)) == 32
+
+
+def test_choose_ranks_decides_each_row_of_a_batch_on_its_own():
+    decaying = 0.5 ** torch.arange(40, dtype=torch.float64)  # Σσ² reaches 99 % of its total at k = 4
+    rows = torch.stack([decaying, torch.zeros(40), torch.cat([torch.ones(2), torch.zeros(38)]), torch.ones(40)])
+    totals = [float((r ** 2).sum()) for r in rows]
+    assert choose_ranks(rows, totals, RankRule(energy=0.99, min_rank=2, max_rank=32), (64, 64)) == [4, 0, 2, 32]
+    # min_rank above the non-zero count keeps only what exists; max_rank caps the flat spectrum
+    assert choose_ranks(rows, totals, RankRule(energy=0.99, min_rank=6, max_rank=8), (64, 64)) == [6, 0, 2, 8]
+    # a fixed rank is clamped to min(out, in) and to the non-zero count (0.5^i drops below 1e-6·σ₁ after 20);
+    # energy 1.0 keeps every non-zero value
+    assert choose_ranks(rows, totals, RankRule(rank=50), (30, 64)) == [20, 0, 2, 30]
+    assert choose_ranks(rows, totals, RankRule(energy=1.0, min_rank=1, max_rank=64), (64, 64)) == [20, 0, 2, 40]
+    assert [choose_rank(r, t, RankRule(), (64, 64)) for r, t in zip(rows, totals)] == \
+        choose_ranks(rows, totals, RankRule(), (64, 64))
 
 
 def test_rank_rule_validation():
