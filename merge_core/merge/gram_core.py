@@ -8,16 +8,19 @@ up = U X with X = D F⁺ A_k Σ_k^½;  down = Y V with Y = (XᵀG_U X)⁻¹ Xᵀ
 for that up.  Quality is exact from the same Grams:
 ‖T‖² = Σ G_U⊙G_V,  ⟨T, UXYV⟩ = Σ (G_U X)⊙(G_V Yᵀ),  ‖UXYV‖² = Σ (XᵀG_U X)⊙(Y G_V Yᵀ).
 
-Cost: the Grams O((out+N)R²) and the factor products O((out+N)Rk), batched GEMMs over the modules' stacked
-factors (the inputs' up/down side by side, cast to fp32 once), and R×R work batched over the modules (roots
-and solves in fp64, the eigenproblem of M in fp32) — several times cheaper than Householder QR of both factors (the QR-core path) and than a sketch with
-power iterations once R ≤ 2(k+p).  The Grams are fp32 products, so singular values below ~1e-3·σ₁ carry
-their round-off; the kept ones and the reported quality are unaffected at usual energies.
+Cost: the Grams O((out+N)R²) and the factor products O((out+N)Rk), GEMMs on one module's factors at a time,
+cast to fp32 into a scratch matrix twice (once per pass) so they stay in cache instead of a batch of them
+crossing memory three times; the R×R work batched over the modules (roots and solves in fp64, the
+eigenproblem of M in fp32) — several times cheaper than Householder QR of both factors (the QR-core path)
+and than a sketch with power iterations once R ≤ 2(k+p).  The Grams are fp32 products, so singular values
+below ~1e-3·σ₁ carry their round-off; the kept ones and the reported quality are unaffected at usual
+energies.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -58,32 +61,56 @@ def _roots(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return F, F_pinv
 
 
-def _gram(W: torch.Tensor, blocks: Sequence[int], rows: bool) -> torch.Tensor:
-    """Batched Gram of stacked factors, fp64: WᵀW (columns, rows=False) or WWᵀ (rows=True), one batched GEMM
-    per block pair i ≤ j of the inputs' blocks and the rest mirrored (a quarter fewer products for two inputs)."""
-    R = sum(blocks)
-    g = torch.empty(W.shape[0], R, R, dtype=F64, device=W.device)
-    edges = [0]
-    for r in blocks:
-        edges.append(edges[-1] + r)
-    parts = [W[:, edges[i]:edges[i + 1]] if rows else W[:, :, edges[i]:edges[i + 1]] for i in range(len(blocks))]
-    for i, a in enumerate(parts):
-        for j in range(i, len(parts)):
-            gij = a @ parts[j].mT if rows else a.mT @ parts[j]
-            g[:, edges[i]:edges[i + 1], edges[j]:edges[j + 1]] = gij
-            if j != i:
-                g[:, edges[j]:edges[j + 1], edges[i]:edges[i + 1]] = gij.mT
-    return g
+@dataclass
+class Stacked:
+    """The factors of a batch of same-shape modules, T_b = U_b diag(c_b) V_b with U_b = [U_b1 … U_bn] (out × R)
+    and V_b = [V_b1; …; V_bn] (R × N): `ups[b]`/`downs[b]` hold the inputs' blocks in any dtype, and
+    `u(b, into)`/`v(b, into)` put them side by side in fp32 in a scratch matrix, when they are needed — so a
+    module's factors stay in cache from the cast to the products, and only one module is in fp32 at a time."""
+
+    ups: Sequence[Sequence[torch.Tensor]]
+    downs: Sequence[Sequence[torch.Tensor]]
+    col_scale: torch.Tensor  # batch × R, the scale of each column of U_b
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(out, N, R)."""
+        return self.ups[0][0].shape[0], self.downs[0][0].shape[1], self.col_scale.shape[1]
+
+    def u(self, b: int, into: torch.Tensor) -> torch.Tensor:
+        blocks = self.ups[b]
+        if len(blocks) == 1 and blocks[0].dtype == into.dtype:
+            return blocks[0]
+        at = 0
+        for block in blocks:
+            into[:, at:at + block.shape[1]].copy_(block)
+            at += block.shape[1]
+        return into
+
+    def v(self, b: int, into: torch.Tensor) -> torch.Tensor:
+        blocks = self.downs[b]
+        if len(blocks) == 1 and blocks[0].dtype == into.dtype:
+            return blocks[0]
+        at = 0
+        for block in blocks:
+            into[at:at + block.shape[0]].copy_(block)
+            at += block.shape[0]
+        return into
 
 
-def gram_low_rank_batch(U: torch.Tensor, V: torch.Tensor, col_scale: torch.Tensor, rule: RankRule,
-                        blocks: Optional[Sequence[int]] = None) -> list[LowRank]:
-    """Best rank-k factors of each T_b = U_b diag(c_b) V_b (U: batch × out × R, V: batch × R × N, fp32 on one
-    device; c: batch × R), k from `rule`; `blocks`: the inputs' ranks along R (default: one block).
-    c is folded into the small matrices."""
-    shape, device = (U.shape[1], V.shape[2]), U.device
-    blocks = blocks or (U.shape[2],)
-    gu, gv = _gram(U, blocks, rows=False), _gram(V, blocks, rows=True)
+def gram_low_rank_batch(factors: Stacked, rule: RankRule) -> list[LowRank]:
+    """Best rank-k factors of each T_b = U_b diag(c_b) V_b of `factors` (one shape and device for the batch),
+    k from `rule`.  c is folded into the small matrices."""
+    out, n, R = factors.shape
+    B, device, col_scale = len(factors.ups), factors.ups[0][0].device, factors.col_scale
+    su, sv = torch.empty(out, R, device=device), torch.empty(R, n, device=device)
+    gu, gv = torch.empty(B, R, R, device=device), torch.empty(B, R, R, device=device)
+    for b in range(B):  # pass 1: the Grams, each module cast once into the scratch
+        U, V = factors.u(b, su), factors.v(b, sv)
+        torch.mm(U.T, U, out=gu[b])
+        torch.mm(V, V.T, out=gv[b])
+    gu, gv = gu.to(F64), gv.to(F64)
+    shape = (out, n)
     c = col_scale.to(device=device, dtype=F64)
     gu = gu * (c[:, :, None] * c[:, None, :])
     totals = (gu * gv).sum((-2, -1))
@@ -105,19 +132,20 @@ def gram_low_rank_batch(U: torch.Tensor, V: torch.Tensor, col_scale: torch.Tenso
     inner = (gx * gvy).sum((-2, -1)).tolist()
     approx2 = (xgx * (Y @ gvy)).sum((-2, -1)).tolist()
     X, Y = (c[:, :, None] * X).float(), Y.float()  # up = U diag(c) X, down = Y V
-    out = []
-    for b, k in enumerate(ks):
+    results = []
+    for b, k in enumerate(ks):  # pass 2: the factors, each module cast again into the scratch
         total = totals_list[b]
         if k == 0:
-            out.append(LowRank(None, None, 0, Quality(0.0, 1.0) if total <= 0 else Quality(1.0, 0.0), S[b].float()))
+            results.append(LowRank(None, None, 0, Quality(0.0, 1.0) if total <= 0 else Quality(1.0, 0.0),
+                                   S[b].float()))
             continue
         rel = math.sqrt(max(0.0, total - 2.0 * inner[b] + approx2[b]) / total)
-        up, down = U[b] @ X[b, :, :k], Y[b, :k] @ V[b]  # exactly k columns/rows, each a fresh contiguous matrix
-        out.append(LowRank(up, down, k, Quality(rel, 1.0 - rel * rel), S[b].float()))
-    return out
+        up, down = factors.u(b, su) @ X[b, :, :k], Y[b, :k] @ factors.v(b, sv)  # fresh, exactly k wide
+        results.append(LowRank(up, down, k, Quality(rel, 1.0 - rel * rel), S[b].float()))
+    return results
 
 
 def gram_low_rank(op: Factored, rule: RankRule) -> LowRank:
     """The Gram core for one factored operator."""
     ones = torch.ones(1, op.inner_rank, dtype=F64, device=op.device)
-    return gram_low_rank_batch(op.U[None], op.V[None], ones, rule)[0]
+    return gram_low_rank_batch(Stacked([[op.U]], [[op.V]], ones), rule)[0]

@@ -20,7 +20,7 @@ from ..adapters.base import tucker_right
 from ..lowrank import Dense, Factored, LowRank, Operator, Quality, RankRule, choose_rank, low_rank, svd_of
 from ..lowrank.exact_svd import factored_svd
 from ..lowrank.rsvd import DEFAULT_OVERSAMPLE
-from .gram_core import gram_low_rank, gram_low_rank_batch
+from .gram_core import Stacked, gram_low_rank, gram_low_rank_batch
 from .options import MergeOptions
 from .outcome import Outcome, lora_outcome
 from .targets import ModuleTarget
@@ -83,7 +83,7 @@ def merge_lowrank(target: ModuleTarget, opts: MergeOptions, device: torch.device
 
 # ---------------------------------------------------------------- batches for the Gram core
 
-BATCH_BYTES = 8 << 20  # fp32 factors per batch: small enough to stay in cache from the Grams to the products
+BATCH_BYTES = 32 << 20  # fp32 factors per batch: enough modules to share the R×R calls, few enough to spread
 
 
 def input_ranks(target: ModuleTarget) -> Optional[tuple[int, ...]]:
@@ -113,29 +113,28 @@ def plan_batches(targets: Sequence[ModuleTarget], opts: MergeOptions) -> list[li
     return singles + batches
 
 
-def stacked_factors(batch: Sequence[ModuleTarget], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U, V, c) for a batch from plan_batches: every input's up side by side (batch × out × R) and down stacked
-    (batch × R × N), cast to fp32 as they are copied in, and each column's scale cᵢ·αᵢ/rᵢ (batch × R)."""
-    out, n = batch[0].matrix_shape
-    R = sum(input_ranks(batch[0]))
-    U = torch.empty(len(batch), out, R, device=device)
-    V = torch.empty(len(batch), R, n, device=device)
-    c = torch.empty(len(batch), R, dtype=torch.float64)
+def stacked_factors(batch: Sequence[ModuleTarget], device: torch.device) -> Stacked:
+    """A batch from plan_batches as the Gram core takes it: each module's inputs' up (out × rᵢ) and down
+    (rᵢ × N, a Tucker conv's core folded in) as stored, and each column's scale cᵢ·αᵢ/rᵢ."""
+    ups, downs = [], []
+    c = torch.empty(len(batch), sum(input_ranks(batch[0])), dtype=torch.float64)
     for b, target in enumerate(batch):
-        at = 0
+        at, us, ds = 0, [], []
         for t in target.weighted:
             m: LoRA = t.module
             down = m.down if m.mid is None else tucker_right(m.mid.float(), m.down.float())
-            U[b, :, at:at + m.rank].copy_(m.up.flatten(1))
-            V[b, at:at + m.rank].copy_(down.flatten(1))
+            us.append(m.up.flatten(1).to(device))
+            ds.append(down.flatten(1).to(device))
             c[b, at:at + m.rank] = t.coeff * m.scale
             at += m.rank
-    return U, V, c
+        ups.append(us)
+        downs.append(ds)
+    return Stacked(ups, downs, c)
 
 
 def merge_lowrank_batch(batch: Sequence[ModuleTarget], opts: MergeOptions, device: torch.device) -> list[Outcome]:
     """One batch from plan_batches: several same-shape modules through the Gram core at once."""
     if len(batch) == 1:
         return [merge_lowrank(batch[0], opts, device)]
-    results = gram_low_rank_batch(*stacked_factors(batch, device), opts.rule, input_ranks(batch[0]))
+    results = gram_low_rank_batch(stacked_factors(batch, device), opts.rule)
     return [lora_outcome(t, lr.up, lr.down, lr.quality, device, t.note) for t, lr in zip(batch, results)]

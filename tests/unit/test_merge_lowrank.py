@@ -8,7 +8,7 @@ import torch
 
 from merge_core.lowrank import RankRule
 from merge_core.merge import merge_loras
-from merge_core.merge.gram_core import gram_low_rank_batch
+from merge_core.merge.gram_core import Stacked, gram_low_rank_batch
 from merge_testlib import one_torch_thread  # noqa: F401  (autouse)
 from merge_testlib import (NAMES, decaying_lora, dense, energy_rank, lora_set, optimal_error, random_lora, rel,
                                 shape_of, target)
@@ -106,7 +106,8 @@ def test_gram_core_batch_matches_dense_svd():
     gen = torch.Generator().manual_seed(0)
     U, V = torch.randn(3, 200, 12, generator=gen), torch.randn(3, 12, 150, generator=gen)
     c = torch.rand(3, 12, generator=gen, dtype=torch.float64) + 0.5
-    for b, lr in enumerate(gram_low_rank_batch(U, V, c, RankRule(rank=5))):
+    blocks = Stacked([[U[b, :, :7], U[b, :, 7:]] for b in range(3)], [[V[b, :7], V[b, 7:]] for b in range(3)], c)
+    for b, lr in enumerate(gram_low_rank_batch(blocks, RankRule(rank=5))):
         T = U[b].double() @ (c[b, :, None] * V[b].double())
         assert rel(lr.up.double() @ lr.down.double(), T) == pytest.approx(optimal_error(T, 5), rel=1e-4)
         assert lr.quality.rel_error == pytest.approx(optimal_error(T, 5), rel=1e-4)
