@@ -129,12 +129,13 @@ def timed(fn) -> tuple[float, float]:
 def ratio(a: Path, b: Path, work: Path, repeats: int) -> dict:
     """Medians and minima of end-to-end rsvd and of load+write (wall and CPU seconds), the two alternating."""
     merged = work / "e2e_rsvd.safetensors"
-    os.sync()  # no earlier writes still being flushed to disk during the timed runs
     end_to_end(a, b, merged)  # warm-up: page cache, lazy imports
     modules = materialised(merged)  # what the load+write baseline writes: the same modules, same dtype
     e2e, io_t = [], []
-    for _ in range(repeats):
+    for _ in range(repeats):  # each timed run starts with no earlier write still being flushed
+        os.sync()
         e2e.append(timed(lambda: end_to_end(a, b, merged)))
+        os.sync()
         io_t.append(timed(lambda: io_only(a, b, work / "io_only.safetensors", modules)))
     out = {k: statistics.median(x[i] for x in runs) for k, runs, i in
            (("e2e", e2e, 0), ("e2e_cpu", e2e, 1), ("io", io_t, 0), ("io_cpu", io_t, 1))}
