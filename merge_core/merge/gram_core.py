@@ -78,24 +78,21 @@ class Stacked:
         return self.ups[0][0].shape[0], self.downs[0][0].shape[1], self.col_scale.shape[1]
 
     def u(self, b: int, into: torch.Tensor) -> torch.Tensor:
-        blocks = self.ups[b]
-        if len(blocks) == 1 and blocks[0].dtype == into.dtype:
-            return blocks[0]
-        at = 0
-        for block in blocks:
-            into[:, at:at + block.shape[1]].copy_(block)
-            at += block.shape[1]
-        return into
+        return _joined(self.ups[b], into, 1)
 
     def v(self, b: int, into: torch.Tensor) -> torch.Tensor:
-        blocks = self.downs[b]
-        if len(blocks) == 1 and blocks[0].dtype == into.dtype:
-            return blocks[0]
-        at = 0
-        for block in blocks:
-            into[at:at + block.shape[0]].copy_(block)
-            at += block.shape[0]
-        return into
+        return _joined(self.downs[b], into, 0)
+
+
+def _joined(blocks: Sequence[torch.Tensor], into: torch.Tensor, dim: int) -> torch.Tensor:
+    """The blocks side by side along `dim`, copied (and cast) into `into`; a lone block of into's dtype as is."""
+    if len(blocks) == 1 and blocks[0].dtype == into.dtype:
+        return blocks[0]
+    at = 0
+    for block in blocks:
+        into.narrow(dim, at, block.shape[dim]).copy_(block)
+        at += block.shape[dim]
+    return into
 
 
 def gram_low_rank_batch(factors: Stacked, rule: RankRule) -> list[LowRank]:
