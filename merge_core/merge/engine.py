@@ -144,7 +144,7 @@ def run_merge(plan: MergePlan, sink: Sink, device: str = "auto", progress: Progr
             trim()
 
     start = time.perf_counter()
-    run_work(work, run, record, dev, parallel=not spec.dense)
+    run_work(work, run, record, dev)
     report = Report("merge")
     for name in plan.names:
         report.add(rows[name])

@@ -32,7 +32,7 @@ class Method:
     solver: Optional[str] = None  # default solver; None: no SVD, rank rule and solver do not apply
     input_rank: bool = False  # default rank: the largest input rank, fixed (else the dynamic rule)
     uses_density: bool = False
-    dense: bool = False  # works on dense ΔW: modules one at a time (each op threaded), to bound the memory
+    dense: bool = False  # works on whole dense ΔW: the heap is trimmed as modules come and go
     check: Optional[Check] = None  # run over all modules before any work
     plan: Optional[Planner] = None  # groups modules computed together (default: one at a time)
     run_batch: Optional[BatchMerge] = None

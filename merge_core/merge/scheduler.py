@@ -32,13 +32,13 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def run_work(work: deque[B], run: Callable[[B, torch.device], R], record: Callable[[B, R], None],
-             device: torch.device, parallel: bool = True) -> None:
+             device: torch.device) -> None:
     """run(batch, device) for every batch, record(batch, result) in the calling thread as each finishes (it
     may raise to cancel: batches not started are dropped).  `work` is consumed: no batch is referenced here
     after it is recorded, and at most two batches per worker are started ahead of the recording, so results
-    never pile up faster than the caller takes them (e.g. writes them).  parallel=False, or CUDA: in order
-    (CUDA: each with a CPU fallback on out-of-memory).  torch's thread count is restored afterwards."""
-    workers = torch.get_num_threads() if device.type == "cpu" and parallel else 1
+    never pile up faster than the caller takes them (e.g. writes them).  On CUDA (or with one torch thread):
+    in order, each with a CPU fallback on out-of-memory.  torch's thread count is restored afterwards."""
+    workers = torch.get_num_threads() if device.type == "cpu" else 1
     if workers <= 1 or len(work) <= 1:
         while work:
             batch = work.popleft()
