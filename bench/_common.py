@@ -2,15 +2,15 @@
 
 Stable API (other benchmarks import these):
     timeit(fn, repeats=3, warmup=1) -> float          median wall seconds of fn()
-    peak_rss_mb_of(cmd) -> float                       peak resident memory (MiB) of a child process
+    child_peak_mb(code, path) -> float                 peak resident memory (MiB) of a fresh interpreter running code
     decaying_factors(out, inn, r, decay=0.8, seed=0, dtype=torch.float32) -> (U, V)
     md_table(headers, rows) -> str                     GitHub-flavoured markdown table
 """
 from __future__ import annotations
 
-import os
 import statistics
 import subprocess
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -37,18 +37,19 @@ def timeit(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def peak_rss_mb_of(cmd: list[str]) -> float:
-    """Run cmd as a child process and return its peak resident set size in MiB (Linux ru_maxrss is KiB).
-
-    Uses os.wait4 on that one child, so other children of this process do not pollute the figure.
-    Raises subprocess.CalledProcessError if the command fails.
-    """
-    proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise subprocess.CalledProcessError(proc.returncode, cmd)
-    return usage.ru_maxrss / 1024.0
+def child_peak_mb(code: str, path: str) -> float:
+    """Run Python `code` in a fresh interpreter (with `path` on sys.path) and return that process's own peak
+    resident memory in MiB: VmHWM, read by the child at its end.  (ru_maxrss of a child is no good on Linux:
+    it carries the parent's high-water mark across fork+exec.)  Raises RuntimeError if the child fails."""
+    probe = ("\nwith open('/proc/self/status') as _f:\n"
+             "    _hwm = [line.split()[1] for line in _f if line.startswith('VmHWM')][0]\n"
+             "print('VmHWM', _hwm, file=sys.stderr)")
+    script = f"import sys; sys.path.insert(0, {path!r})\n{code}{probe}"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"child failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+    kib = next(line.split()[1] for line in done.stderr.splitlines() if line.startswith("VmHWM"))
+    return int(kib) / 1024.0
 
 
 def decaying_factors(out: int, inn: int, r: int, decay: float = 0.8, seed: int = 0,

@@ -21,7 +21,6 @@ import io
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import decaying_factors, md_table  # noqa: E402
+from bench._common import child_peak_mb, decaying_factors, md_table  # noqa: E402
 from merge_core.cli import main as cli_main  # noqa: E402
 from merge_core.keys.sdxl_table import sdxl_modules  # noqa: E402
 from merge_core.lora_file import load_lora, save_lora  # noqa: E402
@@ -65,21 +64,6 @@ def make_input(path: Path, seed: int, quick: bool) -> None:
     save_file(sd, str(path))
 
 
-def child_peak_mb(code: str) -> float:
-    """Run `code` in a fresh interpreter and return its own peak RSS (VmHWM of its address space, MiB).
-
-    ru_maxrss of a child would be no good here: Linux carries the parent's high-water mark across fork+exec."""
-    probe = ("\nwith open('/proc/self/status') as _f:\n"
-             "    _hwm = [line.split()[1] for line in _f if line.startswith('VmHWM')][0]\n"
-             "print('VmHWM', _hwm, file=sys.stderr)")
-    script = f"import sys; sys.path.insert(0, {str(ROOT)!r})\n{code}{probe}"
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"child failed ({done.returncode}): {done.stderr.strip()[-500:]}")
-    kib = next(line.split()[1] for line in done.stderr.splitlines() if line.startswith("VmHWM"))
-    return int(kib) / 1024.0
-
-
 def run_method(method: str, a: Path, b: Path, work: Path, threads: int) -> dict:
     """One CLI merge in its own process (stdout discarded): its report (params, rank, seconds) and peak RSS."""
     out, rep = work / f"out_{method}.safetensors", work / f"report_{method}.json"
@@ -87,14 +71,14 @@ def run_method(method: str, a: Path, b: Path, work: Path, threads: int) -> dict:
             "--device", "cpu", "--threads", str(threads)]
     code = (f"import io\nsys.stdout = io.StringIO()\nfrom merge_core.cli import main\n"
             f"code = main({argv!r})\nsys.stdout = sys.__stdout__\nassert code == 0, code")
-    peak = child_peak_mb(code)
+    peak = child_peak_mb(code, str(ROOT))
     report = json.loads(rep.read_text())
     return {"report": report, "peak_mb": peak, "out_bytes": out.stat().st_size}
 
 
 def baseline_rss_mb() -> float:
     """Peak RSS of a process that only imports torch and merge_core (subtracted from every peak)."""
-    return child_peak_mb("import torch, merge_core.merge, merge_core.cli")
+    return child_peak_mb("import torch, merge_core.merge, merge_core.cli", str(ROOT))
 
 
 def materialised(path: Path) -> dict:
