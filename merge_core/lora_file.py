@@ -87,6 +87,11 @@ class LoraSet:
             m.dora_scale = None
 
 
+def input_label(s: LoraSet, index: int) -> str:
+    """How messages and recipes name the `index`-th input of an operation: its path, or "input N"."""
+    return str(s.source) if s.source is not None else f"input {index + 1}"
+
+
 DORA_CHOICES = ("error", "ignore")
 
 

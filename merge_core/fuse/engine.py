@@ -14,7 +14,7 @@ import torch
 from ..device import resolve_device, with_cpu_fallback
 from ..errors import MergeCoreError, ShapeMismatchError
 from ..files.metadata import make_recipe
-from ..lora_file import LoraSet, check_dora
+from ..lora_file import LoraSet, check_dora, input_label
 from ..lowrank import RankRule
 from ..report import Progress, Report
 from ..result import MergeResult
@@ -37,17 +37,13 @@ def resolve_weights(weights: Optional[Sequence[float]], n: int) -> list[float]:
     return [float(w) for w in weights]
 
 
-def _label(s: LoraSet, i: int) -> str:
-    return str(s.source) if s.source is not None else f"input {i + 1}"
-
-
 def check_inputs(sets: Sequence[LoraSet], dora: str) -> str:
     """DoRA policy and a common architecture; returns that architecture."""
     check_dora(sets, dora, "fused")
     odd = next((i for i, s in enumerate(sets) if s.arch != sets[0].arch), None)
     if odd is not None:
-        raise ShapeMismatchError(f"inputs are for different models: {_label(sets[0], 0)} is {sets[0].arch}, "
-                                 f"{_label(sets[odd], odd)} is {sets[odd].arch}")
+        raise ShapeMismatchError(f"inputs are for different models: {input_label(sets[0], 0)} is {sets[0].arch}, "
+                                 f"{input_label(sets[odd], odd)} is {sets[odd].arch}")
     return sets[0].arch
 
 
@@ -62,8 +58,8 @@ def check_shapes(name: str, sets: Sequence[LoraSet], present: Sequence[int]) -> 
     if len(set(shapes.values())) > 1:
         i, a = next(iter(shapes.items()))
         j, b = next((k, v) for k, v in shapes.items() if v != a)
-        raise ShapeMismatchError(f"module '{name}' is {a[0]}x{a[1]} in {_label(sets[i], i)} but {b[0]}x{b[1]} "
-                                 f"in {_label(sets[j], j)}")
+        raise ShapeMismatchError(f"module '{name}' is {a[0]}x{a[1]} in {input_label(sets[i], i)} but {b[0]}x{b[1]} "
+                                 f"in {input_label(sets[j], j)}")
 
 
 def fuse_module(name: str, sets: Sequence[LoraSet], present: Sequence[int], weights: Sequence[float],
@@ -123,8 +119,8 @@ def fuse_models(sets: Sequence[LoraSet], weights: Optional[Sequence[float]] = No
                   "output_format": output_format, "rank_rule": rule.describe(), "dora": dora}
     report.extra.update(parameters=parameters, coefficients=table,
                         kinds={k: sum(m.kind == k for m in report.modules) for k in {m.kind for m in report.modules}})
-    recipe = make_recipe("fuse", [s.source if s.source is not None else f"input {i + 1}" for i, s in enumerate(sets)],
-                         parameters, digests=[s.sha256() for s in sets])
+    recipe = make_recipe("fuse", [input_label(s, i) for i, s in enumerate(sets)], parameters,
+                         digests=[s.sha256() for s in sets])
     return MergeResult(modules, report, arch, "sdxl" if arch == "sdxl" else "kohya", recipe=recipe)
 
 

@@ -20,7 +20,7 @@ from ..adapters import AdapterModule, parameter_count
 from ..device import resolve_device
 from ..errors import MergeCoreError
 from ..files.metadata import make_recipe
-from ..lora_file import LoraSet, check_dora
+from ..lora_file import LoraSet, check_dora, input_label
 from ..lowrank import RankRule
 from ..report import ModuleReport, Progress, Report
 from ..result import MergeResult
@@ -29,7 +29,7 @@ from .methods import Method, describe, method_named, resolve_options, resolve_we
 from .options import MergeOptions
 from .outcome import Outcome, exact_sum_outcome
 from .scheduler import run_work
-from .targets import ModuleTarget, label, plan_targets
+from .targets import ModuleTarget, plan_targets
 
 # called in the calling thread with each merged module, in plan order: sink(name, outcome, prepared)
 Sink = Callable[[str, Outcome, Any], None]
@@ -66,7 +66,7 @@ class MergePlan:
     def recipe(self, digests: Optional[Sequence[Optional[str]]] = None) -> dict:
         """The recipe to write: inputs with their sha256 (hashed in the background since the plan was made,
         or since the files were opened; `digests` overrides them)."""
-        return make_recipe("merge", [label(s, i) for i, s in enumerate(self.sets)], self.parameters,
+        return make_recipe("merge", [input_label(s, i) for i, s in enumerate(self.sets)], self.parameters,
                            digests=digests if digests is not None else [s.sha256() for s in self.sets])
 
 
@@ -149,7 +149,7 @@ def run_merge(plan: MergePlan, sink: Sink, device: str = "auto", progress: Progr
     for name in plan.names:
         report.add(rows[name])
     report.seconds = time.perf_counter() - start
-    report.extra.update(parameters=plan.parameters, inputs=[str(label(s, i)) for i, s in enumerate(plan.sets)])
+    report.extra.update(parameters=plan.parameters, inputs=[input_label(s, i) for i, s in enumerate(plan.sets)])
     return report
 
 

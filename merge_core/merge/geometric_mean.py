@@ -18,12 +18,12 @@ import torch
 
 from ..adapters import LoRA
 from ..errors import MergeCoreError, ShapeMismatchError
-from ..lora_file import LoraSet
+from ..lora_file import LoraSet, input_label
 from ..lowrank import Factored, measure
 from .factors import signed_split
 from .options import MergeOptions
 from .outcome import Outcome, combine_notes, lora_outcome
-from .targets import ModuleTarget, label
+from .targets import ModuleTarget
 
 
 def check_factor_shapes(targets: Sequence[ModuleTarget], sets: Sequence[LoraSet]) -> None:
@@ -35,7 +35,7 @@ def check_factor_shapes(targets: Sequence[ModuleTarget], sets: Sequence[LoraSet]
         for t in target.weighted:
             if not isinstance(t.module, LoRA):
                 raise MergeCoreError(f"geometric_mean works on LoRA up/down factors; module '{target.name}' in "
-                                     f"{label(sets[t.source], t.source)} is {t.module.kind}")
+                                     f"{input_label(sets[t.source], t.source)} is {t.module.kind}")
             shapes = (t.module.up.flatten(1).shape, (t.module.rank, target.matrix_shape[1]))
             if first is None:
                 first = (t, shapes)
@@ -43,7 +43,7 @@ def check_factor_shapes(targets: Sequence[ModuleTarget], sets: Sequence[LoraSet]
                 a, b = first[0], t
                 raise ShapeMismatchError(
                     f"geometric_mean needs equal factor shapes: module '{target.name}' has rank {a.module.rank} in "
-                    f"{label(sets[a.source], a.source)} but rank {b.module.rank} in {label(sets[b.source], b.source)}")
+                    f"{input_label(sets[a.source], a.source)} but rank {b.module.rank} in {input_label(sets[b.source], b.source)}")
 
 
 def signed_root_of_product(factors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -14,9 +14,10 @@ from typing import Optional, Sequence
 import torch
 
 from ..adapters import AdapterModule
+from ..adapters.base import matrix_shape
 from ..errors import MergeCoreError, ShapeMismatchError
 from ..keys.sdxl_table import sdxl_aliases
-from ..lora_file import LoraSet
+from ..lora_file import LoraSet, input_label
 from ..lowrank import Operator, weighted_sum
 from .block_weights import block_multiplier
 
@@ -42,10 +43,7 @@ class ModuleTarget:
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
-        n = 1
-        for d in self.weight_shape[1:]:
-            n *= d
-        return self.weight_shape[0], n
+        return matrix_shape(self.weight_shape)
 
     @cached_property
     def weighted(self) -> tuple[Term, ...]:
@@ -72,10 +70,6 @@ class ModuleTarget:
         return sum(parts) if parts else None
 
 
-def label(s: LoraSet, i: int) -> str:
-    return str(s.source) if s.source is not None else f"input {i + 1}"
-
-
 def _shape_text(shape: tuple[int, ...]) -> str:
     return "x".join(str(d) for d in shape)
 
@@ -92,12 +86,12 @@ def check_architectures(sets: Sequence[LoraSet]) -> None:
         twin = aliases.get(name)
         if twin in b.modules and module.matrix_shape != b.modules[twin].matrix_shape:
             raise ShapeMismatchError(
-                f"module '{twin}' is {_shape_text(b.modules[twin].matrix_shape)} in {label(b, sdxl)} (SDXL) but "
-                f"{_shape_text(module.matrix_shape)} in {label(a, other)} (SD1.5, as '{name}'): "
+                f"module '{twin}' is {_shape_text(b.modules[twin].matrix_shape)} in {input_label(b, sdxl)} (SDXL) but "
+                f"{_shape_text(module.matrix_shape)} in {input_label(a, other)} (SD1.5, as '{name}'): "
                 "SD1.5 and SDXL LoRAs cannot be merged")
     first = next(iter(a.modules))
-    raise ShapeMismatchError(f"module '{first}' of {label(a, other)} is an SD1.5 module with no SDXL counterpart in "
-                             f"{label(b, sdxl)}: SD1.5 and SDXL LoRAs cannot be merged")
+    raise ShapeMismatchError(f"module '{first}' of {input_label(a, other)} is an SD1.5 module with no SDXL counterpart in "
+                             f"{input_label(b, sdxl)}: SD1.5 and SDXL LoRAs cannot be merged")
 
 
 def _weight_shape(name: str, present: Sequence[tuple[int, AdapterModule]], sets: Sequence[LoraSet]) -> tuple[int, ...]:
@@ -109,8 +103,8 @@ def _weight_shape(name: str, present: Sequence[tuple[int, AdapterModule]], sets:
     for i, m in shaped[1:]:
         if m.matrix_shape != m0.matrix_shape:
             raise ShapeMismatchError(
-                f"module '{name}' is {_shape_text(m0.weight_shape)} in {label(sets[i0], i0)} but "
-                f"{_shape_text(m.weight_shape)} in {label(sets[i], i)}")
+                f"module '{name}' is {_shape_text(m0.weight_shape)} in {input_label(sets[i0], i0)} but "
+                f"{_shape_text(m.weight_shape)} in {input_label(sets[i], i)}")
     return max((m.weight_shape for _, m in shaped), key=len)  # a conv's 4-D shape over a flattened one
 
 
@@ -125,7 +119,7 @@ def plan_targets(sets: Sequence[LoraSet], weights: Sequence[float],
     for i, s in enumerate(sets):
         values = block_weights[i] if block_weights is not None else None
         if values is not None and s.arch != "sdxl":
-            raise MergeCoreError(f"block weights need an SDXL LoRA; {label(s, i)} is {s.arch}")
+            raise MergeCoreError(f"block weights need an SDXL LoRA; {input_label(s, i)} is {s.arch}")
         multipliers.append(block_multiplier(values))
     names = dict.fromkeys(name for s in sets for name in s.modules)
     targets = []
