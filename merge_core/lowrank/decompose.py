@@ -34,6 +34,11 @@ class LowRank:
     def factored(self) -> Optional[Factored]:
         return None if self.rank == 0 else Factored(self.up, self.down)
 
+    @classmethod
+    def zero(cls, total: float, singular_values: torch.Tensor) -> "LowRank":
+        """Rank 0 for a target of ‖T‖² = total: exact when T = 0, else nothing of T kept."""
+        return cls(None, None, 0, Quality(0.0, 1.0) if total <= 0 else Quality(1.0, 0.0), singular_values)
+
 
 def svd_of(op: Operator, solver: Solver, rule: RankRule, seed: int = 0,
            oversample: int = DEFAULT_OVERSAMPLE, power_iters: int = DEFAULT_POWER_ITERS) -> SVD:
@@ -54,7 +59,7 @@ def low_rank(op: Operator, rule: RankRule, solver: Solver = "rsvd", seed: int = 
     svd = svd_of(op, solver, rule, seed, oversample, power_iters)
     k = choose_rank(svd.S, total, rule, op.shape)
     if k == 0:
-        return LowRank(None, None, 0, measure(op, None, total), svd.S)
+        return LowRank.zero(total, svd.S)
     up, down = svd.split_factors(k)
     return LowRank(up, down, k, measure(op, Factored(up, down), total), svd.S)
 

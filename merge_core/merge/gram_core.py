@@ -133,8 +133,7 @@ def gram_low_rank_batch(factors: Stacked, rule: RankRule) -> list[LowRank]:
     for b, k in enumerate(ks):  # pass 2: the factors, each module cast again into the scratch
         total = totals_list[b]
         if k == 0:
-            results.append(LowRank(None, None, 0, Quality(0.0, 1.0) if total <= 0 else Quality(1.0, 0.0),
-                                   S[b].float()))
+            results.append(LowRank.zero(total, S[b].float()))
             continue
         rel = math.sqrt(max(0.0, total - 2.0 * inner[b] + approx2[b]) / total)
         up, down = factors.u(b, su) @ X[b, :, :k], Y[b, :k] @ factors.v(b, sv)  # fresh, exactly k wide

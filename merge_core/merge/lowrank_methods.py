@@ -17,7 +17,8 @@ import torch
 
 from ..adapters import LoRA
 from ..adapters.base import tucker_right
-from ..lowrank import Dense, Factored, LowRank, Operator, Quality, RankRule, choose_rank, low_rank, svd_of
+from ..lowrank import (SVD, Dense, Factored, LowRank, Operator, Quality, RankRule, choose_rank, frob2, low_rank,
+                       svd_of)
 from ..lowrank.exact_svd import factored_svd
 from ..lowrank.rsvd import DEFAULT_OVERSAMPLE
 from .gram_core import Stacked, gram_low_rank, gram_low_rank_batch
@@ -31,36 +32,26 @@ def gram_core_limit(rule: RankRule) -> int:
     return 2 * (rule.sketch_rank + DEFAULT_OVERSAMPLE)
 
 
-def exact_low_rank(op: Factored, rule: RankRule) -> LowRank:
-    """Truncated QR-core SVD; its error is the exact tail √(Σ_{i>k} σᵢ²/Σ σᵢ²) of all singular values."""
-    svd = factored_svd(op)
-    s2 = svd.S.to(torch.float64) ** 2
-    total = float(s2.sum())
-    k = choose_rank(svd.S, total, rule, op.shape)
+def truncated(svd: SVD, total: float, rule: RankRule, shape: tuple[int, int]) -> LowRank:
+    """The rank-k truncation of `svd` (k from `rule` on ‖T‖² = total) with its exact error
+    √((‖T‖² − Σ_{i≤k} σᵢ²)/‖T‖²): every solver here returns up·down = P·T with P an orthogonal projector."""
+    k = choose_rank(svd.S, total, rule, shape)
     if k == 0:
-        return LowRank(None, None, 0, Quality(0.0, 1.0) if total <= 0 else Quality(1.0, 0.0), svd.S)
-    up, down = svd.split_factors(k)
-    rel = math.sqrt(float(s2[k:].sum()) / total)
-    return LowRank(up, down, k, Quality(rel, 1.0 - rel * rel), svd.S)
-
-
-def sum_of_squares(W: torch.Tensor, entries: int = 1 << 18) -> float:
-    """‖W‖_F² accumulated in fp64 a block of rows at a time (no full fp64 copy of a large module)."""
-    rows = max(1, entries // max(1, W.shape[1]))
-    return sum(float(block.to(torch.float64).square_().sum()) for block in W.split(rows))
-
-
-def dense_low_rank(W: torch.Tensor, rule: RankRule, solver: str, seed: int) -> LowRank:
-    """Best rank-k factors of a dense matrix (ties/dare results, full diffs).  Every solver returns
-    up·down = P·W with P an orthogonal projector, so the error is exactly √((‖W‖² − Σ_{i≤k} σᵢ²)/‖W‖²)."""
-    svd = svd_of(Dense(W), solver, rule, seed)
-    total = sum_of_squares(W)
-    k = choose_rank(svd.S, total, rule, tuple(W.shape))
-    if k == 0:
-        return LowRank(None, None, 0, Quality(0.0, 1.0) if total <= 0 else Quality(1.0, 0.0), svd.S)
+        return LowRank.zero(total, svd.S)
     up, down = svd.split_factors(k)
     rel = math.sqrt(max(0.0, total - float((svd.S[:k].to(torch.float64) ** 2).sum())) / total)
     return LowRank(up, down, k, Quality(rel, 1.0 - rel * rel), svd.S)
+
+
+def exact_low_rank(op: Factored, rule: RankRule) -> LowRank:
+    """Truncated QR-core SVD; it has all singular values, so ‖T‖² = Σ σᵢ²."""
+    svd = factored_svd(op)
+    return truncated(svd, float((svd.S.to(torch.float64) ** 2).sum()), rule, op.shape)
+
+
+def dense_low_rank(W: torch.Tensor, rule: RankRule, solver: str, seed: int) -> LowRank:
+    """Best rank-k factors of a dense matrix (ties/dare results, full diffs), ‖W‖² accumulated in fp64."""
+    return truncated(svd_of(Dense(W), solver, rule, seed), frob2(Dense(W)), rule, tuple(W.shape))
 
 
 def approximate(op: Operator, rule: RankRule, solver: str, seed: int) -> LowRank:
