@@ -12,7 +12,7 @@ import torch
 
 from .adapters import AdapterModule
 from .files.metadata import lora_metadata
-from .files.stream_writer import SafetensorsStream
+from .files.stream_writer import SafetensorsStream, header_bound
 from .keys.suffixes import KOHYA
 from .lora_file import state_dict_of
 
@@ -29,6 +29,12 @@ def lora_entries(name: str, shape: tuple[int, ...], rank: int, dtype: torch.dtyp
     return [(name + KOHYA.up, dtype, (shape[0], rank, *[1] * (len(shape) - 2))),
             (name + KOHYA.down, dtype, (rank, *shape[1:])),
             (name + KOHYA.alpha, torch.float32, ())]
+
+
+def header_reserve(entries: list[Entry], arch: str, recipe: Optional[dict], title: Optional[str]) -> int:
+    """Header bytes for a LoraStream that may write `entries`, with the metadata finish() will write: sized as
+    for LyCORIS modules (whose keys are the longest) and with `recipe` as long as the final one."""
+    return header_bound(entries, lora_metadata({"loha"}, [], [], arch, recipe, title), slack=4096)
 
 
 class LoraStream:

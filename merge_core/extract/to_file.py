@@ -13,10 +13,8 @@ import torch
 from ..checkpoint.lora_names import BIAS
 from ..errors import OutputExistsError
 from ..files.atomic import atomic_write
-from ..files.metadata import lora_metadata
-from ..files.stream_writer import header_bound
 from ..lora_file import dtype_of
-from ..lora_stream import LoraStream, lora_entries
+from ..lora_stream import LoraStream, header_reserve, lora_entries
 from ..lowrank.rank_select import RankRule
 from ..report import Progress, Report
 from .engine import Source, extract_lora, open_run
@@ -61,8 +59,7 @@ def extract_to_file(base: Source, tuned: Source, output: Union[str, os.PathLike]
         return result.report
     dtype = dtype_of(output_dtype)
     run = open_run(base, tuned, base_kind=base_kind, tuned_kind=tuned_kind, **args)
-    reserve = header_bound(bound_entries(run.plan, run.opts, dtype),
-                           lora_metadata({"loha"}, [], [], run.plan.arch, run.recipe, path.stem), slack=4096)
+    reserve = header_reserve(bound_entries(run.plan, run.opts, dtype), run.plan.arch, run.recipe, path.stem)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:

@@ -10,12 +10,10 @@ from typing import Optional, Union
 
 import torch
 
-from ..errors import MergeCoreError, OutputExistsError
+from ..errors import MergeCoreError
 from ..files.atomic import atomic_write
-from ..files.metadata import lora_metadata
-from ..files.stream_writer import header_bound
 from ..lora_file import dtype_of
-from ..lora_stream import Entry, LoraStream, file_tensors, lora_entries
+from ..lora_stream import Entry, LoraStream, file_tensors, header_reserve, lora_entries
 from ..report import Progress, Report
 from .engine import MergePlan, run_merge
 from .outcome import Outcome
@@ -49,16 +47,13 @@ def merge_to_file(plan: MergePlan, output: Union[str, os.PathLike], dtype: str =
                   device: str = "auto", progress: Progress = None) -> Report:
     """Run `plan` (from plan_merge) into the .safetensors file `output`, atomically; returns the report."""
     path = Path(output)
-    if path.exists() and not overwrite:  # before any work
-        raise OutputExistsError(f"output exists, not overwriting (pass --overwrite to replace it): {path}")
     if not streams_to(path, plan):
         raise MergeCoreError(f"merge_to_file writes kohya-named .safetensors only, not {path.name}")
     dt = dtype_of(dtype)
     plan.parameters["dtype"] = dtype
     arch = plan.layout[0]
     bound_recipe = plan.recipe(digests=[DIGEST_PLACEHOLDER] * len(plan.sets))
-    reserve = header_bound(bound_entries(plan.targets(), dt),
-                           lora_metadata({"loha"}, [], [], arch, bound_recipe, path.stem), slack=4096)
+    reserve = header_reserve(bound_entries(plan.targets(), dt), arch, bound_recipe, path.stem)
     report: Optional[Report] = None
 
     def write(tmp: Path) -> None:
