@@ -21,7 +21,7 @@ from ..checkpoint.sources import WeightSource, check_kind, label_of, open_weight
 from ..device import COMPUTE_DTYPE, resolve_device, with_cpu_fallback
 from ..errors import MergeCoreError, OutputExistsError
 from ..files.atomic import atomic_write
-from ..files.metadata import RECIPE_KEY, make_recipe, sha256_of
+from ..files.metadata import RECIPE_KEY, make_recipe
 from ..files.stream_writer import SafetensorsStream, header_bound
 from ..lora_file import LoraSet, dtype_of, load_lora
 from ..report import Progress
@@ -152,9 +152,7 @@ def bake_lora(base_path: Union[str, os.PathLike, WeightSource], lora: Union[Lora
                              f"matches a layer of {base_label} "
                              f"(e.g. '{skipped[0]['module']}': {skipped[0]['reason']})")
     recipe = make_recipe("bake", [base_label, lset.source or "lora (in memory)"],
-                         {"alpha": alpha, "output_dtype": output_dtype}, hash_inputs=False)
-    if lset.source is not None and Path(lset.source).exists():
-        recipe["inputs"][1]["sha256"] = sha256_of(lset.source)
+                         {"alpha": alpha, "output_dtype": output_dtype}, digests=[None, lset.sha256()])
     metadata = {**getattr(base, "metadata", {}), RECIPE_KEY: json.dumps(recipe, sort_keys=True)}
     tensors = baked_tensors(base, patches, alpha, out_dtype, resolve_device(device), progress)
     write_checkpoint(path, base, tensors, metadata, overwrite)
