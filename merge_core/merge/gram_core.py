@@ -2,19 +2,21 @@
 batched over modules of one shape so the R×R work costs a few calls per batch instead of dozens per module.
 
 G_U = UᵀU, G_V = VVᵀ, after the exact gauge U·D, D⁻¹·V with D = (diag G_V / diag G_U)^¼ (balances every
-rank-1 term);  G_U = FᵀF (Cholesky, or a truncated eigh root when G_U is singular, e.g. duplicated inputs);
-M = F G_V Fᵀ = A Σ² Aᵀ holds T's singular values Σ, and U F⁺ A its left singular vectors.
-up = U X with X = D F⁺ A_k Σ_k^½;  down = Y V with Y = (XᵀG_U X)⁻¹ XᵀG_U, the least-squares best down
-for that up.  Quality is exact from the same Grams:
-‖T‖² = Σ G_U⊙G_V,  ⟨T, UXYV⟩ = Σ (G_U X)⊙(G_V Yᵀ),  ‖UXYV‖² = Σ (XᵀG_U X)⊙(Y G_V Yᵀ).
+rank-1 term);  G_U = FᵀF (Cholesky, or a truncated eigh root when G_U is singular, e.g. duplicated inputs),
+so Q = U F⁻¹ has orthonormal columns and T = Q (F V);  M = F G_V Fᵀ = A Σ² Aᵀ holds T's singular values Σ,
+and Q A its left singular vectors.
+up = U X with X = D F⁻¹ A_k Σ_k^½;  down = Y V with Y = Σ_k^-½ A_kᵀ F D⁻¹, so up·down = Q A_k A_kᵀ Qᵀ T, the
+truncated SVD, and every rank-1 term has ‖up column‖ = ‖down row‖ = σ^½.  Its error is exact from the same
+numbers:  ‖T − up·down‖² = Σ_{i>k} σᵢ² + (‖T‖² − tr M),  ‖T‖² = Σ G_U⊙G_V  (the second term is the part of T
+in directions a singular G_U's root left out, zero to round-off otherwise).
 
 Cost: the Grams O((out+N)R²) and the factor products O((out+N)Rk), GEMMs on one module's factors at a time,
 cast to fp32 into a scratch matrix twice (once per pass) so they stay in cache instead of a batch of them
-crossing memory three times; the R×R work batched over the modules (roots and solves in fp64, the
-eigenproblem of M in fp32) — several times cheaper than Householder QR of both factors (the QR-core path)
-and than a sketch with power iterations once R ≤ 2(k+p).  The Grams are fp32 products, so singular values
-below ~1e-3·σ₁ carry their round-off; the kept ones and the reported quality are unaffected at usual
-energies.
+crossing memory three times; the R×R work batched over the modules (roots and M in fp64, the eigenproblem
+of M in fp32, then one triangular solve and one product) — several times cheaper than Householder QR of both
+factors (the QR-core path) and than a sketch with power iterations once R ≤ 2(k+p).  The Grams are fp32
+products, so singular values below ~1e-3·σ₁ carry their round-off; the kept ones and the reported quality
+are unaffected at usual energies.
 """
 from __future__ import annotations
 
@@ -48,17 +50,30 @@ def _eigh_root(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return F, F_pinv
 
 
-def _roots(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched (F, F⁺) with FᵀF = g: Cholesky where g is well inside the PSD cone, eigh's root elsewhere."""
+def _roots(g: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Batched F with FᵀF = g: the upper-triangular Cholesky factor where g is well inside the PSD cone, and
+    eigh's root elsewhere — those modules' pseudo-inverses F⁺ returned by batch index."""
     L, info = torch.linalg.cholesky_ex(g)
     diag = L.diagonal(dim1=-2, dim2=-1)
     ok = (info == 0) & (diag.amin(-1) ** 2 > ROOT_TOL * g.diagonal(dim1=-2, dim2=-1).amax(-1))
     F = L.mT.contiguous()
-    eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device).expand_as(g)
-    F_pinv = torch.linalg.solve_triangular(torch.where(ok[:, None, None], F, eye), eye, upper=True)
+    pinv = {}
     for i in torch.nonzero(~ok).flatten().tolist():
-        F[i], F_pinv[i] = _eigh_root(g[i])
-    return F, F_pinv
+        F[i], pinv[i] = _eigh_root(g[i])
+    return F, pinv
+
+
+def _left_solve(F: torch.Tensor, pinv: dict[int, torch.Tensor], rhs: torch.Tensor) -> torch.Tensor:
+    """F⁻¹·rhs per module (F upper triangular), F⁺·rhs for the modules in `pinv`."""
+    if pinv:
+        eye = torch.eye(F.shape[-1], dtype=F.dtype, device=F.device)
+        F = F.clone()
+        for i in pinv:
+            F[i] = eye
+    X = torch.linalg.solve_triangular(F, rhs, upper=True)
+    for i, P in pinv.items():
+        X[i] = P @ rhs[i]
+    return X
 
 
 @dataclass
@@ -113,21 +128,24 @@ def gram_low_rank_batch(factors: Stacked, rule: RankRule) -> list[LowRank]:
     totals = (gu * gv).sum((-2, -1))
     d = _balance(gu, gv)
     dd = d[:, :, None] * d[:, None, :]
-    F, F_pinv = _roots(gu * dd)
-    M = F @ (gv / dd) @ F.mT
-    lam, A = torch.linalg.eigh(((M + M.mT) / 2).float())  # fp32: as accurate as the fp32 Grams behind M
-    S, A = lam.to(F64).flip(-1).clamp_min(0.0).sqrt(), A.to(F64).flip(-1)
+    F, pinv = _roots(gu * dd)
+    gv_d = gv / dd
+    # fp32 (eigh reads M's lower triangle): as accurate as the fp32 Grams behind it
+    lam, A = torch.linalg.eigh(F.float() @ gv_d.float() @ F.mT.float())
+    S = lam.to(F64).flip(-1).clamp_min(0.0).sqrt()
+    left_out = torch.zeros_like(totals)  # ‖T‖² − tr M: zero to round-off where the root is a Cholesky factor
+    for i in pinv:
+        left_out[i] = (totals[i] - (F[i] @ gv_d[i] * F[i]).sum()).clamp_min(0.0)
     totals_list = totals.tolist()
     ks = choose_ranks(S, totals_list, rule, shape)
     kmax = max(ks)
-    kept = torch.arange(kmax, device=device)[None, :] < torch.as_tensor(ks, device=device)[:, None]
-    X = d[:, :, None] * (F_pinv @ (A[:, :, :kmax] * (S[:, :kmax].sqrt() * kept)[:, None, :]))
-    gx = gu @ X
-    xgx = X.mT @ gx
-    Y = torch.linalg.solve(xgx + torch.diag_embed((~kept).to(F64)), gx.mT)  # identity on unused columns
-    gvy = gv @ Y.mT
-    inner = (gx * gvy).sum((-2, -1)).tolist()
-    approx2 = (xgx * (Y @ gvy)).sum((-2, -1)).tolist()
+    kept = torch.arange(S.shape[1], device=device)[None, :] < torch.as_tensor(ks, device=device)[:, None]
+    tail = (S * S * ~kept).sum(-1)
+    kept, Ak = kept[:, :kmax], A[:, :, A.shape[-1] - kmax:].flip(-1).to(F64)
+    half = S[:, :kmax].sqrt() * kept  # σ^½ on the kept columns (σ > 0 there: choose_ranks keeps no null ones)
+    X = d[:, :, None] * _left_solve(F, pinv, Ak * half[:, None, :])
+    Y = (torch.where(kept, 1.0 / torch.where(kept, half, 1.0), 0.0)[:, :, None] * (Ak.mT @ F)) / d[:, None, :]
+    errors = (tail + left_out).tolist()
     X, Y = (c[:, :, None] * X).float(), Y.float()  # up = U diag(c) X, down = Y V
     results = []
     for b, k in enumerate(ks):  # pass 2: the factors, each module cast again into the scratch
@@ -135,7 +153,7 @@ def gram_low_rank_batch(factors: Stacked, rule: RankRule) -> list[LowRank]:
         if k == 0:
             results.append(LowRank.zero(total, S[b].float()))
             continue
-        rel = math.sqrt(max(0.0, total - 2.0 * inner[b] + approx2[b]) / total)
+        rel = math.sqrt(min(1.0, errors[b] / total))
         up, down = factors.u(b, su) @ X[b, :, :k], Y[b, :k] @ factors.v(b, sv)  # fresh, exactly k wide
         results.append(LowRank(up, down, k, Quality(rel, 1.0 - rel * rel), S[b].float()))
     return results

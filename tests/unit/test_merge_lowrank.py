@@ -100,6 +100,11 @@ def test_gram_core_duplicates_and_zero_module():
     assert rel(written(r, NAMES[0]), dense(m)) < 1e-5
     assert NAMES[1] not in r.modules
     assert {x.name: x.rank for x in r.report.modules}[NAMES[1]] == 0
+    # truncated below the shared rank: the root of the singular Gram still gives the optimal factors and error
+    r8 = merge_loras([a, a], "rsvd", rule=RankRule(rank=8), device="cpu")
+    best = optimal_error(dense(m), 8)
+    assert rel(written(r8, NAMES[0]), dense(m)) == pytest.approx(best, rel=1e-4)
+    assert {x.name: x.rel_error for x in r8.report.modules}[NAMES[0]] == pytest.approx(best, rel=1e-4)
 
 
 def test_gram_core_batch_matches_dense_svd():
