@@ -4,10 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from ..files.atomic import atomic_write
 from ..lowrank.rank_select import RankRule
+from ..report import Report
 
 
 def add_output(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -42,7 +43,8 @@ def rank_rule(args: argparse.Namespace) -> RankRule:
     return RankRule(args.rank, args.energy, args.min_rank, args.max_rank)
 
 
-def write_report(path: Optional[str], report: dict, overwrite: bool = True) -> None:
+def write_report(path: Optional[str], report: Union[dict, Report], overwrite: bool = True) -> None:
+    """The report as JSON at `path` (nothing without one: a Report is turned into a dict only when written)."""
     if path:
-        text = json.dumps(report, indent=2, sort_keys=False)
+        text = json.dumps(report.as_dict() if isinstance(report, Report) else report, indent=2, sort_keys=False)
         atomic_write(Path(path), lambda tmp: tmp.write_text(text), overwrite=overwrite)

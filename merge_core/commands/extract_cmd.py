@@ -69,5 +69,5 @@ def run(args: argparse.Namespace) -> int:
     if skipped:
         print("not extracted: " + ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items())))
     print(f"wrote {out}")
-    write_report(args.report, report.as_dict())
+    write_report(args.report, report)
     return 0

@@ -121,5 +121,5 @@ def run(args: argparse.Namespace) -> int:
     print(report.table())
     print(f"wrote {out} ({sum(m.kind != 'none' for m in report.modules)} modules, "
           f"method {args.method})")
-    write_report(args.report, report.as_dict())
+    write_report(args.report, report)
     return 0
