@@ -134,7 +134,7 @@ def solver_estimate(a: Path, b: Path, solver: str, per_shape: int = 1) -> tuple[
     torch.linalg.svd of the dense ΔW; "rsvd": the seeded sketch, k+p = 40 columns, 2 power iterations)."""
     sa, sb = load_lora(a), load_lora(b)
     counts = Counter(m.matrix_shape for m in sa.modules.values())
-    seconds, timed = 0.0, 0
+    seconds, n_timed = 0.0, 0
     for shape, n in counts.items():
         names = [k for k, m in sa.modules.items() if m.matrix_shape == shape][:per_shape]
         per = []
@@ -144,9 +144,9 @@ def solver_estimate(a: Path, b: Path, solver: str, per_shape: int = 1) -> tuple[
             start = time.perf_counter()
             low_rank(op, RankRule(rank=RANK), solver=solver)
             per.append(time.perf_counter() - start)
-            timed += 1
+            n_timed += 1
         seconds += statistics.median(per) * n
-    return seconds, timed, counts
+    return seconds, n_timed, counts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -205,8 +205,8 @@ def main(argv: list[str] | None = None) -> None:
 
         for solver, what in (("dense", "dense kohya-style SVD (torch.linalg.svd of each dense ΔW)"),
                              ("rsvd", "randomized sketch on the factors (k+p = 40, q = 2)")):
-            sec, timed, counts = solver_estimate(a, b, solver, per_shape=1 if solver == "dense" else 3)
-            print(f"{what}, rank {RANK}: {timed} modules timed ({len(counts)} shapes), extrapolated to "
+            sec, n_timed, counts = solver_estimate(a, b, solver, per_shape=1 if solver == "dense" else 3)
+            print(f"{what}, rank {RANK}: {n_timed} modules timed ({len(counts)} shapes), extrapolated to "
                   f"{sum(counts.values())} modules: {sec:.1f} s")
 
         print(f"\nPeak memory (VmHWM of each CLI process, MiB; baseline = importing torch + merge_core: {base:.0f} "

@@ -12,11 +12,11 @@ in directions a singular G_U's root left out, zero to round-off otherwise).
 
 Cost: the Grams O((out+N)R²) and the factor products O((out+N)Rk), GEMMs on one module's factors at a time,
 cast to fp32 into a scratch matrix twice (once per pass) so they stay in cache instead of a batch of them
-crossing memory three times; the R×R work batched over the modules (roots and M in fp64, the eigenproblem
-of M in fp32, then one triangular solve and one product) — several times cheaper than Householder QR of both
-factors (the QR-core path) and than a sketch with power iterations once R ≤ 2(k+p).  The Grams are fp32
-products, so singular values below ~1e-3·σ₁ carry their round-off; the kept ones and the reported quality
-are unaffected at usual energies.
+crossing memory three times; the R×R work batched over the modules (the roots in fp64, M and its
+eigenproblem in fp32, then one triangular solve and one product) — several times cheaper than Householder
+QR of both factors (the QR-core path) and than a sketch with power iterations once R ≤ 2(k+p).  The Grams
+are fp32 products, so singular values below ~1e-3·σ₁ carry their round-off; the kept ones and the reported
+quality are unaffected at usual energies.
 """
 from __future__ import annotations
 

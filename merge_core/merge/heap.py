@@ -3,7 +3,7 @@
 A merge allocates thousands of short-lived tensors between the long-lived merged factors; glibc keeps the
 freed holes in its heap, so the resident size can grow by a third more than the live data.  HeapTrimmer
 asks glibc to hand whole free pages back (malloc_trim(0)) whenever the anonymous resident size has grown by
-`step` since the last time — a few calls per merge, a few milliseconds each.  A no-op where there is no glibc.
+`step` since the last time (a few milliseconds per call).  A no-op where there is no glibc.
 """
 from __future__ import annotations
 
