@@ -7,7 +7,7 @@ Inner products and norms are accumulated in fp64 (they are traces of small produ
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import torch
 
@@ -118,23 +118,33 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float64)
 
 
+F64_CHUNK = 1 << 18  # elements cast to fp64 at a time (2 MiB): exact sums without an fp64 copy of a dense matrix
+
+
+def _row_chunks(W: torch.Tensor) -> Iterator[slice]:
+    step = max(1, F64_CHUNK // max(1, W.shape[1]))
+    return (slice(i, i + step) for i in range(0, W.shape[0], step))
+
+
 def inner(a: Operator, b: Operator) -> float:
-    """⟨A,B⟩_F = trace(AᵀB), exact, from small products when factored."""
+    """⟨A,B⟩_F = trace(AᵀB), exact (fp64), from small products when factored; a dense matrix is read in
+    fp64 chunks of rows, never copied whole."""
     if isinstance(a, Factored) and isinstance(b, Factored):
         # trace(Vaᵀ Uaᵀ Ub Vb) = Σ (UaᵀUb) ⊙ (Va Vbᵀ)
         g_u = _f64(a.U).T @ _f64(b.U)
         g_v = _f64(a.V) @ _f64(b.V).T
         return float((g_u * g_v).sum())
     if isinstance(a, Dense) and isinstance(b, Dense):
-        return float((_f64(a.W) * _f64(b.W)).sum())
+        return sum(float((_f64(a.W[r]) * _f64(b.W[r])).sum()) for r in _row_chunks(a.W))
     d, f = (a, b) if isinstance(a, Dense) else (b, a)
-    # trace(Wᵀ U V) = Σ (Uᵀ W) ⊙ V
-    return float(((_f64(f.U).T @ _f64(d.W)) * _f64(f.V)).sum())
+    # trace(Wᵀ U V) = Σ (Uᵀ W) ⊙ V, UᵀW summed over chunks of rows
+    uw = sum(_f64(f.U[r]).T @ _f64(d.W[r]) for r in _row_chunks(d.W))
+    return float((uw * _f64(f.V)).sum())
 
 
 def frob2(a: Operator) -> float:
-    """‖A‖_F² exactly; for factored A: trace((UᵀU)(VVᵀ)); dense: fp64 over 4M-element chunks (no full fp64 copy)."""
+    """‖A‖_F² exactly; for factored A: trace((UᵀU)(VVᵀ)); dense: fp64 over chunks (no fp64 copy of W)."""
     if isinstance(a, Dense):
-        chunks = a.W.reshape(-1).split(1 << 22)
+        chunks = a.W.reshape(-1).split(F64_CHUNK)
         return sum(float(torch.linalg.vector_norm(c, dtype=torch.float64)) ** 2 for c in chunks)
     return inner(a, a)
