@@ -57,11 +57,20 @@ def kth_largest_abs(op: Operator, coeff: float, k: int) -> float:
     i = int(torch.searchsorted(from_top, torch.tensor([k], device=from_top.device)))
     above = int(from_top[i - 1]) if i > 0 else 0
     target_bin = (1 << 16) - 1 - i
-    found = []
+    # the bin's entries, gathered into one buffer sized from the histogram: small pieces kept alive between
+    # the blocks would pin the freed blocks' heap pages (tens of MiB per worker on the largest modules)
+    candidates = torch.empty(int(hist[target_bin]), dtype=torch.int32, device=hist.device)
+    at = 0
     for block in row_blocks(rows, cols):
         bits = delta_rows(op, coeff, block).abs_().view(torch.int32).flatten()
-        found.append(bits[(bits >> 15) == target_bin])
-    candidates = torch.cat(found)
+        piece = bits[(bits >> 15) == target_bin]
+        if at + piece.numel() > candidates.numel():
+            break
+        candidates[at:at + piece.numel()] = piece
+        at += piece.numel()
+    if at != candidates.numel():
+        raise MergeCoreError("the device computed the same products twice with different results (a "
+                             "non-deterministic matmul); run ties on the CPU")
     bits = candidates.kthvalue(candidates.numel() - (k - above) + 1).values
     return float(bits.view(torch.float32))
 
