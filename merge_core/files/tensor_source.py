@@ -24,6 +24,7 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                            "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 MAX_HEADER = 100 * 1024 * 1024
+NESTED_KEYS = ("state_dict", "model")  # checkpoints that wrap their tensors in one of these (Lightning, some trainers)
 
 
 def check_file(path: Path) -> int:
@@ -91,7 +92,7 @@ def _why(exc: BaseException) -> str:
 
 
 def load_pickle(path: Path) -> dict[str, torch.Tensor]:
-    """torch.load(weights_only=True) only; nested `state_dict` unwrapped; non-tensor entries refused."""
+    """torch.load(weights_only=True) only; a nested `state_dict` or `model` unwrapped; non-tensor entries refused."""
     check_file(path)
     try:
         obj = _torch_load(path)
@@ -100,8 +101,10 @@ def load_pickle(path: Path) -> dict[str, torch.Tensor]:
                              f"load ({_why(exc)})") from None
     except Exception as exc:  # noqa: BLE001 — anything else is a damaged file
         raise InputFileError(f"corrupt or truncated checkpoint {path}: {_why(exc)}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+    for wrapper in NESTED_KEYS:
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
     if not isinstance(obj, dict):
         raise InputFileError(f"non-tensor payload in {path}: a {type(obj).__name__}, expected a dict of tensors")
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}

@@ -46,10 +46,11 @@ def make_pair(shapes: dict, seed: int = 0) -> tuple[dict, dict]:
     return base, tuned
 
 
-def test_pt_inputs_load_through_weights_only(tmp_path):
+@pytest.mark.parametrize("wrapper", ["state_dict", "model"])
+def test_pt_inputs_load_through_weights_only(tmp_path, wrapper):
     base, tuned = make_pair(CKPT)
     torch.save(base, tmp_path / "base.pt")
-    torch.save({"state_dict": tuned}, tmp_path / "tuned.ckpt")
+    torch.save({wrapper: tuned, "epoch": 3}, tmp_path / "tuned.ckpt")
     save_file(base, str(tmp_path / "base.safetensors"))
     a = extract_lora(tmp_path / "base.pt", tmp_path / "tuned.ckpt", RankRule(rank=4), device="cpu")
     b = extract_lora(tmp_path / "base.safetensors", DictSource(tuned), RankRule(rank=4), device="cpu")
