@@ -44,6 +44,20 @@ def test_exact_norms_and_inner_products_from_factors():
     assert inner(a, Dense(b.dense())) == pytest.approx(float((da * db).sum()), rel=1e-5)
 
 
+def test_dense_sums_span_several_fp64_chunks_exactly(monkeypatch):
+    """Dense norms and inner products go through fp64 a chunk of rows at a time: same sums as a whole fp64 copy."""
+    import merge_core.lowrank.operators as ops
+
+    monkeypatch.setattr(ops, "F64_CHUNK", 7 * 40 + 3)  # 7 rows a chunk, a ragged last chunk, flat chunks misaligned
+    W, W2 = randn(50, 40, seed=5), randn(50, 40, seed=6)
+    f = Factored(randn(50, 4, seed=7), randn(4, 40, seed=8))
+    dW, dW2, df = W.double(), W2.double(), f.U.double() @ f.V.double()
+    assert frob2(Dense(W)) == pytest.approx(float((dW ** 2).sum()), rel=1e-12)
+    assert inner(Dense(W), Dense(W2)) == pytest.approx(float((dW * dW2).sum()), rel=1e-12)
+    assert inner(Dense(W), f) == pytest.approx(float((dW * df).sum()), rel=1e-9)
+    assert inner(f, Dense(W)) == inner(Dense(W), f)
+
+
 @pytest.mark.parametrize("shape,r", [((640, 640), 16), ((320, 1280), 64), ((200, 90), 120)])
 def test_exact_factored_svd_matches_dense_svd(shape, r):
     op = Factored(randn(shape[0], r, seed=1), randn(r, shape[1], seed=2))
