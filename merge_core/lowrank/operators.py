@@ -121,9 +121,14 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
 F64_CHUNK = 1 << 18  # elements cast to fp64 at a time (2 MiB): exact sums without an fp64 copy of a dense matrix
 
 
+def row_blocks(rows: int, cols: int, entries: int) -> Iterator[slice]:
+    """Slices of whole rows of a rows × cols matrix, about `entries` entries each (at least one row)."""
+    step = max(1, entries // max(1, cols))
+    return (slice(i, min(i + step, rows)) for i in range(0, rows, step))
+
+
 def _row_chunks(W: torch.Tensor) -> Iterator[slice]:
-    step = max(1, F64_CHUNK // max(1, W.shape[1]))
-    return (slice(i, i + step) for i in range(0, W.shape[0], step))
+    return row_blocks(W.shape[0], W.shape[1], F64_CHUNK)
 
 
 def inner(a: Operator, b: Operator) -> float:
@@ -145,6 +150,5 @@ def inner(a: Operator, b: Operator) -> float:
 def frob2(a: Operator) -> float:
     """‖A‖_F² exactly; for factored A: trace((UᵀU)(VVᵀ)); dense: fp64 over chunks (no fp64 copy of W)."""
     if isinstance(a, Dense):
-        chunks = a.W.reshape(-1).split(F64_CHUNK)
-        return sum(float(torch.linalg.vector_norm(c, dtype=torch.float64)) ** 2 for c in chunks)
+        return sum(float(torch.linalg.vector_norm(a.W[r], dtype=torch.float64)) ** 2 for r in _row_chunks(a.W))
     return inner(a, a)

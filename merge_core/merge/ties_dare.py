@@ -14,12 +14,13 @@ own dense result ("fit").
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
 from ..errors import MergeCoreError
 from ..lowrank import Dense, Factored, Operator, measure
+from ..lowrank.operators import row_blocks
 from .lowrank_methods import approximate
 from .options import MergeOptions
 from .outcome import Outcome, combine_notes, lora_outcome
@@ -33,11 +34,6 @@ def check_density(density: float) -> None:
         raise MergeCoreError(f"density must be in (0, 1], got {density}")
 
 
-def row_blocks(rows: int, cols: int) -> Iterator[slice]:
-    step = max(1, BLOCK // cols)
-    return (slice(i, min(i + step, rows)) for i in range(0, rows, step))
-
-
 def delta_rows(op: Operator, coeff: float, rows: slice) -> torch.Tensor:
     """Rows of τ = c·ΔW as a fresh fp32 block (safe to modify in place)."""
     return (op.U[rows] * coeff) @ op.V if isinstance(op, Factored) else op.W[rows] * coeff
@@ -49,7 +45,7 @@ def kth_largest_abs(op: Operator, coeff: float, k: int) -> float:
     selection among the entries of the one bin that holds it."""
     rows, cols = op.shape
     hist = None
-    for block in row_blocks(rows, cols):
+    for block in row_blocks(rows, cols, BLOCK):
         top = delta_rows(op, coeff, block).abs_().view(torch.int32).flatten() >> 15
         counts = torch.bincount(top, minlength=1 << 16)
         hist = counts if hist is None else hist.add_(counts)
@@ -61,7 +57,7 @@ def kth_largest_abs(op: Operator, coeff: float, k: int) -> float:
     # the blocks would pin the freed blocks' heap pages (tens of MiB per worker on the largest modules)
     candidates = torch.empty(int(hist[target_bin]), dtype=torch.int32, device=hist.device)
     at = 0
-    for block in row_blocks(rows, cols):
+    for block in row_blocks(rows, cols, BLOCK):
         bits = delta_rows(op, coeff, block).abs_().view(torch.int32).flatten()
         piece = bits[(bits >> 15) == target_bin]
         if at + piece.numel() > candidates.numel():
@@ -88,7 +84,7 @@ def ties(terms: Sequence[Term], density: float, device: torch.device) -> torch.T
     keep = min(rows * cols, max(1, math.ceil(density * rows * cols)))
     thresholds = [kth_largest_abs(op, t.coeff, keep) if keep < rows * cols else 0.0 for op, t in zip(ops, terms)]
     out = torch.empty(rows, cols, device=device)
-    for block in row_blocks(rows, cols):
+    for block in row_blocks(rows, cols, BLOCK):
         trimmed = []
         for op, t, threshold in zip(ops, terms, thresholds):
             tau = delta_rows(op, t.coeff, block)
@@ -110,7 +106,7 @@ def dare(terms: Sequence[Term], density: float, seed: int, device: torch.device)
     rows, cols = ops[0].shape
     gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(terms))]
     out = torch.empty(rows, cols, device=device)
-    for block in row_blocks(rows, cols):
+    for block in row_blocks(rows, cols, BLOCK):
         total = None
         for op, t, gen in zip(ops, terms, gens):
             tau = delta_rows(op, t.coeff, block)

@@ -48,7 +48,7 @@ def test_dense_sums_span_several_fp64_chunks_exactly(monkeypatch):
     """Dense norms and inner products go through fp64 a chunk of rows at a time: same sums as a whole fp64 copy."""
     import merge_core.lowrank.operators as ops
 
-    monkeypatch.setattr(ops, "F64_CHUNK", 7 * 40 + 3)  # 7 rows a chunk, a ragged last chunk, flat chunks misaligned
+    monkeypatch.setattr(ops, "F64_CHUNK", 7 * 40 + 3)  # 7 rows a chunk, a ragged last chunk
     W, W2 = randn(50, 40, seed=5), randn(50, 40, seed=6)
     f = Factored(randn(50, 4, seed=7), randn(4, 40, seed=8))
     dW, dW2, df = W.double(), W2.double(), f.U.double() @ f.V.double()
