@@ -4,11 +4,17 @@
 after a header area reserved up front; `finish()` writes the header (JSON padded with spaces, which the
 format allows) into that area.  The caller bounds the header size from what it may write
 (`header_bound`), so the file never has to be rewritten.
+
+Every WRITEBACK bytes the new data is handed to the disk (posix_fadvise DONTNEED starts the writeback of
+dirty pages; it drops only pages already on disk), so the disk writes while the caller computes the next
+tensors, instead of the whole file being flushed at the end (a rename over an existing file waits for that
+on ext4).  The hint is advisory: where it is missing or refused, nothing changes.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from typing import BinaryIO, Iterable, Optional
 
@@ -20,6 +26,7 @@ ST_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", to
             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
             torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 ALIGN = 8
+WRITEBACK = 8 << 20
 NUMPY_NATIVE = {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
                 torch.uint8, torch.bool}  # written straight from .numpy(); others as raw bytes
 
@@ -48,6 +55,7 @@ class SafetensorsStream:
         self._reserve = -(-max(int(header_bytes), 2) // ALIGN) * ALIGN
         self._entries: dict[str, dict] = {}
         self._offset = 0
+        self._handed = 0  # data bytes whose writeback was started
         fh.seek(8 + self._reserve)
 
     @property
@@ -67,6 +75,19 @@ class SafetensorsStream:
         end = self._offset + data.nbytes
         self._entries[name] = {"dtype": ST_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [self._offset, end]}
         self._offset = end
+        if self._offset - self._handed >= WRITEBACK:
+            self._start_writeback()
+
+    def _start_writeback(self) -> None:
+        """Start the disk write of the bytes added since the last call (POSIX systems; a no-op elsewhere)."""
+        if hasattr(os, "posix_fadvise"):
+            self._fh.flush()
+            try:
+                os.posix_fadvise(self._fh.fileno(), 8 + self._reserve + self._handed,
+                                 self._offset - self._handed, os.POSIX_FADV_DONTNEED)
+            except OSError:  # e.g. a file system that does not take the hint
+                pass
+        self._handed = self._offset
 
     def finish(self, metadata: Optional[dict[str, str]] = None) -> None:
         header = dict(self._entries)

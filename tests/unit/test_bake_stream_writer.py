@@ -47,3 +47,37 @@ def test_a_subset_fits_the_bound_and_overflow_is_an_error(tmp_path):
             stream.finish({"long": "metadata" * 10})
         with pytest.raises(ValueError, match="twice"):
             stream.add("x", torch.zeros(3))
+
+
+def test_writeback_hints_cover_the_data_once_and_change_nothing(tmp_path, monkeypatch):
+    """Every WRITEBACK bytes the stream hands the new data range to the disk: the hinted ranges are contiguous,
+    start at the data section, never repeat, and the file reads back exactly."""
+    import os
+
+    import merge_core.files.stream_writer as sw
+
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise on this platform")
+    hints = []
+    real = os.posix_fadvise
+
+    def spy(fd, offset, length, advice):
+        hints.append((offset, length, advice))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(sw, "WRITEBACK", 1000)
+    monkeypatch.setattr(sw.os, "posix_fadvise", spy)
+    gen = torch.Generator().manual_seed(1)
+    tensors = {f"t{i}": torch.randn(100 + 37 * i, generator=gen) for i in range(12)}
+    bound = header_bound([(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()])
+    with open(tmp_path / "w.safetensors", "wb") as fh:
+        stream = SafetensorsStream(fh, bound)
+        for k, v in tensors.items():
+            stream.add(k, v)
+        stream.finish()
+    start = 8 + int.from_bytes((tmp_path / "w.safetensors").read_bytes()[:8], "little")  # the data section
+    assert hints and all(advice == os.POSIX_FADV_DONTNEED for *_, advice in hints)
+    assert [off for off, _, _ in hints] == [start] + [off + n for off, n, _ in hints[:-1]]
+    assert all(n >= 1000 for _, n, _ in hints)
+    back = load_file(str(tmp_path / "w.safetensors"))
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
