@@ -25,5 +25,9 @@ class OutputExistsError(MergeCoreError):
     """The output exists and overwrite was not requested."""
 
 
+class OutputWriteError(MergeCoreError):
+    """The output could not be written (disk full, read-only folder, no permission, file in use)."""
+
+
 class UnsafePathError(MergeCoreError):
     """A path would leave the folder it must stay in."""

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 from .adapters import AdapterModule, LoRA, module_from_roles, parameter_count
-from .errors import DoraError, FormatError, MergeCoreError, OutputExistsError
-from .files.atomic import atomic_write
+from .errors import DoraError, FormatError, MergeCoreError
+from .files.atomic import atomic_folder, atomic_write
 from .files.metadata import lora_metadata, sha256_later
 from .files.tensor_source import TensorSource
 from .keys.profiles import Naming, resolve
@@ -263,21 +261,12 @@ def save_lora(modules: dict[str, AdapterModule], path: PathLike, arch: str = "sd
 
 
 def _write_peft_dir(path: Path, tensors: dict, config: dict, meta: dict, overwrite: bool) -> Path:
-    """A PEFT folder, built in a temp folder beside the target and renamed into place."""
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"output exists, not overwriting (pass --overwrite to replace it): {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    """A PEFT folder, built in a temp folder beside the target and moved into place (files.atomic_folder)."""
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / PEFT_WEIGHTS[0]), metadata=meta)
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-        if path.exists():
-            shutil.rmtree(path)
-        os.rename(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return path
+
+    return atomic_folder(path, write, overwrite)
 
 
 def summary(lset: LoraSet) -> dict:

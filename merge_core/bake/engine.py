@@ -19,8 +19,8 @@ from ..adapters import AdapterModule, FullDiff
 from ..checkpoint.lora_names import BIAS, WEIGHT
 from ..checkpoint.sources import WeightSource, check_kind, label_of, open_weights
 from ..device import COMPUTE_DTYPE, resolve_device, with_cpu_fallback
-from ..errors import MergeCoreError, OutputExistsError
-from ..files.atomic import atomic_write
+from ..errors import MergeCoreError
+from ..files.atomic import atomic_write, refuse_existing
 from ..files.metadata import RECIPE_KEY, make_recipe
 from ..files.stream_writer import SafetensorsStream, header_bound
 from ..lora_file import LoraSet, dtype_of, load_lora
@@ -139,8 +139,7 @@ def bake_lora(base_path: Union[str, os.PathLike, WeightSource], lora: Union[Lora
     """Write base + alpha·ΔW to `output` (.safetensors streamed; .pt/.pth/.ckpt via torch.save); returns the report."""
     began = time.perf_counter()
     path = Path(output)
-    if path.exists() and not overwrite:  # fail before reading anything
-        raise OutputExistsError(f"output exists, not overwriting (pass --overwrite to replace it): {path}")
+    refuse_existing(path, overwrite)  # fail before reading anything
     base = open_weights(base_path, base_kind, "--source-model")
     lset = _open_lora(lora, lora_kind)
     lset.require_no_dora("baked")

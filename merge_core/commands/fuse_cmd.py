@@ -7,8 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from ..errors import OutputExistsError
-from ..files.atomic import atomic_write
+from ..files.atomic import atomic_write, refuse_existing
 from ..fuse import DORA_CHOICES, OUTPUT_FORMATS, STRATEGIES, fuse_models, fusion_metadata, verify_written
 from ..fuse.engine import DEFAULT_RULE, resolve_weights
 from ..lora_file import load_lora
@@ -49,8 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     resolve_weights(args.weights, len(args.models))  # count mismatch fails before any file is read
     out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise OutputExistsError(f"output exists, not overwriting (pass --overwrite to replace it): {out}")
+    refuse_existing(out, args.overwrite)
     sets = [load_lora(m) for m in args.models]
     result = fuse_models(sets, args.weights, args.strategy, args.norm_threshold, args.output_format,
                          rank_rule(args), args.device, args.dora)

@@ -10,7 +10,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..errors import MergeCoreError, OutputExistsError
+from ..errors import MergeCoreError
+from ..files.atomic import refuse_existing
 from ..keys.profiles import PROFILES
 from ..lora_file import dtype_of, load_lora
 from ..lowrank import SOLVERS, RankRule
@@ -99,8 +100,7 @@ def run(args: argparse.Namespace) -> int:
             raise MergeCoreError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise OutputExistsError(f"output exists, not overwriting (pass --overwrite to replace it): {out}")
+    refuse_existing(out, args.overwrite)
     # each file's sha256 (for the recipe) is hashed on a spare core from now on, beside the parsing and the merge
     sets = [load_lora(p, profile=args.profile, digest=True) for p in args.inputs]
 

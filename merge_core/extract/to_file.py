@@ -11,8 +11,7 @@ from typing import Optional, Union
 import torch
 
 from ..checkpoint.lora_names import BIAS
-from ..errors import OutputExistsError
-from ..files.atomic import atomic_write
+from ..files.atomic import atomic_write, refuse_existing
 from ..lora_file import dtype_of
 from ..lora_stream import LoraStream, header_reserve, lora_entries
 from ..lowrank.rank_select import RankRule
@@ -48,8 +47,7 @@ def extract_to_file(base: Source, tuned: Source, output: Union[str, os.PathLike]
                     tuned_kind: str = "auto") -> Report:
     """extract_lora(...).save(output), streamed for .safetensors; returns the report."""
     path = Path(output)
-    if path.exists() and not overwrite:  # before any work
-        raise OutputExistsError(f"output exists, not overwriting (pass --overwrite to replace it): {path}")
+    refuse_existing(path, overwrite)  # before any work
     args = dict(rule=rule, conv_rank=conv_rank, diff_only=diff_only, min_diff=min_diff, text_encoders=text_encoders,
                 seed=seed)
     if path.suffix.lower() in PICKLE_OUTPUTS:

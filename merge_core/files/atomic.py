@@ -1,15 +1,21 @@
 """Writes that lose nothing: temp file in the target folder then an atomic rename; never overwrite
-unless asked; relative output names that stay inside their folder."""
+unless asked; relative output names that stay inside their folder; a full disk, a read-only folder or a
+file in use is one clear line, with the temp file gone and the old output as it was."""
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Iterator, Union
 
-from ..errors import OutputExistsError, UnsafePathError
+from ..errors import OutputExistsError, OutputWriteError, UnsafePathError
 
 PathLike = Union[str, os.PathLike]
+WRITE_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EFBIG")
+                         if hasattr(errno, name))
 
 
 def inside(root: PathLike, relative: PathLike) -> Path:
@@ -21,6 +27,36 @@ def inside(root: PathLike, relative: PathLike) -> Path:
     return target
 
 
+def refuse_existing(path: PathLike, overwrite: bool) -> None:
+    """OutputExistsError when `path` exists and overwriting it was not asked for."""
+    if not overwrite and Path(path).exists():
+        raise OutputExistsError(f"output exists, not overwriting (pass --overwrite to replace it): {path}")
+
+
+def _temp_beside(path: Path, suffix: str) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.{suffix}")
+
+
+@contextmanager
+def write_errors(path: Path, *own: Path) -> Iterator[None]:
+    """OSErrors of writing `path` — on it, on the temp paths `own` or what is in them, or on a folder above
+    it — as one-line OutputWriteErrors (disk full, read-only, no permission, in use); others as they are."""
+    try:
+        yield
+    except OSError as exc:
+        culprit = None if exc.filename is None else Path(os.fspath(exc.filename))
+        ours = (culprit is None or culprit in path.parents
+                or any(culprit == p or p in culprit.parents for p in (path, *own)))
+        if exc.errno not in WRITE_ERRNOS or not ours:
+            raise
+        if os.name == "nt" and exc.filename2 is not None and exc.errno == errno.EACCES:
+            why = ("it is in use (Windows cannot replace an open file, such as the checkpoint a bake reads); "
+                   "write to a new name")
+        else:
+            why = exc.strerror or str(exc)
+        raise OutputWriteError(f"cannot write {path}: {why}. Nothing was changed.") from None
+
+
 def atomic_write(path: PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
     """Call write(tmp) on a temp file beside `path`, then move it into place.
 
@@ -28,25 +64,50 @@ def atomic_write(path: PathLike, write: Callable[[Path], None], overwrite: bool 
     failure (including KeyboardInterrupt) removes the temp file and leaves `path` untouched.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"output exists, not overwriting (pass --overwrite to replace it): {path}")
-    if not path.parent.exists():
+    refuse_existing(path, overwrite)
+    tmp = _temp_beside(path, "tmp")
+    with write_errors(path, tmp):
         path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise OutputExistsError(f"output appeared while writing, not overwriting: {path}") from None
-            except OSError:  # filesystem without hard links
-                if path.exists():
-                    raise OutputExistsError(f"output exists, not overwriting: {path}") from None
+        try:
+            write(tmp)
+            if overwrite:
                 os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+            else:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    raise OutputExistsError(f"output appeared while writing, not overwriting: {path}") from None
+                except OSError:  # filesystem without hard links
+                    refuse_existing(path, False)
+                    os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    return path
+
+
+def atomic_folder(path: PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Call write(tmp) on a temp folder beside `path`, then move it into place; an old folder is moved aside
+    first and put back if the move fails, and removed only once the new one is in place."""
+    path = Path(path)
+    refuse_existing(path, overwrite)
+    tmp, old = _temp_beside(path, "tmp"), (_temp_beside(path, "old") if path.exists() else None)
+    with write_errors(path, tmp, *([old] if old else [])):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.mkdir()
+            write(tmp)
+            if old is not None:
+                os.rename(path, old)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                if old is not None:
+                    os.rename(old, path)
+                raise
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
     return path

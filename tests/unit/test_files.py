@@ -1,12 +1,14 @@
 """Safe I/O: atomic writes that never overwrite, paths that stay in their folder, metadata and recipe."""
+import errno
 import json
+import os
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from merge_core.errors import OutputExistsError, UnsafePathError
-from merge_core.files import RECIPE_KEY, atomic_write, inside, make_recipe
+from merge_core.errors import OutputExistsError, OutputWriteError, UnsafePathError
+from merge_core.files import RECIPE_KEY, atomic_folder, atomic_write, inside, make_recipe
 from merge_core.lora_file import save_lora
 from synth import sdxl_lora, sdxl_specs
 
@@ -29,6 +31,79 @@ def test_failed_write_leaves_no_file_and_no_temp(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         atomic_write(tmp_path / "x.safetensors", boom)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_is_one_line_and_changes_nothing(tmp_path):
+    p = tmp_path / "out.safetensors"
+    p.write_text("original")
+
+    def full(tmp):
+        with open(tmp, "wb") as fh:
+            fh.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write on a full disk raises it
+
+    with pytest.raises(OutputWriteError, match=r"cannot write .*out\.safetensors: No space left.*Nothing was changed"):
+        atomic_write(p, full, overwrite=True)
+    assert p.read_text() == "original" and [f.name for f in tmp_path.iterdir()] == ["out.safetensors"]
+
+
+def test_a_refused_replace_is_one_line_and_the_old_file_stays(tmp_path, monkeypatch):
+    p = tmp_path / "ckpt.safetensors"
+    p.write_text("original")
+
+    def refused(src, dst):  # what Windows raises when dst is open in this or another program
+        raise PermissionError(errno.EACCES, "Access is denied", str(src), None, str(dst))
+
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(OutputWriteError, match="cannot write .*ckpt.safetensors"):
+        atomic_write(p, lambda tmp: tmp.write_text("new"), overwrite=True)
+    assert p.read_text() == "original" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_errors_on_other_files_are_not_called_write_errors(tmp_path):
+    """An input that cannot be opened inside the write callback is the input's error, not the output's."""
+    def reads_input(tmp):
+        open(tmp_path / "missing_input.safetensors", "rb")
+
+    with pytest.raises(FileNotFoundError):
+        atomic_write(tmp_path / "out.safetensors", reads_input)
+
+    def denied_input(tmp):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "in.safetensors"))
+
+    with pytest.raises(PermissionError):
+        atomic_write(tmp_path / "out.safetensors", denied_input)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_folder_replaces_only_once_the_new_folder_is_whole(tmp_path, monkeypatch):
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / "old.txt").write_text("old")
+    with pytest.raises(OutputExistsError):
+        atomic_folder(d, lambda tmp: (tmp / "new.txt").write_text("new"))
+
+    def fails(tmp):
+        (tmp / "new.txt").write_text("half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        atomic_folder(d, fails, overwrite=True)
+    assert [f.name for f in tmp_path.iterdir()] == ["adapter"] and (d / "old.txt").read_text() == "old"
+    real = os.rename
+
+    def second_rename_fails(src, dst):  # the old folder moved aside, then the new one cannot move in
+        if str(src).endswith(".tmp"):
+            raise OSError(errno.EIO, "I/O error", str(src), None, str(dst))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "rename", second_rename_fails)
+    with pytest.raises(OSError, match="I/O error"):
+        atomic_folder(d, lambda tmp: (tmp / "new.txt").write_text("new"), overwrite=True)
+    assert [f.name for f in tmp_path.iterdir()] == ["adapter"] and (d / "old.txt").read_text() == "old"
+    monkeypatch.setattr(os, "rename", real)
+    atomic_folder(d, lambda tmp: (tmp / "new.txt").write_text("new"), overwrite=True)
+    assert [f.name for f in d.iterdir()] == ["new.txt"] and [f.name for f in tmp_path.iterdir()] == ["adapter"]
 
 
 def test_inside_keeps_paths_in_their_folder(tmp_path):
