@@ -114,20 +114,24 @@ def baked_tensors(base: WeightSource, patches: dict[str, list[Patch]], alpha: fl
 
 
 def write_checkpoint(path: Path, base: WeightSource, tensors, metadata: dict, overwrite: bool) -> None:
-    """.safetensors streamed (header reserved from the base's shapes), .pt/.pth/.ckpt through torch.save."""
-    if path.suffix.lower() in PICKLE_OUTPUTS:
-        atomic_write(path, lambda tmp: torch.save(dict(tensors), tmp), overwrite)
-        return
-    # dtypes arrive with the tensors: size every entry as 8-byte elements, +1 byte for the longest dtype name
-    entries = [(k, torch.float64, tuple(base.shape(k))) for k in base.keys()]
-    reserve = header_bound(entries, metadata, slack=len(entries) + 4096)
+    """.safetensors streamed (header reserved from the base's shapes), .pt/.pth/.ckpt through torch.save.  The
+    base's files are closed before the rename: Windows cannot replace an open file (a bake onto its own base)."""
+    pickled = path.suffix.lower() in PICKLE_OUTPUTS
+    if not pickled:  # dtypes arrive with the tensors: size every entry as 8-byte elements, +1 byte per dtype name
+        entries = [(k, torch.float64, tuple(base.shape(k))) for k in base.keys()]
+        reserve = header_bound(entries, metadata, slack=len(entries) + 4096)
 
     def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            stream = SafetensorsStream(fh, reserve)
-            for key, tensor in tensors:
-                stream.add(key, tensor)
-            stream.finish(metadata)
+        if pickled:
+            torch.save(dict(tensors), tmp)
+        else:
+            with open(tmp, "wb") as fh:
+                stream = SafetensorsStream(fh, reserve)
+                for key, tensor in tensors:
+                    stream.add(key, tensor)
+                stream.finish(metadata)
+        if hasattr(base, "close"):
+            base.close()
 
     atomic_write(path, write, overwrite)
 

@@ -11,19 +11,24 @@ import os
 import pickle
 import re
 import struct
+import threading
 import warnings
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import BinaryIO, Iterator, Optional, Union
 
 import torch
 from safetensors import safe_open
 
 from ..errors import InputFileError
+from .stream_writer import ST_DTYPE
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                            "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 MAX_HEADER = 100 * 1024 * 1024
+TORCH_DTYPE = {name: dtype for dtype, name in ST_DTYPE.items()}
+TORCH_DTYPE.update({name: getattr(torch, attr) for name, attr in (("U16", "uint16"), ("U32", "uint32"),
+                                                                  ("U64", "uint64")) if hasattr(torch, attr)})
 NESTED_KEYS = ("state_dict", "model")  # checkpoints that wrap their tensors in one of these (Lightning, some trainers)
 
 
@@ -38,8 +43,14 @@ def check_file(path: Path) -> int:
     return size
 
 
-def read_safetensors_header(path: Path) -> tuple[dict, str]:
+def read_safetensors_header(path: Path) -> tuple[dict, dict]:
     """Validated header of a .safetensors file: (tensor entries, metadata) with clear errors."""
+    header, metadata, _ = _read_header(path)
+    return header, metadata
+
+
+def _read_header(path: Path) -> tuple[dict, dict, int]:
+    """(tensor entries, metadata, where the data starts: entries' data_offsets count from there)."""
     size = check_file(path)
     with open(path, "rb") as fh:
         head = fh.read(8)
@@ -66,11 +77,13 @@ def read_safetensors_header(path: Path) -> tuple[dict, str]:
             width = SAFETENSORS_DTYPE_BYTES.get(entry["dtype"], 1)
         except (KeyError, TypeError, ValueError):
             raise InputFileError(f"corrupt safetensors header entry for '{key}': {path}") from None
+        if not 0 <= start <= end:
+            raise InputFileError(f"corrupt safetensors header: '{key}' has data offsets {start}..{end}: {path}")
         if end > data_len:
             raise InputFileError(f"truncated file: tensor '{key}' ends at byte {end} of {data_len}: {path}")
         if end - start != count * width:
             raise InputFileError(f"corrupt safetensors header: '{key}' size does not match its shape: {path}")
-    return header, metadata
+    return header, metadata, 8 + n
 
 
 def _torch_load(path: Path):
@@ -116,14 +129,20 @@ def load_pickle(path: Path) -> dict[str, torch.Tensor]:
 
 
 class TensorSource:
-    """Lazy read access to the tensors of one file or a folder of shards."""
+    """Lazy read access to the tensors of one file or a folder of shards.
+
+    get(key) reads one tensor into memory of its own with a positioned read: a caller that streams a 6 GiB
+    checkpoint and drops each tensor holds one tensor, where a memory map kept open would count every page
+    it touched in the process's RSS.  items() memory-maps (safetensors' reader), for adapter files read whole.
+    """
 
     def __init__(self, path: Union[str, os.PathLike]):
         self.path = Path(path)
-        self._where: dict[str, Path] = {}
+        self._where: dict[str, tuple[Path, str, int, int]] = {}  # key -> (file, dtype, first byte, end byte)
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._eager: Optional[dict[str, torch.Tensor]] = None
-        self._handles: dict[Path, object] = {}  # open safe_open handles, by file (get() reuses them)
+        self._files: dict[Path, BinaryIO] = {}  # opened by get(), kept open until close()
+        self._lock = threading.Lock()  # opening files; and, without os.preadv (Windows), seek + read as one step
         self.metadata: dict[str, str] = {}
         if self.path.is_dir():
             files = sorted(self.path.glob("*.safetensors"))
@@ -138,10 +157,11 @@ class TensorSource:
             self._add_safetensors(self.path)
 
     def _add_safetensors(self, path: Path) -> None:
-        header, metadata = read_safetensors_header(path)
+        header, metadata, data_start = _read_header(path)
         self.metadata.update(metadata)
         for key, entry in header.items():
-            self._where[key] = path
+            start, end = entry["data_offsets"]
+            self._where[key] = (path, entry["dtype"], data_start + start, data_start + end)
             self._shapes[key] = tuple(entry["shape"])
 
     def keys(self) -> list[str]:
@@ -151,18 +171,46 @@ class TensorSource:
         return self._shapes[key]
 
     def get(self, key: str) -> torch.Tensor:
-        """One tensor; each file is opened once and kept open (re-opening re-parses a checkpoint's whole header,
-        about 2 ms per tensor for an SDXL checkpoint)."""
+        """One tensor, read into a new tensor (thread-safe; each file is opened once, its header parsed once)."""
         if self._eager is not None:
             return self._eager[key]
-        path = self._where[key]
+        path, dtype, start, end = self._where[key]
+        if dtype not in TORCH_DTYPE:
+            raise InputFileError(f"cannot read tensor '{key}' from {path}: dtype {dtype} has no torch equivalent")
+        tensor = torch.empty(self._shapes[key], dtype=TORCH_DTYPE[dtype])
+        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
         try:
-            fh = self._handles.get(path)
+            got = self._read_at(path, start, view)
+        except OSError as exc:
+            raise InputFileError(f"cannot read tensor '{key}' from {path}: {exc.strerror or exc}") from None
+        if got != end - start:
+            raise InputFileError(f"truncated file: tensor '{key}' has {got} of its {end - start} bytes: {path}")
+        return tensor
+
+    def _read_at(self, path: Path, offset: int, view: memoryview) -> int:
+        """Fill `view` from byte `offset` of `path`; the bytes read (fewer only at the end of the file)."""
+        with self._lock:
+            fh = self._files.get(path)
             if fh is None:
-                fh = self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
-            return fh.get_tensor(key)
-        except Exception as exc:  # noqa: BLE001
-            raise InputFileError(f"cannot read tensor '{key}' from {path}: {str(exc).splitlines()[0][:160]}") from None
+                fh = self._files[path] = open(path, "rb", buffering=0)
+        got = 0
+        while got < len(view):
+            if hasattr(os, "preadv"):
+                n = os.preadv(fh.fileno(), [view[got:]], offset + got)
+            else:
+                with self._lock:
+                    fh.seek(offset + got)
+                    n = fh.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        return got
+
+    def close(self) -> None:
+        """Close the files get() opened (tensors already read stay valid); a later get() opens them again."""
+        files, self._files = self._files, {}
+        for fh in files.values():
+            fh.close()
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """All tensors, one file handle per shard (cheaper than get() per key)."""
@@ -170,7 +218,7 @@ class TensorSource:
             yield from self._eager.items()
             return
         by_file: dict[Path, list[str]] = {}
-        for key, path in self._where.items():
+        for key, (path, *_) in self._where.items():
             by_file.setdefault(path, []).append(key)
         for path, keys in by_file.items():
             with safe_open(str(path), framework="pt", device="cpu") as fh:

@@ -171,3 +171,68 @@ def test_diff_only_output_is_written_as_it_is_made(tmp_path):
     for i in range(12):
         key = f"model.diffusion_model.input_blocks.{i}.0.weight"
         torch.testing.assert_close(out[f"lora_unet_input_blocks_{i}_0.diff"], tuned[key] - base[key])
+
+
+def _every_dtype() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    t = {"f32": torch.randn(5, 7, generator=gen), "f16": torch.randn(9, generator=gen).half(),
+         "bf16": torch.randn(3, 3, 3, generator=gen).bfloat16(), "f64": torch.randn(4, generator=gen).double(),
+         "i64": torch.arange(-3, 3), "i8": torch.tensor([-1, 2, 127], dtype=torch.int8),
+         "u8": torch.tensor([0, 255], dtype=torch.uint8), "b": torch.tensor([True, False, True]),
+         "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4),
+         "f8": torch.randn(6, generator=gen).to(torch.float8_e4m3fn)}
+    return t
+
+
+def test_get_reads_what_safetensors_reads_in_any_dtype_from_any_thread(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from merge_core.files import TensorSource
+
+    tensors = _every_dtype()
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    ref = load_file(str(tmp_path / "m.safetensors"))
+    src = TensorSource(tmp_path / "m.safetensors")
+    keys = list(ref) * 8
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(src.get, keys))
+    for key, t in zip(keys, got):
+        assert t.dtype == ref[key].dtype and t.shape == ref[key].shape
+        assert torch.equal(t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t,
+                           ref[key].view(torch.uint8) if t.dtype == torch.float8_e4m3fn else ref[key])
+    src.close()
+    assert torch.equal(src.get("f32"), ref["f32"])  # opened again after close
+    src.close()
+
+
+def test_get_on_a_file_cut_short_after_opening_is_one_clear_line(tmp_path):
+    from merge_core.files import TensorSource
+
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.ones(1000), "b": torch.ones(1000)}, str(path))
+    src = TensorSource(path)
+    with open(path, "r+b") as fh:  # e.g. another program rewriting the file mid-run
+        fh.truncate(path.stat().st_size - 100)
+    with pytest.raises(InputFileError, match="truncated file: tensor '.' has 3900 of its 4000 bytes"):
+        src.get("b")
+    src.close()
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="needs /proc to list open files")
+def test_close_releases_the_files_get_opened(tmp_path):
+    import os
+
+    from merge_core.files import TensorSource
+
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.ones(3)}, str(path))
+
+    def open_here() -> int:
+        return sum(os.path.realpath(f"/proc/self/fd/{fd}") == str(path.resolve()) for fd in os.listdir("/proc/self/fd")
+                   if os.path.exists(f"/proc/self/fd/{fd}"))
+
+    src = TensorSource(path)
+    src.get("a")
+    assert open_here() == 1
+    src.close()
+    assert open_here() == 0
