@@ -3,4 +3,5 @@ from .atomic import atomic_folder, atomic_write, inside, refuse_existing
 from .metadata import RECIPE_KEY, lora_metadata, make_recipe, sha256_of
 from .tensor_source import TensorSource
 
-__all__ = ["atomic_folder", "atomic_write", "inside", "refuse_existing", "RECIPE_KEY", "lora_metadata", "make_recipe", "sha256_of", "TensorSource"]
+__all__ = ["atomic_folder", "atomic_write", "inside", "refuse_existing", "RECIPE_KEY", "lora_metadata", "make_recipe",
+           "sha256_of", "TensorSource"]
