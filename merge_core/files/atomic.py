@@ -57,6 +57,23 @@ def write_errors(path: Path, *own: Path) -> Iterator[None]:
         raise OutputWriteError(f"cannot write {path}: {why}. Nothing was changed.") from None
 
 
+@contextmanager
+def _staged(path: Path, overwrite: bool, *own: Path) -> Iterator[Path]:
+    """A temp path beside `path` for the caller to write and move into place; refused up front if `path`
+    exists without overwrite, removed afterwards (file or folder) whatever happens, write errors as one line."""
+    refuse_existing(path, overwrite)
+    tmp = _temp_beside(path, "tmp")
+    with write_errors(path, tmp, *own):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            yield tmp
+        finally:
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
+            elif tmp.exists():
+                tmp.unlink()
+
+
 def atomic_write(path: PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
     """Call write(tmp) on a temp file beside `path`, then move it into place.
 
@@ -64,25 +81,18 @@ def atomic_write(path: PathLike, write: Callable[[Path], None], overwrite: bool 
     failure (including KeyboardInterrupt) removes the temp file and leaves `path` untouched.
     """
     path = Path(path)
-    refuse_existing(path, overwrite)
-    tmp = _temp_beside(path, "tmp")
-    with write_errors(path, tmp):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            write(tmp)
-            if overwrite:
+    with _staged(path, overwrite) as tmp:
+        write(tmp)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise OutputExistsError(f"output appeared while writing, not overwriting: {path}") from None
+            except OSError:  # filesystem without hard links
+                refuse_existing(path, False)
                 os.replace(tmp, path)
-            else:
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    raise OutputExistsError(f"output appeared while writing, not overwriting: {path}") from None
-                except OSError:  # filesystem without hard links
-                    refuse_existing(path, False)
-                    os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
     return path
 
 
@@ -90,24 +100,19 @@ def atomic_folder(path: PathLike, write: Callable[[Path], None], overwrite: bool
     """Call write(tmp) on a temp folder beside `path`, then move it into place; an old folder is moved aside
     first and put back if the move fails, and removed only once the new one is in place."""
     path = Path(path)
-    refuse_existing(path, overwrite)
-    tmp, old = _temp_beside(path, "tmp"), (_temp_beside(path, "old") if path.exists() else None)
-    with write_errors(path, tmp, *([old] if old else [])):
-        path.parent.mkdir(parents=True, exist_ok=True)
+    old = _temp_beside(path, "old")
+    with _staged(path, overwrite, old) as tmp:
+        tmp.mkdir()
+        write(tmp)
+        replacing = path.exists()
+        if replacing:
+            os.rename(path, old)
         try:
-            tmp.mkdir()
-            write(tmp)
-            if old is not None:
-                os.rename(path, old)
-            try:
-                os.rename(tmp, path)
-            except BaseException:
-                if old is not None:
-                    os.rename(old, path)
-                raise
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
+            os.rename(tmp, path)
+        except BaseException:
+            if replacing:
+                os.rename(old, path)
+            raise
+        if replacing:
+            shutil.rmtree(old, ignore_errors=True)
     return path
