@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
 
         # the ratio first, on a quiet machine: the method runs below leave GBs of dirty pages behind, whose
         # writeback would land in the middle of the timed runs
-        speed = ratio(a, b, work, args.repeats)
+        sp = ratio(a, b, work, args.repeats)
         base = baseline_rss_mb()
         rows, mem_rows = [], []
         largest = max(s.shape[0] * s.shape[1] for s in specs(args.quick)) * 4 / MIB
@@ -195,7 +195,6 @@ def main(argv: list[str] | None = None) -> None:
         print(md_table(["method", "total params", "average rank", "merge time (s)", "end-to-end (s)",
                         "mean rel error", "max rel error"], rows))
 
-        sp = speed
         print(f"\nrsvd end-to-end {sp['e2e']:.2f} s / load both + write one output {sp['io']:.2f} s = "
               f"{sp['ratio']:.2f} (medians of {args.repeats}; target <= 2.0: "
               f"{'met' if sp['ratio'] <= 2.0 else 'NOT met'}); best of {args.repeats}: {sp['e2e_min']:.2f} / "
