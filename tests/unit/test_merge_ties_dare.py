@@ -11,6 +11,7 @@ import torch
 from merge_core.errors import MergeCoreError
 from merge_core.lowrank import RankRule
 from merge_core.merge import merge_loras
+from merge_core.merge.ties_dare import trim
 from merge_testlib import one_torch_thread  # noqa: F401  (autouse)
 from merge_testlib import NAMES, dense, lora_set, random_lora, rel, shape_of, target
 
@@ -80,3 +81,12 @@ def test_default_refit_uses_the_dynamic_rule():
 def test_density_out_of_range_is_refused(density):
     with pytest.raises(MergeCoreError, match="density must be in"):
         merge_loras(sets(2), "ties", density=density)
+
+
+def test_trim_keeps_exactly_the_entries_at_or_above_the_threshold():
+    t = 0.3
+    below = float(torch.nextafter(torch.tensor(t), torch.tensor(0.0)))
+    tau = torch.tensor([t, -t, below, -below, 0.0, 2 * t, -5 * t, 1e-30])
+    got = trim(tau.clone(), float(torch.tensor(t)))
+    assert torch.equal(got, torch.tensor([t, -t, 0.0, 0.0, 0.0, 2 * t, -5 * t, 0.0]))
+    assert torch.equal(trim(tau.clone(), 0.0), tau)  # threshold 0: nothing trimmed
