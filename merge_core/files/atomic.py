@@ -14,8 +14,15 @@ from typing import Callable, Iterator, Union
 from ..errors import OutputExistsError, OutputWriteError, UnsafePathError
 
 PathLike = Union[str, os.PathLike]
-WRITE_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EFBIG")
-                         if hasattr(errno, name))
+
+
+def _errnos(*names: str) -> frozenset:
+    return frozenset(getattr(errno, name) for name in names if hasattr(errno, name))
+
+
+# what write() itself raises, with no file name attached (the only errors taken as the output's when unnamed)
+UNNAMED_WRITE_ERRNOS = _errnos("ENOSPC", "EDQUOT", "EFBIG")
+WRITE_ERRNOS = UNNAMED_WRITE_ERRNOS | _errnos("EROFS", "EACCES", "EPERM")
 
 
 def inside(root: PathLike, relative: PathLike) -> Path:
@@ -44,9 +51,11 @@ def write_errors(path: Path, *own: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        culprit = None if exc.filename is None else Path(os.fspath(exc.filename))
-        ours = (culprit is None or culprit in path.parents
-                or any(culprit == p or p in culprit.parents for p in (path, *own)))
+        if exc.filename is None:
+            ours = exc.errno in UNNAMED_WRITE_ERRNOS
+        else:
+            culprit = Path(os.fspath(exc.filename))
+            ours = culprit in path.parents or any(culprit == p or p in culprit.parents for p in (path, *own))
         if exc.errno not in WRITE_ERRNOS or not ours:
             raise
         if os.name == "nt" and exc.filename2 is not None and exc.errno == errno.EACCES:

@@ -73,6 +73,12 @@ def test_errors_on_other_files_are_not_called_write_errors(tmp_path):
 
     with pytest.raises(PermissionError):
         atomic_write(tmp_path / "out.safetensors", denied_input)
+
+    def unnamed_denial(tmp):  # no file name: only the errors a write() raises (full disk, quota, size) are ours
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    with pytest.raises(PermissionError):
+        atomic_write(tmp_path / "out.safetensors", unnamed_denial)
     assert list(tmp_path.iterdir()) == []
 
 
