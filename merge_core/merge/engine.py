@@ -9,6 +9,8 @@ a caller can write the file while the rest is computed (merge/to_file.py) or hol
 """
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -28,8 +30,10 @@ from .heap import HeapTrimmer
 from .methods import Method, describe, method_named, resolve_options, resolve_weights
 from .options import MergeOptions
 from .outcome import Outcome, exact_sum_outcome
-from .scheduler import run_work
+from .scheduler import DENSE_COPIES, available_memory, run_work, worker_cap
 from .targets import ModuleTarget, plan_targets
+
+log = logging.getLogger(__name__)
 
 # called in the calling thread with each merged module, in plan order: sink(name, outcome, prepared)
 Sink = Callable[[str, Outcome, Any], None]
@@ -99,6 +103,19 @@ def cast_to(dtype: torch.dtype) -> Prepare:
     return lambda name, out: out.module.to_dtype(dtype) if out.module is not None else None
 
 
+def dense_worker_cap(plan: MergePlan) -> Optional[int]:
+    """For methods that hold whole dense modules, the most worker threads the available memory allows."""
+    if not (plan.spec.dense or plan.opts.solver == "dense"):
+        return None
+    largest = max((4 * math.prod(t.matrix_shape) for t in plan.targets()), default=0)
+    cap = worker_cap(largest, available_memory())
+    if cap is not None and cap < torch.get_num_threads():
+        log.warning("%s: %d worker threads instead of %d, so that each can hold %d dense modules of up to %.0f MiB "
+                    "in half the free memory", plan.spec.name, cap, torch.get_num_threads(), DENSE_COPIES,
+                    largest / 2**20)
+    return cap
+
+
 def _row(name: str, out: Outcome) -> ModuleReport:
     m = out.module
     return ModuleReport(name, m.kind if m is not None else "none", out.rank,
@@ -144,7 +161,7 @@ def run_merge(plan: MergePlan, sink: Sink, device: str = "auto", progress: Progr
             trim()
 
     start = time.perf_counter()
-    run_work(work, run, record, dev)
+    run_work(work, run, record, dev, dense_worker_cap(plan) if dev.type == "cpu" else None)
     report = Report("merge")
     for name in plan.names:
         report.add(rows[name])
