@@ -12,7 +12,7 @@ import re
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 from safetensors.torch import save_file
@@ -21,6 +21,7 @@ from .adapters import AdapterModule, LoRA, module_from_roles, parameter_count
 from .errors import DoraError, FormatError, MergeCoreError
 from .files.atomic import atomic_folder, atomic_write
 from .files.metadata import lora_metadata, sha256_later
+from .files.stream_writer import SafetensorsStream, header_bound
 from .files.tensor_source import TensorSource
 from .keys.profiles import Naming, resolve
 from .keys.sdxl_table import sdxl_modules
@@ -191,19 +192,37 @@ def _role_suffix(role: str, suffixes: Suffixes) -> Optional[str]:
     return {UP: suffixes.up, DOWN: suffixes.down, ALPHA: suffixes.alpha}.get(role, "." + role)
 
 
-def state_dict_of(modules: dict[str, AdapterModule], suffixes: Suffixes,
-                  dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """Flat tensors for a file: `<name><suffix>`; alpha kept in fp32, everything else cast to dtype."""
-    out: dict[str, torch.Tensor] = {}
+def _file_tensors(modules: dict[str, AdapterModule], suffixes: Suffixes) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(key `<name><suffix>`, role, tensor as held) for every tensor a file of `modules` holds."""
     for name, module in modules.items():
         for role, tensor in module.tensors().items():
             suffix = _role_suffix(role, suffixes)
-            if suffix is None:
-                continue
-            t = tensor.detach().to("cpu")
-            t = t.to(torch.float32) if role == ALPHA else t.to(dtype)
-            out[name + suffix] = t.contiguous()
-    return out
+            if suffix is not None:
+                yield name + suffix, role, tensor
+
+
+def _file_dtype(role: str, dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if role == ALPHA else dtype
+
+
+def state_dict_of(modules: dict[str, AdapterModule], suffixes: Suffixes,
+                  dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """Flat tensors for a file: `<name><suffix>`; alpha kept in fp32, everything else cast to dtype."""
+    return {key: tensor.detach().to("cpu").to(_file_dtype(role, dtype)).contiguous()
+            for key, role, tensor in _file_tensors(modules, suffixes)}
+
+
+def _stream_safetensors(tmp: Path, modules: dict[str, AdapterModule], suffixes: Suffixes, dtype: torch.dtype,
+                        metadata: dict) -> None:
+    """Write the file module by module (each cast as it is written): memory holds one module's file tensors
+    instead of the whole state dict and safetensors' serialised copy of it."""
+    entries = [(key, _file_dtype(role, dtype), tuple(t.shape)) for key, role, t in _file_tensors(modules, suffixes)]
+    with open(tmp, "wb") as fh:
+        stream = SafetensorsStream(fh, header_bound(entries, metadata))
+        for name, module in modules.items():
+            for key, tensor in state_dict_of({name: module}, suffixes, dtype).items():
+                stream.add(key, tensor)
+        stream.finish(metadata)
 
 
 def _peft_state(modules: dict[str, AdapterModule], dtype: torch.dtype) -> tuple[dict, dict[str, int]]:
@@ -230,13 +249,6 @@ def _peft_config(ranks: dict[str, int], base: Optional[dict]) -> dict:
     return config
 
 
-def _write_tensors(tmp: Path, tensors: dict, metadata: dict, fmt: str) -> None:
-    if fmt == "pt":
-        torch.save(tensors, tmp)
-    else:
-        save_file(tensors, str(tmp), metadata=metadata)
-
-
 def save_lora(modules: dict[str, AdapterModule], path: PathLike, arch: str = "sdxl", profile: str = "sdxl",
               dtype: Union[str, torch.dtype] = "fp16", overwrite: bool = False, recipe: Optional[dict] = None,
               suffixes: Optional[Suffixes] = None, peft_config: Optional[dict] = None,
@@ -255,9 +267,10 @@ def save_lora(modules: dict[str, AdapterModule], path: PathLike, arch: str = "sd
         if path.suffix == ".safetensors":
             return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), overwrite)
         return _write_peft_dir(path, tensors, config, meta, overwrite)
-    sd = state_dict_of(modules, suffixes or KOHYA, dt)
-    fmt = "pt" if path.suffix.lower() in (".pt", ".pth", ".ckpt") else "safetensors"
-    return atomic_write(path, lambda tmp: _write_tensors(tmp, sd, meta, fmt), overwrite)
+    suffixes = suffixes or KOHYA
+    if path.suffix.lower() in (".pt", ".pth", ".ckpt"):
+        return atomic_write(path, lambda tmp: torch.save(state_dict_of(modules, suffixes, dt), tmp), overwrite)
+    return atomic_write(path, lambda tmp: _stream_safetensors(tmp, modules, suffixes, dt, meta), overwrite)
 
 
 def _write_peft_dir(path: Path, tensors: dict, config: dict, meta: dict, overwrite: bool) -> Path:

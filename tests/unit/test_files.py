@@ -137,3 +137,24 @@ def test_written_lora_has_kohya_modelspec_metadata_and_recipe(tmp_path):
     assert meta["modelspec.merged_from"] == "in.safetensors"
     rec = json.loads(meta[RECIPE_KEY])
     assert rec["operation"] == "merge" and len(rec["inputs"][0]["sha256"]) == 64 and rec["version"]
+
+
+def test_saved_lora_is_written_module_by_module_and_holds_every_tensor(tmp_path, monkeypatch):
+    """save_lora streams: each module is cast and written on its own (memory holds one module's file tensors,
+    not the whole state dict plus a serialised copy), and the file holds exactly what state_dict_of gives."""
+    import merge_core.lora_file as lora_file
+    from merge_core.keys.suffixes import KOHYA
+
+    mods = sdxl_lora(sdxl_specs(per_group=2, locon=True), rank=4)
+    expected = lora_file.state_dict_of(mods, KOHYA, torch.float16)
+    sizes = []
+    real = lora_file.state_dict_of
+    monkeypatch.setattr(lora_file, "state_dict_of", lambda m, *a, **k: sizes.append(len(m)) or real(m, *a, **k))
+    out = save_lora(mods, tmp_path / "out.safetensors")
+    assert sizes == [1] * len(mods)
+    with safe_open(str(out), "pt") as fh:
+        assert sorted(fh.keys()) == sorted(expected)
+        for key, tensor in expected.items():
+            got = fh.get_tensor(key)
+            assert got.dtype == tensor.dtype and torch.equal(got, tensor)
+        assert fh.metadata()["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
