@@ -12,10 +12,9 @@ import re
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
-from safetensors.torch import save_file
 
 from .adapters import AdapterModule, LoRA, module_from_roles, parameter_count
 from .errors import DoraError, FormatError, MergeCoreError
@@ -28,6 +27,8 @@ from .keys.sdxl_table import sdxl_modules
 from .keys.suffixes import ALPHA, DOWN, KOHYA, UP, Suffixes, group_keys, style_of
 
 PathLike = Union[str, os.PathLike]
+Entry = tuple[str, torch.dtype, tuple[int, ...]]  # a tensor a file will hold: name, dtype, shape
+ModuleTensors = Callable[[str, AdapterModule], dict[str, torch.Tensor]]  # a module's tensors in a file
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
@@ -212,29 +213,38 @@ def state_dict_of(modules: dict[str, AdapterModule], suffixes: Suffixes,
             for key, role, tensor in _file_tensors(modules, suffixes)}
 
 
-def _stream_safetensors(tmp: Path, modules: dict[str, AdapterModule], suffixes: Suffixes, dtype: torch.dtype,
-                        metadata: dict) -> None:
-    """Write the file module by module (each cast as it is written): memory holds one module's file tensors
-    instead of the whole state dict and safetensors' serialised copy of it."""
-    entries = [(key, _file_dtype(role, dtype), tuple(t.shape)) for key, role, t in _file_tensors(modules, suffixes)]
+def _stream_safetensors(tmp: Path, modules: dict[str, AdapterModule], tensors_of: ModuleTensors,
+                        entries: list[Entry], metadata: dict) -> None:
+    """Write the file module by module, each module's tensors made as it is written (tensors_of): memory holds
+    one module's file tensors instead of the whole state dict and safetensors' serialised copy of it.
+    `entries`: every tensor the file will hold (name, dtype, shape), to size the header."""
     with open(tmp, "wb") as fh:
         stream = SafetensorsStream(fh, header_bound(entries, metadata))
         for name, module in modules.items():
-            for key, tensor in state_dict_of({name: module}, suffixes, dtype).items():
+            for key, tensor in tensors_of(name, module).items():
                 stream.add(key, tensor)
         stream.finish(metadata)
 
 
-def _peft_state(modules: dict[str, AdapterModule], dtype: torch.dtype) -> tuple[dict, dict[str, int]]:
-    """PEFT tensors with each module's α/r folded into lora_B (so the config says scale 1)."""
-    tensors, ranks = {}, {}
+def _peft_ranks(modules: dict[str, AdapterModule]) -> dict[str, int]:
+    """Each module's rank by its name in the PEFT config; only plain LoRA modules have a PEFT form."""
+    ranks = {}
     for name, m in modules.items():
         if not isinstance(m, LoRA) or m.mid is not None:
             raise FormatError(f"the PEFT layout holds only plain LoRA modules; '{name}' is {m.kind}")
-        tensors[f"{name}.lora_B.weight"] = (m.up.float() * m.scale).to(dtype).contiguous()
-        tensors[f"{name}.lora_A.weight"] = m.down.to(dtype).contiguous()
         ranks[name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name] = m.rank
-    return tensors, ranks
+    return ranks
+
+
+def _peft_tensors(name: str, m: LoRA, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """PEFT tensors with the module's α/r folded into lora_B (so the config says scale 1)."""
+    return {f"{name}.lora_B.weight": (m.up.float() * m.scale).to(dtype).contiguous(),
+            f"{name}.lora_A.weight": m.down.to(dtype).contiguous()}
+
+
+def _peft_entries(modules: dict[str, AdapterModule], dtype: torch.dtype) -> list[Entry]:
+    return [e for name, m in modules.items() for e in ((f"{name}.lora_B.weight", dtype, tuple(m.up.shape)),
+                                                        (f"{name}.lora_A.weight", dtype, tuple(m.down.shape)))]
 
 
 def _peft_config(ranks: dict[str, int], base: Optional[dict]) -> dict:
@@ -262,21 +272,30 @@ def save_lora(modules: dict[str, AdapterModule], path: PathLike, arch: str = "sd
     alphas = [m.alpha for m in modules.values() if getattr(m, "alpha", None) is not None]
     meta = lora_metadata({m.kind for m in modules.values()}, ranks, alphas, arch, recipe, title or path.stem)
     if profile == "peft":
-        tensors, rank_of = _peft_state(modules, dt)
-        config = _peft_config(rank_of, peft_config)
+        config = _peft_config(_peft_ranks(modules), peft_config)
+        entries = _peft_entries(modules, dt)
+
+        def write_peft(tmp: Path) -> None:
+            _stream_safetensors(tmp, modules, lambda name, m: _peft_tensors(name, m, dt), entries, meta)
+
         if path.suffix == ".safetensors":
-            return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), overwrite)
-        return _write_peft_dir(path, tensors, config, meta, overwrite)
+            return atomic_write(path, write_peft, overwrite)
+        return _write_peft_dir(path, write_peft, config, overwrite)
     suffixes = suffixes or KOHYA
     if path.suffix.lower() in (".pt", ".pth", ".ckpt"):
         return atomic_write(path, lambda tmp: torch.save(state_dict_of(modules, suffixes, dt), tmp), overwrite)
-    return atomic_write(path, lambda tmp: _stream_safetensors(tmp, modules, suffixes, dt, meta), overwrite)
+    entries = [(key, _file_dtype(role, dt), tuple(t.shape)) for key, role, t in _file_tensors(modules, suffixes)]
+
+    def write_kohya(tmp: Path) -> None:
+        _stream_safetensors(tmp, modules, lambda name, m: state_dict_of({name: m}, suffixes, dt), entries, meta)
+
+    return atomic_write(path, write_kohya, overwrite)
 
 
-def _write_peft_dir(path: Path, tensors: dict, config: dict, meta: dict, overwrite: bool) -> Path:
+def _write_peft_dir(path: Path, write_weights: Callable[[Path], None], config: dict, overwrite: bool) -> Path:
     """A PEFT folder, built in a temp folder beside the target and moved into place (files.atomic_folder)."""
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / PEFT_WEIGHTS[0]), metadata=meta)
+        write_weights(tmp / PEFT_WEIGHTS[0])
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
 
     return atomic_folder(path, write, overwrite)
