@@ -101,7 +101,7 @@ def ties(terms: Sequence[Term], density: float, device: torch.device) -> torch.T
 
 def dare(terms: Sequence[Term], density: float, seed: int, device: torch.device) -> torch.Tensor:
     """Σᵢ mᵢ⊙τᵢ/density with mᵢ ~ Bernoulli(density), drawn on the CPU so any device gives the same masks (by
-    numpy's PCG64: twice as fast as torch's CPU generator, whose draws were a third of dare's time)."""
+    numpy's PCG64: twice as fast as torch's CPU generator, whose draws were about a quarter of dare's time)."""
     ops = [t.module.operator(device) for t in terms]
     rows, cols = ops[0].shape
     gens = [np.random.Generator(np.random.PCG64(seed + i)) for i in range(len(terms))]
