@@ -11,6 +11,7 @@ import os
 import re
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
@@ -20,7 +21,7 @@ from .adapters import AdapterModule, LoRA, module_from_roles, parameter_count
 from .errors import DoraError, FormatError, MergeCoreError
 from .files.atomic import atomic_folder, atomic_write
 from .files.metadata import lora_metadata, sha256_later
-from .files.stream_writer import SafetensorsStream, header_bound
+from .files.stream_writer import header_bound, write_safetensors
 from .files.tensor_source import TensorSource
 from .keys.profiles import Naming, resolve
 from .keys.sdxl_table import sdxl_modules
@@ -28,7 +29,6 @@ from .keys.suffixes import ALPHA, DOWN, KOHYA, UP, Suffixes, group_keys, style_o
 
 PathLike = Union[str, os.PathLike]
 Entry = tuple[str, torch.dtype, tuple[int, ...]]  # a tensor a file will hold: name, dtype, shape
-ModuleTensors = Callable[[str, AdapterModule], dict[str, torch.Tensor]]  # a module's tensors in a file
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
@@ -213,17 +213,10 @@ def state_dict_of(modules: dict[str, AdapterModule], suffixes: Suffixes,
             for key, role, tensor in _file_tensors(modules, suffixes)}
 
 
-def _stream_safetensors(tmp: Path, modules: dict[str, AdapterModule], tensors_of: ModuleTensors,
-                        entries: list[Entry], metadata: dict) -> None:
-    """Write the file module by module, each module's tensors made as it is written (tensors_of): memory holds
-    one module's file tensors instead of the whole state dict and safetensors' serialised copy of it.
-    `entries`: every tensor the file will hold (name, dtype, shape), to size the header."""
-    with open(tmp, "wb") as fh:
-        stream = SafetensorsStream(fh, header_bound(entries, metadata))
-        for name, module in modules.items():
-            for key, tensor in tensors_of(name, module).items():
-                stream.add(key, tensor)
-        stream.finish(metadata)
+def _module_state(name: str, module: AdapterModule, suffixes: Suffixes,
+                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One module's part of state_dict_of."""
+    return state_dict_of({name: module}, suffixes, dtype)
 
 
 def _peft_ranks(modules: dict[str, AdapterModule]) -> dict[str, int]:
@@ -274,22 +267,23 @@ def save_lora(modules: dict[str, AdapterModule], path: PathLike, arch: str = "sd
     if profile == "peft":
         config = _peft_config(_peft_ranks(modules), peft_config)
         entries = _peft_entries(modules, dt)
+        tensors_of = partial(_peft_tensors, dtype=dt)
+    else:
+        suffixes = suffixes or KOHYA
+        if path.suffix.lower() in (".pt", ".pth", ".ckpt"):
+            return atomic_write(path, lambda tmp: torch.save(state_dict_of(modules, suffixes, dt), tmp), overwrite)
+        entries = [(key, _file_dtype(role, dt), tuple(t.shape)) for key, role, t in _file_tensors(modules, suffixes)]
+        tensors_of = partial(_module_state, suffixes=suffixes, dtype=dt)
 
-        def write_peft(tmp: Path) -> None:
-            _stream_safetensors(tmp, modules, lambda name, m: _peft_tensors(name, m, dt), entries, meta)
+    def write(tmp: Path) -> None:
+        """Module by module, each module's file tensors made as they are written: memory holds one module's,
+        not the whole state dict and a serialised copy of it."""
+        write_safetensors(tmp, (item for name, m in modules.items() for item in tensors_of(name, m).items()),
+                          header_bound(entries, meta), meta)
 
-        if path.suffix == ".safetensors":
-            return atomic_write(path, write_peft, overwrite)
-        return _write_peft_dir(path, write_peft, config, overwrite)
-    suffixes = suffixes or KOHYA
-    if path.suffix.lower() in (".pt", ".pth", ".ckpt"):
-        return atomic_write(path, lambda tmp: torch.save(state_dict_of(modules, suffixes, dt), tmp), overwrite)
-    entries = [(key, _file_dtype(role, dt), tuple(t.shape)) for key, role, t in _file_tensors(modules, suffixes)]
-
-    def write_kohya(tmp: Path) -> None:
-        _stream_safetensors(tmp, modules, lambda name, m: state_dict_of({name: m}, suffixes, dt), entries, meta)
-
-    return atomic_write(path, write_kohya, overwrite)
+    if profile == "peft" and path.suffix != ".safetensors":
+        return _write_peft_dir(path, write, config, overwrite)
+    return atomic_write(path, write, overwrite)
 
 
 def _write_peft_dir(path: Path, write_weights: Callable[[Path], None], config: dict, overwrite: bool) -> Path:

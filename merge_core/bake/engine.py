@@ -22,7 +22,7 @@ from ..device import COMPUTE_DTYPE, resolve_device, with_cpu_fallback
 from ..errors import MergeCoreError
 from ..files.atomic import atomic_write, refuse_existing
 from ..files.metadata import RECIPE_KEY, make_recipe
-from ..files.stream_writer import SafetensorsStream, header_bound
+from ..files.stream_writer import header_bound, write_safetensors
 from ..lora_file import LoraSet, dtype_of, load_lora
 from ..report import Progress
 from .index import BakeIndex, Slot
@@ -125,11 +125,7 @@ def write_checkpoint(path: Path, base: WeightSource, tensors, metadata: dict, ov
         if pickled:
             torch.save(dict(tensors), tmp)
         else:
-            with open(tmp, "wb") as fh:
-                stream = SafetensorsStream(fh, reserve)
-                for key, tensor in tensors:
-                    stream.add(key, tensor)
-                stream.finish(metadata)
+            write_safetensors(tmp, tensors, reserve, metadata)
         if hasattr(base, "close"):
             base.close()
 

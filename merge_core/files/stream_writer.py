@@ -101,3 +101,14 @@ class SafetensorsStream:
         self._fh.write(struct.pack("<Q", self._reserve))
         self._fh.write(raw + b" " * (self._reserve - len(raw)))
         self._fh.seek(0, 2)
+
+
+def write_safetensors(path: os.PathLike, tensors: Iterable[tuple[str, torch.Tensor]], header_bytes: int,
+                      metadata: Optional[dict[str, str]] = None) -> None:
+    """A new .safetensors file at `path` from (name, tensor) pairs, each written as it comes (the pairs may be
+    made one at a time, so memory holds one of them), the header in `header_bytes` reserved up front."""
+    with open(path, "wb") as fh:
+        stream = SafetensorsStream(fh, header_bytes)
+        for name, tensor in tensors:
+            stream.add(name, tensor)
+        stream.finish(metadata)
