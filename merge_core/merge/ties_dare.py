@@ -14,7 +14,7 @@ own dense result ("fit").
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -72,23 +72,30 @@ def kth_largest_abs(op: Operator, coeff: float, k: int) -> float:
     return float(bits.view(torch.float32))
 
 
-def trim(tau: torch.Tensor, threshold: float) -> torch.Tensor:
-    """τ with its entries |τ| < threshold set to zero, in place.  Float operations only (threshold(|τ|, t⁻, 0),
-    t⁻ the float32 just below t, then τ's sign back): building and applying a bool mask runs 5× slower on CPUs."""
+def floor_below(threshold: float) -> Optional[float]:
+    """The float32 just below `threshold` (|τ| > it exactly when |τ| ≥ threshold); None: nothing is trimmed."""
     if threshold <= 0.0:
+        return None
+    return float(torch.nextafter(torch.tensor(threshold, dtype=torch.float32), torch.tensor(-math.inf)))
+
+
+def trim(tau: torch.Tensor, floor: Optional[float]) -> torch.Tensor:
+    """τ with its entries |τ| ≤ floor (from floor_below) set to zero, in place.  Float operations only
+    (threshold(|τ|, floor, 0), then τ's sign back): building and applying a bool mask runs 5× slower on CPUs."""
+    if floor is None:
         return tau
-    below = float(torch.nextafter(torch.tensor(threshold, dtype=torch.float32), torch.tensor(-math.inf)))
-    return torch.copysign(torch.threshold(tau.abs(), below, 0.0), tau, out=tau)
+    return torch.copysign(torch.threshold(tau.abs(), floor, 0.0), tau, out=tau)
 
 
 def ties(terms: Sequence[Term], density: float, device: torch.device) -> torch.Tensor:
     ops = [t.module.operator(device) for t in terms]
     rows, cols = ops[0].shape
     keep = min(rows * cols, max(1, math.ceil(density * rows * cols)))
-    thresholds = [kth_largest_abs(op, t.coeff, keep) if keep < rows * cols else 0.0 for op, t in zip(ops, terms)]
+    floors = [floor_below(kth_largest_abs(op, t.coeff, keep)) if keep < rows * cols else None
+              for op, t in zip(ops, terms)]
     out = torch.empty(rows, cols, device=device)
     for block in row_blocks(rows, cols, BLOCK):
-        trimmed = [trim(delta_rows(op, t.coeff, block), threshold) for op, t, threshold in zip(ops, terms, thresholds)]
+        trimmed = [trim(delta_rows(op, t.coeff, block), floor) for op, t, floor in zip(ops, terms, floors)]
         sign = sum(trimmed).sign_()  # the elected sign: ±1, and 0 where the mass is zero
         total = count = None
         for tau in trimmed:  # disjoint mean: |τ| where τ·sign > 0, counted by its sign (all float operations)

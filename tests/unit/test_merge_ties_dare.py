@@ -11,7 +11,7 @@ import torch
 from merge_core.errors import MergeCoreError
 from merge_core.lowrank import RankRule
 from merge_core.merge import merge_loras
-from merge_core.merge.ties_dare import trim
+from merge_core.merge.ties_dare import floor_below, trim
 from merge_testlib import one_torch_thread  # noqa: F401  (autouse)
 from merge_testlib import NAMES, dense, lora_set, random_lora, rel, shape_of, target
 
@@ -87,6 +87,6 @@ def test_trim_keeps_exactly_the_entries_at_or_above_the_threshold():
     t = 0.3
     below = float(torch.nextafter(torch.tensor(t), torch.tensor(0.0)))
     tau = torch.tensor([t, -t, below, -below, 0.0, 2 * t, -5 * t, 1e-30])
-    got = trim(tau.clone(), float(torch.tensor(t)))
+    got = trim(tau.clone(), floor_below(float(torch.tensor(t))))
     assert torch.equal(got, torch.tensor([t, -t, 0.0, 0.0, 0.0, 2 * t, -5 * t, 0.0]))
-    assert torch.equal(trim(tau.clone(), 0.0), tau)  # threshold 0: nothing trimmed
+    assert torch.equal(trim(tau.clone(), floor_below(0.0)), tau)  # threshold 0: nothing trimmed
