@@ -78,7 +78,8 @@ class LoraSet:
         """DoRA rescales W₀+ΔW column-wise by a learnt magnitude: not a linear delta, so refuse."""
         dora = self.dora_modules()
         if dora:
-            raise DoraError(f"{self.source or 'input'} is a DoRA file ({len(dora)} modules with dora_scale, e.g. "
+            raise DoraError(f"{self.source or 'input'} is a DoRA file ({len(dora)} modules with a DoRA magnitude "
+                            f"(dora_scale / PEFT lora_magnitude_vector), e.g. "
                             f"'{dora[0]}'); DoRA cannot be {what} linearly — pass --dora ignore to use the "
                             "low-rank part without its magnitude rescaling")
 
@@ -244,6 +245,8 @@ def _peft_config(ranks: dict[str, int], base: Optional[dict]) -> dict:
     r = max(ranks.values()) if ranks else 1
     config = {k: v for k, v in (base or {}).items() if k not in ("r", "lora_alpha", "rank_pattern", "alpha_pattern")}
     config.setdefault("peft_type", "LORA")
+    if config.get("use_dora"):  # the magnitudes are not written (DoRA inputs are refused or merged without them)
+        config["use_dora"] = False
     config.update(r=r, lora_alpha=r, use_rslora=False,
                   rank_pattern={re.escape(k): v for k, v in ranks.items() if v != r},
                   alpha_pattern={re.escape(k): v for k, v in ranks.items() if v != r})

@@ -86,7 +86,11 @@ class Extras:
 
     @staticmethod
     def extras_from(roles: dict[str, torch.Tensor]) -> dict:
-        return {"diff_b": roles.get("diff_b"), "dora_scale": roles.get("dora_scale")}
+        """diff_b and dora_scale; a 1-D magnitude (PEFT's lora_magnitude_vector: one per output row) as the
+        (out, 1) column kohya/LyCORIS write and ComfyUI reads."""
+        scale = roles.get("dora_scale")
+        return {"diff_b": roles.get("diff_b"), "dora_scale": scale[:, None] if scale is not None and scale.dim() == 1
+                else scale}
 
 
 __all__ = ["Dense", "Factored", "Operator", "Extras", "matrix_shape", "f32", "tucker_right", "alpha_value",

@@ -25,8 +25,10 @@ LYCORIS_ROLES = (
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
     "diff", "diff_b", "dora_scale", ALPHA,
 )
-# LyCORIS norm-layer diffs are plain diffs to ComfyUI
-ALIASED_ROLES = ((".w_norm", "diff"), (".b_norm", "diff_b"))
+# LyCORIS norm-layer diffs are plain diffs to ComfyUI; PEFT's DoRA magnitude (saved `.lora_magnitude_vector`, in a
+# live model's state dict `.lora_magnitude_vector.default.weight`) is what kohya/LyCORIS call dora_scale
+ALIASED_ROLES = ((".w_norm", "diff"), (".b_norm", "diff_b"), (".lora_magnitude_vector", "dora_scale"),
+                 (".lora_magnitude_vector.default.weight", "dora_scale"))
 
 
 @dataclass(frozen=True)

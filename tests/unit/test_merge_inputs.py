@@ -1,7 +1,9 @@
 """What merge accepts and refuses: mixed formats (kohya + diffusers/PEFT names), mixed ranks, LoCon 3x3,
 N = 5 inputs, negative weights, modules missing in one input, bias deltas, SDXL block weights (20 and 12
-values), DoRA, SD1.5 with SDXL and other shape clashes (refused before any work, naming the module)."""
+values), DoRA (kohya dora_scale and PEFT lora_magnitude_vector), SD1.5 with SDXL and other shape clashes (refused before any work, naming the module)."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -130,6 +132,41 @@ def test_dora_is_refused_unless_ignored():
     r = merge_loras([lora_set({n: m}), lora_set({n: plain})], "concat", dora="ignore", device="cpu")
     assert r.modules[n].dora_scale is None
     assert rel(dense(r.modules[n]), dense(m) + dense(plain)) < 1e-6
+
+
+def peft_dora_folder(path, seed: int, magnitude_key: str = "lora_magnitude_vector") -> dict:
+    """A PEFT DoRA adapter folder (use_dora, r 8, alpha 16) and the dense low-rank deltas (the magnitude aside)."""
+    path.mkdir()
+    sd, deltas = {}, {}
+    for i, (name, (out, inn)) in enumerate({"base_model.model.model.layers.0.self_attn.q_proj": (64, 64),
+                                            "base_model.model.model.layers.0.mlp.down_proj": (64, 128)}.items()):
+        B, A = torch.randn(out, 8, generator=gen(seed + i)), torch.randn(8, inn, generator=gen(seed + 7 + i))
+        sd.update({f"{name}.lora_B.weight": B, f"{name}.lora_A.weight": A,
+                   f"{name}.{magnitude_key}": torch.rand(out, generator=gen(seed + 3 + i)) + 0.5})
+        deltas[name] = 2.0 * (B.to(F64) @ A.to(F64))
+    save_file(sd, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
+                                                          "use_dora": True, "target_modules": ["q_proj", "down_proj"]}))
+    return deltas
+
+
+def test_peft_dora_folders_are_recognised_refused_and_merged_without_magnitude(tmp_path):
+    da = peft_dora_folder(tmp_path / "a", 1)
+    db = peft_dora_folder(tmp_path / "b", 20, "lora_magnitude_vector.default.weight")  # a live model's naming
+    sets = [load_lora(tmp_path / "a"), load_lora(tmp_path / "b")]
+    assert all(len(s.dora_modules()) == 2 for s in sets)
+    # PEFT keeps one magnitude per output row as a vector; held (and written) as kohya's (out, 1) column
+    assert {tuple(m.dora_scale.shape) for s in sets for m in s.modules.values()} == {(64, 1)}
+    with pytest.raises(DoraError, match="lora_magnitude_vector.*--dora ignore"):
+        merge_loras(sets, "concat")
+    result = merge_loras(sets, "concat", dora="ignore", device="cpu")
+    out = result.save(tmp_path / "merged", overwrite=False)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["use_dora"] is False  # PEFT would otherwise build DoRA layers with no magnitudes to load
+    merged = load_lora(out)
+    assert not merged.dora_modules()
+    for name, delta in da.items():
+        assert rel(dense(merged.modules[name]), delta + db[name]) < 2e-3  # fp16 file
 
 
 def test_sd15_with_sdxl_is_refused_before_any_work(tmp_path):
