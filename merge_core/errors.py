@@ -1,4 +1,6 @@
 """User-facing errors: each message is one clear line that names the file, module or option at fault."""
+import math
+from typing import Iterable
 
 
 class MergeCoreError(Exception):
@@ -31,3 +33,17 @@ class OutputWriteError(MergeCoreError):
 
 class UnsafePathError(MergeCoreError):
     """A path would leave the folder it must stay in."""
+
+
+class NonFiniteError(MergeCoreError):
+    """An input tensor or an option holds NaN or an infinity."""
+
+
+def finite_numbers(values: Iterable[float], what: str) -> list[float]:
+    """The values as floats, or a NonFiniteError naming `what` and the first NaN/infinite one."""
+    out = [float(v) for v in values]
+    bad = next((i for i, v in enumerate(out) if not math.isfinite(v)), None)
+    if bad is not None:
+        which = f"value {bad + 1} of {len(out)} is" if len(out) > 1 else "got"
+        raise NonFiniteError(f"{what} must be finite, {which} {out[bad]}")
+    return out

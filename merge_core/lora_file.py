@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional, Union
 import torch
 
 from .adapters import AdapterModule, LoRA, module_from_roles, parameter_count
-from .errors import DoraError, FormatError, MergeCoreError
+from .errors import DoraError, FormatError, MergeCoreError, NonFiniteError
 from .files.atomic import atomic_folder, atomic_write
 from .files.metadata import lora_metadata, sha256_later
 from .files.stream_writer import header_bound, write_safetensors
@@ -91,6 +91,12 @@ class LoraSet:
 def input_label(s: LoraSet, index: int) -> str:
     """How messages and recipes name the `index`-th input of an operation: its path, or "input N"."""
     return str(s.source) if s.source is not None else f"input {index + 1}"
+
+
+def damaged_module_error(name: str, s: LoraSet, index: int) -> NonFiniteError:
+    """The error for module `name` of the `index`-th input holding NaN/inf values."""
+    return NonFiniteError(f"module '{name}' of {input_label(s, index)} holds NaN or infinite values (a damaged file, "
+                          "e.g. an fp16 overflow in training); nothing was written")
 
 
 DORA_CHOICES = ("error", "ignore")

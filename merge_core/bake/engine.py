@@ -19,7 +19,7 @@ from ..adapters import AdapterModule, FullDiff
 from ..checkpoint.lora_names import BIAS, WEIGHT
 from ..checkpoint.sources import WeightSource, check_kind, label_of, open_weights
 from ..device import COMPUTE_DTYPE, resolve_device, with_cpu_fallback
-from ..errors import MergeCoreError
+from ..errors import MergeCoreError, finite_numbers
 from ..files.atomic import atomic_write, refuse_existing
 from ..files.metadata import RECIPE_KEY, make_recipe
 from ..files.stream_writer import header_bound, write_safetensors
@@ -138,6 +138,7 @@ def bake_lora(base_path: Union[str, os.PathLike, WeightSource], lora: Union[Lora
               lora_kind: str = "auto") -> dict:
     """Write base + alpha·ΔW to `output` (.safetensors streamed; .pt/.pth/.ckpt via torch.save); returns the report."""
     began = time.perf_counter()
+    alpha = finite_numbers([alpha], "the bake strength")[0]
     path = Path(output)
     refuse_existing(path, overwrite)  # fail before reading anything
     base = open_weights(base_path, base_kind, "--source-model")

@@ -6,7 +6,7 @@ import argparse
 
 from ..bake import bake_lora
 from ..checkpoint.sources import KINDS, output_path
-from .common import add_device, add_output, add_report, write_report
+from .common import add_device, add_output, add_report, finite_float, write_report
 
 DTYPES = ["fp16", "float16", "bf16", "bfloat16", "fp32", "float32"]
 
@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--source-type", default="auto", choices=KINDS, help="format of BASE (default: by file name)")
     p.add_argument("--lora-model", required=True, metavar="LORA", help="LoRA/LyCORIS/diff file or PEFT folder")
     p.add_argument("--lora-type", default="auto", choices=KINDS, help="format of LORA (default: by file name)")
-    p.add_argument("--alpha", type=float, default=1.0, help="bake strength s in W + s·ΔW (default 1.0)")
+    p.add_argument("--alpha", type=finite_float, default=1.0, help="bake strength s in W + s·ΔW (default 1.0)")
     p.add_argument("--output-dtype", choices=DTYPES,
                    help="cast floating-point output tensors (default: keep each base tensor's dtype)")
     p.add_argument("--output-format", choices=["safetensors", "pytorch"],

@@ -6,9 +6,18 @@ import json
 from pathlib import Path
 from typing import Optional, Union
 
+from ..errors import NonFiniteError, finite_numbers
 from ..files.atomic import atomic_write
 from ..lowrank.rank_select import RankRule
 from ..report import Report
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is neither NaN nor infinite."""
+    try:
+        return finite_numbers([text], "the value")[0]
+    except (NonFiniteError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}") from None
 
 
 def add_output(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -34,7 +43,7 @@ def add_rank_rule(p: argparse.ArgumentParser, rank: Optional[int] = None, energy
     g = p.add_argument_group("rank", "a fixed --rank, or dynamic: smallest rank keeping --energy of ‖ΔW‖² "
                                      "within [--min-rank, --max-rank]")
     g.add_argument("--rank", type=int, default=rank, help="fixed rank (overrides the energy rule)")
-    g.add_argument("--energy", type=float, default=energy, help=f"energy threshold on σ² (default {energy})")
+    g.add_argument("--energy", type=finite_float, default=energy, help=f"energy threshold on σ² (default {energy})")
     g.add_argument("--min-rank", type=int, default=min_rank, help=f"default {min_rank}")
     g.add_argument("--max-rank", type=int, default=max_rank, help=f"default {max_rank}")
 

@@ -8,7 +8,7 @@ import logging
 from ..checkpoint.sources import KINDS, output_path
 from ..extract import DEFAULT_RANK, extract_to_file
 from ..lowrank.rank_select import RankRule
-from .common import add_device, add_dtype, add_output, add_rank_rule, add_report, write_report
+from .common import add_device, add_dtype, add_output, add_rank_rule, add_report, finite_float, write_report
 
 log = logging.getLogger(__name__)
 ENERGY_DEFAULT = 0.99
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--conv-rank", type=int, help="rank of 3×3 conv layers (LoCon); default: as --rank "
                    "(under --energy: their max rank)")
     p.add_argument("--diff-only", action="store_true", help="store every changed tensor as a full .diff (no SVD)")
-    p.add_argument("--min-diff", type=float, default=0.0, metavar="EPS",
+    p.add_argument("--min-diff", type=finite_float, default=0.0, metavar="EPS",
                    help="skip tensors with max |ΔW| <= EPS as unchanged (default 0: only identical ones)")
     p.add_argument("--text-encoders", action=argparse.BooleanOptionalAction, default=True,
                    help="extract the text encoders too (default on)")

@@ -19,7 +19,7 @@ from ..merge import DORA_CHOICES, METHODS, REGISTRY, parse_block_weights
 from ..merge.engine import collect, plan_merge
 from ..merge.methods import method_named, resolve_weights
 from ..merge.to_file import merge_to_file, streams_to
-from .common import add_device, add_dtype, add_output, add_rank_rule, add_report, write_report
+from .common import add_device, add_dtype, add_output, add_rank_rule, add_report, finite_float, write_report
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", metavar="LORA", help="two or more LoRA files (.safetensors/.pt) or PEFT "
                                                              "folders: kohya, diffusers/PEFT names, LoCon, any ranks")
     p.add_argument("--method", choices=METHODS, default="rsvd", help=METHOD_HELP)
-    p.add_argument("--weights", type=float, nargs="+", metavar="W", help=WEIGHTS_HELP)
+    p.add_argument("--weights", type=finite_float, nargs="+", metavar="W", help=WEIGHTS_HELP)
     add_rank_rule(p)
     p.set_defaults(energy=None, min_rank=None, max_rank=None)  # unset -> the method's own default rule
     p.add_argument("--solver", choices=SOLVERS, help=SOLVER_HELP)
-    p.add_argument("--density", type=float, default=0.5,
+    p.add_argument("--density", type=finite_float, default=0.5,
                    help="ties: share of entries kept per input; dare: keep probability 1-p (default 0.5)")
     p.add_argument("--block-weights", nargs="+", metavar="W1,W2,...", help=BLOCKS_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of the randomized sketch and of dare (default 0)")

@@ -13,7 +13,7 @@ from ..adapters import AdapterModule, FullDiff
 from ..checkpoint.lora_names import BIAS, Target
 from ..checkpoint.sources import WeightSource, label_of, open_weights
 from ..device import COMPUTE_DTYPE, resolve_device, with_cpu_fallback
-from ..errors import MergeCoreError
+from ..errors import MergeCoreError, NonFiniteError
 from ..files.metadata import make_recipe
 from ..lowrank.rank_select import RankRule
 from ..report import Progress, Report
@@ -30,7 +30,11 @@ def iter_pieces(base: WeightSource, tuned: WeightSource, plan: Plan, opts: Extra
     """(target, entry) for every changed delta, in base order; report rows and skips recorded as it goes."""
     total = len(plan.tasks)
     for done, task in enumerate(plan.tasks, 1):
-        pieces = with_cpu_fallback(lambda dev, task=task: _task_pieces(base, tuned, task, opts, dev), device)
+        try:
+            pieces = with_cpu_fallback(lambda dev, task=task: _task_pieces(base, tuned, task, opts, dev), device)
+        except NonFiniteError:
+            raise NonFiniteError(f"tensor '{task.key}': the difference of the two models holds NaN or infinite values "
+                                 "(a damaged checkpoint?); nothing was written") from None
         if pieces is None:
             plan.skip("not_floating_point", task.key)
         for target, piece in pieces or []:

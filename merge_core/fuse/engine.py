@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from ..device import resolve_device, with_cpu_fallback
-from ..errors import MergeCoreError, ShapeMismatchError
+from ..errors import MergeCoreError, NonFiniteError, ShapeMismatchError, finite_numbers
 from ..files.metadata import make_recipe
-from ..lora_file import LoraSet, check_dora, input_label
+from ..lora_file import LoraSet, check_dora, damaged_module_error, input_label
 from ..lowrank import RankRule
 from ..report import Progress, Report
 from ..result import MergeResult
@@ -34,7 +34,7 @@ def resolve_weights(weights: Optional[Sequence[float]], n: int) -> list[float]:
         return [1.0 / n] * n
     if len(weights) != n:
         raise MergeCoreError(f"number of weights ({len(weights)}) must match number of models ({n})")
-    return [float(w) for w in weights]
+    return finite_numbers(weights, "weights")
 
 
 def check_inputs(sets: Sequence[LoraSet], dora: str) -> str:
@@ -84,6 +84,23 @@ def fuse_module(name: str, sets: Sequence[LoraSet], present: Sequence[int], weig
     return built, per_model
 
 
+def finite_result(name: str, sets: Sequence[LoraSet], present: Sequence[int],
+                  fuse: Callable[[], tuple[Built, list[float]]]) -> tuple[Built, list[float]]:
+    """fuse(), or a NonFiniteError naming the input whose module `name` holds NaN/inf when the fusion failed on
+    it or came out non-finite."""
+    try:
+        built, coeffs = fuse()
+        if built.module is None or built.module.is_finite():
+            return built, coeffs
+    except (torch.linalg.LinAlgError, NonFiniteError):
+        if all(sets[i].modules[name].is_finite() for i in present):
+            raise
+    bad = next((i for i in present if not sets[i].modules[name].is_finite()), None)
+    if bad is None:
+        raise NonFiniteError(f"module '{name}': the fused sum of finite inputs is beyond fp32's range")
+    raise damaged_module_error(name, sets[bad], bad)
+
+
 def fuse_models(sets: Sequence[LoraSet], weights: Optional[Sequence[float]] = None, strategy: str = "smart_fusion",
                 norm_threshold: float = 1.0, output_format: str = "auto", rule: Optional[RankRule] = None,
                 device: str = "auto", dora: str = "error", progress: Progress = None) -> MergeResult:
@@ -106,8 +123,8 @@ def fuse_models(sets: Sequence[LoraSet], weights: Optional[Sequence[float]] = No
     for done, name in enumerate(names, 1):
         present = [i for i, s in enumerate(sets) if name in s.modules]
         check_shapes(name, sets, present)
-        built, table[name] = with_cpu_fallback(
-            lambda d: fuse_module(name, sets, present, w, strategy, norm_threshold, output_format, rule, d), dev)
+        built, table[name] = finite_result(name, sets, present, lambda: with_cpu_fallback(
+            lambda d: fuse_module(name, sets, present, w, strategy, norm_threshold, output_format, rule, d), dev))
         report.add(built.row)
         if built.module is not None:
             modules[name] = built.module

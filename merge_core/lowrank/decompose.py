@@ -4,11 +4,13 @@ solvers: "exact" (QR-core, factored inputs), "rsvd" (randomized, matrix-free), "
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
 
+from ..errors import NonFiniteError
 from .dense_svd import dense_svd
 from .exact_svd import factored_svd
 from .operators import Dense, Factored, Operator, frob2
@@ -40,6 +42,14 @@ class LowRank:
         return cls(None, None, 0, Quality(0.0, 1.0) if total <= 0 else Quality(1.0, 0.0), singular_values)
 
 
+def finite_total(op: Operator) -> float:
+    """‖T‖² (fp64), or a NonFiniteError when T holds NaN/inf: before any SVD, which would fail on it (noisily)."""
+    total = frob2(op)
+    if not math.isfinite(total):
+        raise NonFiniteError("the matrix to factor holds NaN or infinite values")
+    return total
+
+
 def svd_of(op: Operator, solver: Solver, rule: RankRule, seed: int = 0,
            oversample: int = DEFAULT_OVERSAMPLE, power_iters: int = DEFAULT_POWER_ITERS) -> SVD:
     """Singular triplets of `op` by `solver`; exact QR-core needs factored input (dense input -> full SVD)."""
@@ -55,7 +65,7 @@ def svd_of(op: Operator, solver: Solver, rule: RankRule, seed: int = 0,
 def low_rank(op: Operator, rule: RankRule, solver: Solver = "rsvd", seed: int = 0,
              oversample: int = DEFAULT_OVERSAMPLE, power_iters: int = DEFAULT_POWER_ITERS) -> LowRank:
     """Best rank-k factors of `op` (k from `rule` on the exact ‖T‖²) with their exact quality."""
-    total = frob2(op)
+    total = finite_total(op)
     svd = svd_of(op, solver, rule, seed, oversample, power_iters)
     k = choose_rank(svd.S, total, rule, op.shape)
     if k == 0:
@@ -64,4 +74,4 @@ def low_rank(op: Operator, rule: RankRule, solver: Solver = "rsvd", seed: int = 
     return LowRank(up, down, k, measure(op, Factored(up, down), total), svd.S)
 
 
-__all__ = ["LowRank", "Solver", "SOLVERS", "low_rank", "svd_of", "Dense", "Factored"]
+__all__ = ["LowRank", "Solver", "SOLVERS", "finite_total", "low_rank", "svd_of", "Dense", "Factored"]

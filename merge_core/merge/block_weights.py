@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
-from ..errors import MergeCoreError
+from ..errors import MergeCoreError, finite_numbers
 from ..keys.sdxl_table import sdxl_modules
 
 BLOCKS_20 = ("BASE", *(f"IN{i:02d}" for i in range(9)), "MID", *(f"OUT{i:02d}" for i in range(9)))
@@ -40,7 +40,7 @@ def block_table(values: Sequence[float]) -> dict[str, float]:
         raise MergeCoreError(f"SDXL block weights take 20 values (BASE, IN00-IN08, MID, OUT00-OUT08) or 12 "
                              f"(BASE, IN04, IN05, IN07, IN08, MID, OUT00-OUT05), got {len(values)}")
     table = dict.fromkeys(BLOCKS_20, 0.0)
-    table.update(zip(ids, (float(v) for v in values)))
+    table.update(zip(ids, finite_numbers(values, "block weights")))
     return table
 
 

@@ -10,7 +10,8 @@ import torch
 
 from .factors import signed_split
 from .options import MergeOptions
-from .outcome import EXACT, Outcome, combine_notes, lora_outcome
+from .outcome import EXACT, NOT_FINITE, Outcome, combine_notes, lora_outcome
+from ..adapters.base import finite_sum
 from .targets import ModuleTarget
 
 
@@ -20,4 +21,4 @@ def merge_concat(target: ModuleTarget, opts: MergeOptions, device: torch.device)
         return lora_outcome(target, None, None, EXACT, device, combine_notes("zero delta", target.note))
     up = torch.cat([p for p, _ in pairs], dim=1)
     down = torch.cat([q for _, q in pairs], dim=0)
-    return lora_outcome(target, up, down, EXACT, device, target.note)
+    return lora_outcome(target, up, down, EXACT if finite_sum(up, down) else NOT_FINITE, device, target.note)

@@ -20,9 +20,9 @@ import torch
 
 from ..adapters import AdapterModule, parameter_count
 from ..device import resolve_device
-from ..errors import MergeCoreError
+from ..errors import MergeCoreError, NonFiniteError
 from ..files.metadata import make_recipe
-from ..lora_file import LoraSet, check_dora, input_label
+from ..lora_file import LoraSet, check_dora, damaged_module_error, input_label
 from ..lowrank import RankRule
 from ..report import ModuleReport, Progress, Report
 from ..result import MergeResult
@@ -116,6 +116,19 @@ def dense_worker_cap(plan: MergePlan) -> Optional[int]:
     return cap
 
 
+def check_finite(plan: MergePlan, batch: list[ModuleTarget], outs: Optional[list[Outcome]]) -> None:
+    """A NonFiniteError naming the module and input when a module failed (outs None: the solver raised) or
+    came out with a non-finite error because an input holds NaN/inf; a plain return when nothing is wrong."""
+    for i, t in enumerate(batch):
+        if outs is not None and math.isfinite(outs[i].quality.rel_error):
+            continue
+        term = t.non_finite_term()
+        if term is not None:
+            raise damaged_module_error(t.name, plan.sets[term.source], term.source)
+        if outs is not None:
+            raise NonFiniteError(f"module '{t.name}': the weighted sum of finite inputs is beyond fp32's range")
+
+
 def _row(name: str, out: Outcome) -> ModuleReport:
     m = out.module
     return ModuleReport(name, m.kind if m is not None else "none", out.rank,
@@ -136,7 +149,12 @@ def run_merge(plan: MergePlan, sink: Sink, device: str = "auto", progress: Progr
     def run(item: tuple[int, list[ModuleTarget]], d: torch.device) -> list[tuple[Outcome, Any]]:
         batch = item[1]
         with torch.no_grad():  # per thread
-            outs = [exact_sum_outcome(batch[0], d)] if batch[0].vector_only else spec.run_many(batch, opts, d)
+            try:
+                outs = [exact_sum_outcome(batch[0], d)] if batch[0].vector_only else spec.run_many(batch, opts, d)
+            except (torch.linalg.LinAlgError, NonFiniteError):  # e.g. eigh on NaN: say which input is damaged
+                check_finite(plan, batch, None)
+                raise
+        check_finite(plan, batch, outs)
         return [(o, prepare(t.name, o) if prepare is not None else None) for t, o in zip(batch, outs)]
 
     rows: dict[str, ModuleReport] = {}

@@ -17,8 +17,8 @@ import torch
 
 from ..adapters import LoRA
 from ..adapters.base import tucker_right
-from ..lowrank import (SVD, Dense, Factored, LowRank, Operator, Quality, RankRule, choose_rank, frob2, low_rank,
-                       svd_of)
+from ..lowrank import (SVD, Dense, Factored, LowRank, Operator, Quality, RankRule, choose_rank, finite_total,
+                       low_rank, svd_of)
 from ..lowrank.exact_svd import factored_svd
 from ..lowrank.rsvd import DEFAULT_OVERSAMPLE
 from .gram_core import Stacked, gram_low_rank, gram_low_rank_batch
@@ -51,7 +51,8 @@ def exact_low_rank(op: Factored, rule: RankRule) -> LowRank:
 
 def dense_low_rank(W: torch.Tensor, rule: RankRule, solver: str, seed: int) -> LowRank:
     """Best rank-k factors of a dense matrix (ties/dare results, full diffs), ‖W‖² accumulated in fp64."""
-    return truncated(svd_of(Dense(W), solver, rule, seed), frob2(Dense(W)), rule, tuple(W.shape))
+    total = finite_total(Dense(W))  # first: no SVD of NaN/inf
+    return truncated(svd_of(Dense(W), solver, rule, seed), total, rule, tuple(W.shape))
 
 
 def approximate(op: Operator, rule: RankRule, solver: str, seed: int) -> LowRank:

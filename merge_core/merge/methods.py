@@ -6,7 +6,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..errors import MergeCoreError
+from ..errors import MergeCoreError, finite_numbers
 from ..lora_file import LoraSet
 from ..lowrank import SOLVERS, RankRule
 from .concat import merge_concat
@@ -77,7 +77,7 @@ def resolve_weights(method: Method, n: int, weights: Optional[Sequence[float]]) 
         return [1.0 / n if method.average else 1.0] * n
     if len(weights) != n:
         raise MergeCoreError(f"number of weights ({len(weights)}) must match number of inputs ({n})")
-    return [float(w) for w in weights]
+    return finite_numbers(weights, "weights")
 
 
 def largest_input_rank(sets: Sequence[LoraSet]) -> int:

@@ -6,6 +6,7 @@ unless it carries a bias delta.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,6 +17,7 @@ from ..lowrank import Quality
 from .targets import ModuleTarget
 
 EXACT = Quality(0.0, 1.0)
+NOT_FINITE = Quality(math.nan, math.nan)  # the engine turns it into an error naming the damaged input
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,10 @@ class ModuleTarget:
         """T = Σ cᵢ ΔWᵢ exactly: stacked factors when every input is factored, else one dense matrix."""
         return weighted_sum([(t.coeff, t.module.operator(device)) for t in self.weighted])
 
+    def non_finite_term(self) -> Optional[Term]:
+        """The first input whose tensors for this module hold NaN or ±inf (a full scan: for failed modules)."""
+        return next((t for t in self.terms if not t.module.is_finite()), None)
+
     def bias(self, device: torch.device) -> Optional[torch.Tensor]:
         """Σ cᵢ·diff_bᵢ over the inputs that carry a bias delta."""
         parts = [t.coeff * t.module.diff_b.to(device=device, dtype=torch.float32)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from extract_bake_fixtures import IN_PROJ, IN_PROJ_BIAS, LAYERS, QKV, TE2, UNCHANGED, sdxl_pair
 from merge_core.bake import bake_lora
 from merge_core.extract import extract_to_file
+from merge_core.errors import NonFiniteError
 from merge_core.files.metadata import RECIPE_KEY
 from merge_core.files.tensor_source import read_safetensors_header
 from merge_core.lowrank import RankRule
@@ -81,3 +82,10 @@ def test_base_layout_metadata_and_untouched_tensors_are_kept(baked):
     assert all(out[k].dtype == base[k].dtype for k in base)
     assert report["skipped"] == [] and report["base_keys"] == len(base)
     assert report["patched_keys"] == len(base) - 1  # all but the unchanged layer
+
+
+def test_a_non_finite_strength_is_refused_before_anything_is_read(tmp_path):
+    with pytest.raises(NonFiniteError, match="the bake strength must be finite, got nan"):
+        bake_lora(tmp_path / "no_base.safetensors", tmp_path / "no_lora.safetensors", tmp_path / "out.safetensors",
+                  alpha=float("nan"))
+    assert not list(tmp_path.iterdir())

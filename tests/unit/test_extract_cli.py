@@ -85,3 +85,18 @@ def test_refusals_are_one_line_errors(models, tmp_path, capsys):
     assert run(models, tmp_path / "y.safetensors", "--source-type", "pytorch") == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--source-model pytorch" in err and len(err.strip().splitlines()) == 1
+
+
+def test_nan_in_a_model_is_one_line_and_writes_nothing(models, tmp_path, capsys):
+    tuned = load_file(str(models / "tuned.safetensors"))
+    key = next(iter(KEYS))
+    tuned[key][0, 0] = float("inf")
+    save_file(tuned, str(tmp_path / "tuned_inf.safetensors"))
+    out = tmp_path / "x.safetensors"
+    code = main(["extract", "--source-model", str(models / "base.safetensors"), "--target-model",
+                 str(tmp_path / "tuned_inf.safetensors"), "-o", str(out), "--device", "cpu"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: tensor '{key}': the difference of the two models holds NaN or infinite values (a damaged "
+        "checkpoint?); nothing was written"]
+    assert not out.exists()

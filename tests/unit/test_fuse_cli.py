@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": (640, 640),
@@ -87,3 +87,18 @@ def test_full_run_writes_verifies_and_describes(inputs, tmp_path):
     assert json.loads(report.read_text())["operation"] == "fuse"
     again = cli(*inputs, "-o", out)
     assert again.returncode != 0 and "pass --overwrite" in again.stderr
+
+
+@pytest.mark.parametrize("output_format", ["auto", "lora", "full"])
+def test_nan_input_is_named_and_nothing_is_written(inputs, tmp_path, output_format):
+    bad = tmp_path / "nan.safetensors"
+    name = next(iter(NAMES))
+    sd = {k: v.clone() for k, v in load_file(str(inputs[0])).items()}
+    sd[f"{name}.lokr_w1"][0, 0] = float("nan")
+    save_file(sd, str(bad))
+    out = tmp_path / "out.safetensors"
+    r = cli(inputs[1], bad, "--output-format", output_format, "-o", out)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: module '{name}' of {bad} holds NaN or infinite values (a damaged "
+                                             "file, e.g. an fp16 overflow in training); nothing was written"]
+    assert not out.exists()

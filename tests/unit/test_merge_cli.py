@@ -14,7 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from merge_core.cli import main
+from merge_core.errors import NonFiniteError
 from merge_core.lora_file import load_lora
+from merge_core.merge import merge_loras, parse_block_weights
 from merge_testlib import one_torch_thread  # noqa: F401  (autouse)
 from merge_testlib import CONV, F64, NAMES, gen, rel, shape_of
 
@@ -123,3 +125,46 @@ def test_errors_are_one_line_and_write_nothing(inputs, tmp_path, capsys, args, m
     assert code == 2
     assert err.strip().splitlines() == [message.format(a=inputs[0], b=inputs[1])]
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def damaged(inputs, tmp_path_factory):
+    """b with one NaN and one infinity in the first module (as an fp16 overflow in training leaves them)."""
+    with safe_open(str(inputs[1]), "pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    name = sorted(NAMES)[0]
+    up = sd[f"{name}.lora_up.weight"].clone()
+    up[0, 0], up[1, 0] = float("nan"), float("inf")
+    sd[f"{name}.lora_up.weight"] = up
+    path = tmp_path_factory.mktemp("damaged") / "b_nan.safetensors"
+    save_file(sd, str(path))
+    return path, name
+
+
+@pytest.mark.parametrize("method", ["rsvd", "svd", "concat", "ties", "dare"])
+def test_nan_or_inf_input_is_named_and_nothing_is_written(inputs, damaged, tmp_path, capsys, method):
+    path, name = damaged
+    out = tmp_path / "x.safetensors"
+    code, _, err = run_in_process(capsys, inputs[0], path, "--method", method, "-o", out)
+    assert code == 2
+    assert err.strip().splitlines() == [f"error: module '{name}' of {path} holds NaN or infinite values (a damaged "
+                                        "file, e.g. an fp16 overflow in training); nothing was written"]
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_non_finite_options_are_refused_by_the_parser(inputs, tmp_path):
+    for option, value in ((["--weights", "1", "nan"], "nan"), (["--energy", "inf"], "inf"),
+                          (["--density=-inf"], "-inf")):
+        r = cli(*inputs, *option, "-o", tmp_path / "x.safetensors")
+        assert r.returncode == 2
+        flag = option[0].split("=")[0]
+        assert r.stderr.strip().splitlines()[-1].endswith(f"argument {flag}: not a finite number: '{value}'")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_non_finite_weights_are_refused_by_the_api(inputs):
+    sets = [load_lora(p) for p in inputs]
+    with pytest.raises(NonFiniteError, match="weights must be finite, value 2 of 2 is inf"):
+        merge_loras(sets, weights=[0.5, float("inf")])
+    with pytest.raises(NonFiniteError, match="block weights must be finite, value 3 of 12 is nan"):
+        parse_block_weights("1,1,nan," + ",".join(["1"] * 9))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merge_core.adapters import LoHa, LoKr, LoRA
+from merge_core.adapters import LoHa, LoKr
 from merge_core.errors import FormatError
 from merge_core.keys import Suffixes
 from merge_core.keys.sdxl_table import sdxl_modules
