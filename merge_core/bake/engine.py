@@ -23,7 +23,7 @@ from ..errors import MergeCoreError, finite_numbers
 from ..files.atomic import atomic_write, refuse_existing
 from ..files.metadata import RECIPE_KEY, make_recipe
 from ..files.stream_writer import header_bound, write_safetensors
-from ..lora_file import LoraSet, dtype_of, load_lora
+from ..lora_file import LoraSet, damaged_module_error, dtype_of, load_lora
 from ..report import Progress
 from .index import BakeIndex, Slot
 
@@ -144,6 +144,9 @@ def bake_lora(base_path: Union[str, os.PathLike, WeightSource], lora: Union[Lora
     base = open_weights(base_path, base_kind, "--source-model")
     lset = _open_lora(lora, lora_kind)
     lset.require_no_dora("baked")
+    damaged = next((name for name, m in lset.modules.items() if not m.is_finite()), None)
+    if damaged is not None:  # one fp32 sum per tensor: a NaN baked in would ruin the whole layer
+        raise damaged_module_error(damaged, lset, 0)
     out_dtype = dtype_of(output_dtype) if output_dtype else None
     patches, matched, skipped = plan_patches(lset, BakeIndex(base))
     base_label = label_of(base_path, "base (in memory)")

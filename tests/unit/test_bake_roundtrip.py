@@ -89,3 +89,15 @@ def test_a_non_finite_strength_is_refused_before_anything_is_read(tmp_path):
         bake_lora(tmp_path / "no_base.safetensors", tmp_path / "no_lora.safetensors", tmp_path / "out.safetensors",
                   alpha=float("nan"))
     assert not list(tmp_path.iterdir())
+
+
+def test_a_lora_holding_nan_is_refused_naming_the_module(baked, tmp_path):
+    d, lora = baked[0], dict(baked[3])
+    key = next(k for k in lora if k.endswith(".lora_down.weight"))
+    lora[key] = lora[key].clone()
+    lora[key][0, 0] = float("nan")
+    save_file(lora, str(tmp_path / "nan.safetensors"))
+    name = key[: -len(".lora_down.weight")]
+    with pytest.raises(NonFiniteError, match=f"module '{name}' of .*nan.safetensors holds NaN or infinite values"):
+        bake_lora(d / "base.safetensors", tmp_path / "nan.safetensors", tmp_path / "out.safetensors", device="cpu")
+    assert not (tmp_path / "out.safetensors").exists()
