@@ -1,5 +1,6 @@
 """Merge LoRAs: the rSVD merge (T = Σ wᵢ ΔWᵢ, exact factor stacking then a seeded randomized SVD with an
-energy-chosen rank) and the conventional methods (concat, geometric mean, SVD, weighted average, TIES, DARE)."""
+energy-chosen rank) and the conventional methods (concat, geometric mean, SVD, weighted average, TIES, DARE,
+DARE-TIES)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -65,8 +66,9 @@ class ConventionalMerge:
     DISPLAY_NAME = "Merge LoRAs (conventional)"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Merges 2-8 LoRAs with a conventional method: concat (exact, rank Σrᵢ), geometric mean "
-                   "(of raw factors, equal shapes only), SVD (of the dense sum), weighted average, TIES or DARE "
-                   "(density = kept fraction). Optional SDXL block weights per input.")
+                   "(of raw factors, equal shapes only), SVD (exact truncated SVD of the weighted sum, from the "
+                   "factors), weighted average, TIES, DARE or DARE-TIES (density = kept fraction). Optional SDXL "
+                   "block weights per input.")
     RETURN_TYPES = (LORA_TYPE,)
     RETURN_NAMES = ("lora",)
     OUTPUT_TOOLTIPS = ("the merged LoRA, with its per-module report",)

@@ -30,7 +30,7 @@ WEIGHTS_HELP = ("one weight per input: T = Σ wᵢΔWᵢ (default 1/N each for r
                 "others; negative values subtract)")
 SOLVER_HELP = ("rsvd: randomized SVD on the factors (exact Gram core when the stacked rank is small); exact: QR-core "
                "SVD of the factors; dense: kohya-style full SVD of the dense ΔW (slow, for comparison). Default: rsvd "
-               "for rsvd/ties/dare, exact for svd/weighted_avg; not used by concat/geometric_mean")
+               "for rsvd/ties/dare/dare_ties, exact for svd/weighted_avg; not used by concat/geometric_mean")
 BLOCKS_HELP = ("SDXL block weights per input (one list for all, or one per input; '-' = none): 20 values "
                "BASE,IN00..IN08,MID,OUT00..OUT08, or the 12-value form BASE,IN04,IN05,IN07,IN08,MID,OUT00..OUT05 "
                "(blocks it leaves out get 0, as in LoRA Block Weight); a list that starts with a minus sign needs "
@@ -39,7 +39,7 @@ BLOCKS_HELP = ("SDXL block weights per input (one list for all, or one per input
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="merge LoRAs: rSVD with dynamic rank, or svd/weighted_avg/concat/"
-                                     "geometric_mean/ties/dare",
+                                     "geometric_mean/ties/dare/dare_ties",
                        description="Merge LoRAs module by module on T = Σ wᵢΔWᵢ; the output is a LoRA/LoCon with "
                                    "alpha = rank (kohya names for SDXL).")
     p.add_argument("inputs", nargs="+", metavar="LORA", help="two or more LoRA files (.safetensors/.pt) or PEFT "
@@ -50,9 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(energy=None, min_rank=None, max_rank=None)  # unset -> the method's own default rule
     p.add_argument("--solver", choices=SOLVERS, help=SOLVER_HELP)
     p.add_argument("--density", type=finite_float, default=0.5,
-                   help="ties: share of entries kept per input; dare: keep probability 1-p (default 0.5)")
+                   help="ties: share of entries kept per input; dare, dare_ties: keep probability 1-p (default 0.5)")
     p.add_argument("--block-weights", nargs="+", metavar="W1,W2,...", help=BLOCKS_HELP)
-    p.add_argument("--seed", type=int, default=0, help="seed of the randomized sketch and of dare (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the randomized sketch and of dare's masks (default 0)")
     p.add_argument("--profile", choices=[x for x in PROFILES if x != "custom"], default="auto",
                    help="how to read the inputs' names (default auto)")
     p.add_argument("--dora", choices=DORA_CHOICES, default="error",

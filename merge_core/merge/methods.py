@@ -15,7 +15,7 @@ from .lowrank_methods import merge_lowrank, merge_lowrank_batch, plan_batches
 from .options import MergeOptions
 from .outcome import Outcome
 from .targets import ModuleTarget
-from .ties_dare import check_density, merge_dare, merge_ties
+from .ties_dare import check_density, merge_dare, merge_dare_ties, merge_ties
 
 ModuleMerge = Callable[[ModuleTarget, MergeOptions, torch.device], Outcome]
 BatchMerge = Callable[[Sequence[ModuleTarget], MergeOptions, torch.device], list[Outcome]]
@@ -60,6 +60,8 @@ _ALL = (
            solver="rsvd", uses_density=True, dense=True),
     Method("dare", merge_dare, "DARE (random drop + rescale, seeded) on each dense ΔW, re-factored",
            solver="rsvd", uses_density=True, dense=True),
+    Method("dare_ties", merge_dare_ties, "DARE's drop + rescale, then TIES' sign election and disjoint mean, "
+           "re-factored", solver="rsvd", uses_density=True, dense=True),
 )
 REGISTRY = {m.name: m for m in _ALL}
 METHODS = tuple(REGISTRY)

@@ -1,10 +1,12 @@
-"""ties and dare: defined on the dense deltas τᵢ = cᵢ·ΔWᵢ of one module at a time, then re-factored with the
-same solver and rank rule as rsvd (the result is full rank, so it is approximated, not reproduced).
+"""ties, dare and dare_ties: defined on the dense deltas τᵢ = cᵢ·ΔWᵢ of one module at a time, then re-factored
+with the same solver and rank rule as rsvd (the result is full rank, so it is approximated, not reproduced).
 
 ties (Yadav et al. 2023): trim each τᵢ to its top `density` share of entries by magnitude; elect the sign
 γ = sign(Σᵢ trimmed τᵢ) (total mass); disjoint mean: per entry, the mean of the trimmed τᵢ whose sign is γ.
 dare (Yu et al. 2023): drop each entry of each τᵢ with probability p = 1 − density, rescale the kept ones by
 1/(1 − p), and sum; the masks are seeded per module and input and drawn block of rows by block of rows.
+dare_ties (PEFT's and mergekit's name): dare's drop and rescale (the same masks for the same seed), then
+ties' sign election and disjoint mean instead of the sum.
 Both are elementwise once each input's trim threshold is known (found exactly by a radix select over
 blocks), so they run on blocks of rows rebuilt from the factors: memory holds the dense result and a few
 small blocks, whatever the number of inputs.  The report's rel_error is against T = Σ cᵢΔWᵢ (how far the
@@ -87,6 +89,28 @@ def trim(tau: torch.Tensor, floor: Optional[float]) -> torch.Tensor:
     return torch.copysign(torch.threshold(tau.abs(), floor, 0.0), tau, out=tau)
 
 
+def disjoint_mean(taus: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per entry, the mean of the τᵢ whose sign is the elected γ = sign(Σᵢ τᵢ) (0 where Σ is 0); the τᵢ are
+    overwritten.  Float operations only: |τ| where τ·γ > 0, counted by its sign."""
+    sign = sum(taus).sign_()
+    total = count = None
+    for tau in taus:
+        agree = tau.mul_(sign).clamp_min_(0.0)
+        total = agree if total is None else total.add_(agree)
+        count = agree.sign() if count is None else count.add_(agree.sign())
+    return total.div_(count.clamp_(min=1.0)).mul_(sign)
+
+
+def drop_and_rescale(tau: torch.Tensor, density: float, gen: np.random.Generator) -> torch.Tensor:
+    """mᵢ⊙τ/density in place, mᵢ ~ Bernoulli(density) drawn on the CPU so any device gives the same masks (by
+    numpy's PCG64: twice as fast as torch's CPU generator, whose draws were about a quarter of dare's time)."""
+    if density >= 1.0:
+        return tau
+    r = torch.from_numpy(gen.random(tuple(tau.shape), dtype=np.float32))
+    keep = torch.threshold(r.neg_().add_(density), 0.0, 0.0).sign_()  # r < density: a 0/1 float mask (see trim)
+    return tau.mul_(keep.to(tau.device)).div_(density)
+
+
 def ties(terms: Sequence[Term], density: float, device: torch.device) -> torch.Tensor:
     ops = [t.module.operator(device) for t in terms]
     rows, cols = ops[0].shape
@@ -95,34 +119,20 @@ def ties(terms: Sequence[Term], density: float, device: torch.device) -> torch.T
               for op, t in zip(ops, terms)]
     out = torch.empty(rows, cols, device=device)
     for block in row_blocks(rows, cols, BLOCK):
-        trimmed = [trim(delta_rows(op, t.coeff, block), floor) for op, t, floor in zip(ops, terms, floors)]
-        sign = sum(trimmed).sign_()  # the elected sign: ±1, and 0 where the mass is zero
-        total = count = None
-        for tau in trimmed:  # disjoint mean: |τ| where τ·sign > 0, counted by its sign (all float operations)
-            agree = tau.mul_(sign).clamp_min_(0.0)
-            total = agree if total is None else total.add_(agree)
-            count = agree.sign() if count is None else count.add_(agree.sign())
-        out[block] = total.div_(count.clamp_(min=1.0)).mul_(sign)
+        out[block] = disjoint_mean([trim(delta_rows(op, t.coeff, block), floor)
+                                    for op, t, floor in zip(ops, terms, floors)])
     return out
 
 
-def dare(terms: Sequence[Term], density: float, seed: int, device: torch.device) -> torch.Tensor:
-    """Σᵢ mᵢ⊙τᵢ/density with mᵢ ~ Bernoulli(density), drawn on the CPU so any device gives the same masks (by
-    numpy's PCG64: twice as fast as torch's CPU generator, whose draws were about a quarter of dare's time)."""
+def dare(terms: Sequence[Term], density: float, seed: int, device: torch.device, elect: bool = False) -> torch.Tensor:
+    """Σᵢ mᵢ⊙τᵢ/density (elect: their disjoint mean instead, dare_ties), the masks seeded per input."""
     ops = [t.module.operator(device) for t in terms]
     rows, cols = ops[0].shape
     gens = [np.random.Generator(np.random.PCG64(seed + i)) for i in range(len(terms))]
     out = torch.empty(rows, cols, device=device)
     for block in row_blocks(rows, cols, BLOCK):
-        total = None
-        for op, t, gen in zip(ops, terms, gens):
-            tau = delta_rows(op, t.coeff, block)
-            if density < 1.0:  # keep where r < density, i.e. density − r > 0: a 0/1 float mask (see trim)
-                r = torch.from_numpy(gen.random(tuple(tau.shape), dtype=np.float32))
-                keep = torch.threshold(r.neg_().add_(density), 0.0, 0.0).sign_()
-                tau.mul_(keep.to(tau.device)).div_(density)
-            total = tau if total is None else total.add_(tau)
-        out[block] = total
+        kept = [drop_and_rescale(delta_rows(op, t.coeff, block), density, gen) for op, t, gen in zip(ops, terms, gens)]
+        out[block] = disjoint_mean(kept) if elect else sum(kept)
     return out
 
 
@@ -143,3 +153,8 @@ def merge_ties(target: ModuleTarget, opts: MergeOptions, device: torch.device) -
 def merge_dare(target: ModuleTarget, opts: MergeOptions, device: torch.device) -> Outcome:
     seed = opts.seed_for(target.name)
     return _refit(dare(target.weighted, opts.density, seed, device), target, opts, seed, device)
+
+
+def merge_dare_ties(target: ModuleTarget, opts: MergeOptions, device: torch.device) -> Outcome:
+    seed = opts.seed_for(target.name)
+    return _refit(dare(target.weighted, opts.density, seed, device, elect=True), target, opts, seed, device)

@@ -1,6 +1,7 @@
-"""ties and dare on the dense deltas, checked against a TIES reference written here (topk trim, sign election,
-disjoint mean) and against DARE's defining property (every entry is a rescaled sum of a subset of the
-inputs' entries), with a full-rank refit so the written file shows the method's dense result exactly."""
+"""ties, dare and dare_ties on the dense deltas, checked against a TIES reference written here (topk trim, sign
+election, disjoint mean), against DARE's defining property (every entry is a rescaled sum of a subset of the
+inputs' entries) and, for dare_ties, the disjoint mean over the subsets dare kept with the same seed; with a
+full-rank refit so the written file shows the method's dense result exactly."""
 from __future__ import annotations
 
 import math
@@ -63,6 +64,22 @@ def test_dare_keeps_rescaled_subsets_and_is_seeded():
     other = merge_loras(ss, "dare", weights=w, rule=FULL, solver="exact", density=p, seed=6, device="cpu")
     assert torch.equal(same.modules[N].up, r.modules[N].up)
     assert not torch.allclose(dense(other.modules[N]), got)
+
+
+def test_dare_ties_elects_signs_over_dares_masks():
+    ss, w, p = sets(2), [1.0, -0.7], 0.4
+    kw = dict(weights=w, rule=FULL, solver="exact", density=p, seed=5, device="cpu")
+    summed = dense(merge_loras(ss, "dare", **kw).modules[N])
+    got = dense(merge_loras(ss, "dare_ties", **kw).modules[N])
+    t1, t2 = (wi * dense(s.modules[N]) / p for wi, s in zip(w, ss))
+    # the same seed draws the same masks: dare's sum tells what each input kept (0, τ₁, τ₂ or both)
+    which = (torch.stack([torch.zeros_like(t1), t1, t2, t1 + t2]) - summed).abs().argmin(0)
+    kept = [torch.where((which == 1) | (which == 3), t1, 0.0), torch.where((which == 2) | (which == 3), t2, 0.0)]
+    elected = torch.sign(sum(kept))
+    agree = [(torch.sign(k) == elected) & (k != 0) for k in kept]
+    ref = sum(torch.where(a, k, 0.0) for a, k in zip(agree, kept)) / sum(a.to(t1.dtype) for a in agree).clamp_min(1)
+    assert rel(got, ref) < 1e-5
+    assert rel(got, summed) > 0.05  # where both kept entries disagree in sign, the mean differs from the sum
 
 
 def test_dare_at_density_one_is_the_plain_sum():
