@@ -264,15 +264,16 @@ def _peft_config(ranks: dict[str, int], base: Optional[dict]) -> dict:
 def save_lora(modules: dict[str, AdapterModule], path: PathLike, arch: str = "sdxl", profile: str = "sdxl",
               dtype: Union[str, torch.dtype] = "fp16", overwrite: bool = False, recipe: Optional[dict] = None,
               suffixes: Optional[Suffixes] = None, peft_config: Optional[dict] = None,
-              title: Optional[str] = None) -> Path:
-    """Write modules as kohya names (sdxl/kohya), custom suffixes, or a PEFT folder; returns the path."""
+              title: Optional[str] = None, carried: Optional[dict[str, str]] = None) -> Path:
+    """Write modules as kohya names (sdxl/kohya), custom suffixes, or a PEFT folder; returns the path.
+    `carried`: metadata kept from the inputs (files.metadata.carried_metadata)."""
     path = Path(path)
     dt = dtype_of(dtype)
     if not modules:
         raise MergeCoreError("nothing to write: the result has no modules")
     ranks = [m.rank for m in modules.values() if m.kind != "full"]
     alphas = [m.alpha for m in modules.values() if getattr(m, "alpha", None) is not None]
-    meta = lora_metadata({m.kind for m in modules.values()}, ranks, alphas, arch, recipe, title or path.stem)
+    meta = lora_metadata({m.kind for m in modules.values()}, ranks, alphas, arch, recipe, title or path.stem, carried)
     if profile == "peft":
         config = _peft_config(_peft_ranks(modules), peft_config)
         entries = _peft_entries(modules, dt)

@@ -29,10 +29,11 @@ def lora_entries(name: str, shape: tuple[int, ...], rank: int, dtype: torch.dtyp
             (name + KOHYA.alpha, torch.float32, ())]
 
 
-def header_reserve(entries: list[Entry], arch: str, recipe: Optional[dict], title: Optional[str]) -> int:
+def header_reserve(entries: list[Entry], arch: str, recipe: Optional[dict], title: Optional[str],
+                   carried: Optional[dict[str, str]] = None) -> int:
     """Header bytes for a LoraStream that may write `entries`, with the metadata finish() will write: sized as
     for LyCORIS modules (whose keys are the longest) and with `recipe` as long as the final one."""
-    return header_bound(entries, lora_metadata({"loha"}, [], [], arch, recipe, title), slack=4096)
+    return header_bound(entries, lora_metadata({"loha"}, [], [], arch, recipe, title, carried), slack=4096)
 
 
 class LoraStream:
@@ -62,5 +63,6 @@ class LoraStream:
         if alpha is not None:
             self._alphas.append(alpha)
 
-    def finish(self, arch: str, recipe: Optional[dict], title: Optional[str]) -> None:
-        self._stream.finish(lora_metadata(self._kinds, self._ranks, self._alphas, arch, recipe, title))
+    def finish(self, arch: str, recipe: Optional[dict], title: Optional[str],
+               carried: Optional[dict[str, str]] = None) -> None:
+        self._stream.finish(lora_metadata(self._kinds, self._ranks, self._alphas, arch, recipe, title, carried))

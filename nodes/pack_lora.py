@@ -25,7 +25,7 @@ class PackLora:
     def from_result(cls, result: MergeResult, label: str) -> "PackLora":
         """Wrap what merge/fuse/extract return, so the result can be merged again, applied, saved or reported."""
         naming = Naming(result.profile, result.arch, {name: name for name in result.modules})
-        lora = LoraSet(dict(result.modules), naming, peft_config=result.peft_config)
+        lora = LoraSet(dict(result.modules), naming, dict(result.metadata), peft_config=result.peft_config)
         return cls(lora, label, result.report, result.recipe or None)
 
     def describe(self) -> str:

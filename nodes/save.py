@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from merge_core.files.metadata import make_recipe
+from merge_core.files.metadata import carried_metadata, make_recipe
 from merge_core.lora_file import save_lora
 
 from .inputs import CATEGORY
@@ -54,7 +54,8 @@ class SaveLora:
 
         def write(path: Path) -> Path:
             return save_lora(lora.lora.modules, path, arch=lora.lora.arch, profile=lora.lora.profile, dtype=dtype,
-                             overwrite=False, recipe=recipe, peft_config=lora.lora.peft_config, title=title or None)
+                             overwrite=False, recipe=recipe, peft_config=lora.lora.peft_config, title=title or None,
+                             carried=carried_metadata([lora.lora.metadata]))
 
         path = relative_to_output(save_numbered(filename_prefix, ".safetensors", write))
         return {"ui": {"text": [path]}, "result": (path,)}

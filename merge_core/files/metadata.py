@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
 RECIPE_KEY = "lora_rsvd_merge.recipe"
+TAG_FREQUENCY, TRIGGER_PHRASE = "ss_tag_frequency", "modelspec.trigger_phrase"  # what a merge carries over
 NETWORK_MODULE = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya", "full": "lycoris.kohya"}
 BASE_MODEL = {"sdxl": "sdxl_base_v1-0", "sd15": "sd_v1"}
 ARCHITECTURE = {"sdxl": "stable-diffusion-xl-v1-base", "sd15": "stable-diffusion-v1"}
@@ -73,11 +74,38 @@ def make_recipe(operation: str, inputs: Iterable[Union[str, os.PathLike]], param
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+def carried_metadata(inputs: Iterable[dict[str, str]]) -> dict[str, str]:
+    """What a file made from `inputs` (their metadata) keeps of theirs: the trigger words and training tags UIs
+    show.  ss_tag_frequency ({folder: {tag: count}}) summed over the inputs (one that is not valid JSON is
+    left out); modelspec.trigger_phrase joined, each distinct phrase once."""
+    tags: dict[str, dict[str, int]] = {}
+    phrases: list[str] = []
+    for meta in inputs:
+        try:
+            folders = json.loads(meta.get(TAG_FREQUENCY) or "{}")
+            for folder, counts in folders.items():
+                into = tags.setdefault(str(folder), {})
+                for tag, n in counts.items():
+                    into[str(tag)] = into.get(str(tag), 0) + int(n)
+        except (ValueError, TypeError, AttributeError):
+            pass
+        phrase = (meta.get(TRIGGER_PHRASE) or "").strip()
+        if phrase and phrase not in phrases:
+            phrases.append(phrase)
+    out = {}
+    if tags:
+        out[TAG_FREQUENCY] = json.dumps(tags, ensure_ascii=False)
+    if phrases:
+        out[TRIGGER_PHRASE] = ", ".join(phrases)
+    return out
+
+
 def lora_metadata(kinds: set[str], ranks: list[int], alphas: list[float], arch: str,
                   recipe: Optional[dict] = None, title: Optional[str] = None,
-                  inherited: Optional[dict[str, str]] = None) -> dict[str, str]:
-    """ss_* and modelspec.* keys (all strings, as safetensors metadata must be)."""
-    meta = dict(inherited or {})
+                  carried: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """ss_* and modelspec.* keys (all strings, as safetensors metadata must be); `carried`: the inputs' keys
+    kept (carried_metadata), under the ones written here."""
+    meta = dict(carried or {})
     kind = "lora" if kinds <= {"lora"} else sorted(kinds - {"full"} or {"full"})[0]
     meta["ss_network_module"] = NETWORK_MODULE.get(kind, "networks.lora")
     if kind in ("loha", "lokr"):

@@ -13,7 +13,7 @@ import torch
 
 from ..device import resolve_device, with_cpu_fallback
 from ..errors import MergeCoreError, NonFiniteError, ShapeMismatchError, finite_numbers
-from ..files.metadata import make_recipe
+from ..files.metadata import carried_metadata, make_recipe
 from ..lora_file import LoraSet, check_dora, damaged_module_error, input_label
 from ..lowrank import RankRule
 from ..report import Progress, Report
@@ -138,7 +138,8 @@ def fuse_models(sets: Sequence[LoraSet], weights: Optional[Sequence[float]] = No
                         kinds={k: sum(m.kind == k for m in report.modules) for k in {m.kind for m in report.modules}})
     recipe = make_recipe("fuse", [input_label(s, i) for i, s in enumerate(sets)], parameters,
                          digests=[s.sha256() for s in sets])
-    return MergeResult(modules, report, arch, "sdxl" if arch == "sdxl" else "kohya", recipe=recipe)
+    return MergeResult(modules, report, arch, "sdxl" if arch == "sdxl" else "kohya", recipe=recipe,
+                       metadata=carried_metadata(s.metadata for s in sets))
 
 
 def _warn_fallbacks(report: Report) -> None:

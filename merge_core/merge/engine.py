@@ -21,7 +21,7 @@ import torch
 from ..adapters import AdapterModule, parameter_count
 from ..device import resolve_device
 from ..errors import MergeCoreError, NonFiniteError
-from ..files.metadata import make_recipe
+from ..files.metadata import carried_metadata, make_recipe
 from ..lora_file import LoraSet, check_dora, damaged_module_error, input_label
 from ..lowrank import RankRule
 from ..report import ModuleReport, Progress, Report
@@ -66,6 +66,10 @@ class MergePlan:
     def targets(self) -> list[ModuleTarget]:
         """Every planned module (before the run consumes the work)."""
         return [t for _, batch in self.work for t in batch]
+
+    def carried(self) -> dict[str, str]:
+        """The inputs' metadata the output keeps: trigger words and training tags, combined."""
+        return carried_metadata(s.metadata for s in self.sets)
 
     def recipe(self, digests: Optional[Sequence[Optional[str]]] = None) -> dict:
         """The recipe to write: inputs with their sha256 (hashed in the background since the plan was made,
@@ -201,7 +205,7 @@ def collect(plan: MergePlan, device: str = "auto", progress: Progress = None,
     report = run_merge(plan, keep, device, progress, None if hold_dtype is None else cast_to(hold_dtype))
     modules = {name: held[name] for name in plan.names if name in held}
     arch, profile, peft_config = plan.layout
-    return MergeResult(modules, report, arch, profile, peft_config, recipe=plan.recipe())
+    return MergeResult(modules, report, arch, profile, peft_config, recipe=plan.recipe(), metadata=plan.carried())
 
 
 def merge_loras(sets: Sequence[LoraSet], method: str = "rsvd", weights: Sequence[float] | None = None,

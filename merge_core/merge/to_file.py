@@ -53,7 +53,8 @@ def merge_to_file(plan: MergePlan, output: Union[str, os.PathLike], dtype: str =
     plan.parameters["dtype"] = dtype
     arch = plan.layout[0]
     bound_recipe = plan.recipe(digests=[DIGEST_PLACEHOLDER] * len(plan.sets))
-    reserve = header_reserve(bound_entries(plan.targets(), dt), arch, bound_recipe, path.stem)
+    carried = plan.carried()
+    reserve = header_reserve(bound_entries(plan.targets(), dt), arch, bound_recipe, path.stem, carried)
     report: Optional[Report] = None
 
     def write(tmp: Path) -> None:
@@ -71,7 +72,7 @@ def merge_to_file(plan: MergePlan, output: Union[str, os.PathLike], dtype: str =
             report = run_merge(plan, sink, device, progress, prepare)
             if stream.tensor_count == 0:
                 raise MergeCoreError("nothing to write: the result has no modules")
-            stream.finish(arch, plan.recipe(), path.stem)
+            stream.finish(arch, plan.recipe(), path.stem, carried)
 
     atomic_write(path, write, overwrite)
     return report

@@ -9,6 +9,7 @@ from safetensors import safe_open
 
 from merge_core.errors import OutputExistsError, OutputWriteError, UnsafePathError
 from merge_core.files import RECIPE_KEY, atomic_folder, atomic_write, inside, make_recipe
+from merge_core.files.metadata import carried_metadata
 from merge_core.lora_file import save_lora
 from synth import sdxl_lora, sdxl_specs
 
@@ -158,3 +159,15 @@ def test_saved_lora_is_written_module_by_module_and_holds_every_tensor(tmp_path,
             got = fh.get_tensor(key)
             assert got.dtype == tensor.dtype and torch.equal(got, tensor)
         assert fh.metadata()["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+
+
+def test_carried_metadata_sums_tags_joins_phrases_and_skips_damaged_json():
+    got = carried_metadata([
+        {"ss_tag_frequency": '{"1_a": {"x": 2}}', "modelspec.trigger_phrase": "cat ears", "ss_seed": "1"},
+        {"ss_tag_frequency": "{not json", "modelspec.trigger_phrase": " cat ears "},
+        {"ss_tag_frequency": '{"1_a": {"x": 3, "y": 1}}', "modelspec.trigger_phrase": "sks"},
+        {},
+    ])
+    assert json.loads(got.pop("ss_tag_frequency")) == {"1_a": {"x": 5, "y": 1}}
+    assert got == {"modelspec.trigger_phrase": "cat ears, sks"}
+    assert carried_metadata([{}, {"ss_seed": "1"}]) == {}

@@ -168,3 +168,25 @@ def test_non_finite_weights_are_refused_by_the_api(inputs):
         merge_loras(sets, weights=[0.5, float("inf")])
     with pytest.raises(NonFiniteError, match="block weights must be finite, value 3 of 12 is nan"):
         parse_block_weights("1,1,nan," + ",".join(["1"] * 9))
+
+
+def test_trigger_words_and_tags_are_carried_over(inputs, tmp_path, capsys):
+    """Both write paths (streamed .safetensors, and merge_loras + save) keep the inputs' tags and trigger words."""
+    tagged = []
+    for path, tags, phrase in ((inputs[0], {"10_alice": {"alice": 10, "smile": 3}}, "alice"),
+                               (inputs[1], {"5_bob": {"bob": 5, "smile": 2}, "10_alice": {"smile": 1}}, "bob")):
+        with safe_open(str(path), "pt") as f:
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+        tagged.append(tmp_path / f"tagged_{path.name}")
+        save_file(sd, str(tagged[-1]), metadata={"ss_tag_frequency": json.dumps(tags),
+                                                 "modelspec.trigger_phrase": phrase, "ss_seed": "42"})
+    expected_tags = {"10_alice": {"alice": 10, "smile": 4}, "5_bob": {"bob": 5, "smile": 2}}
+    streamed = tmp_path / "streamed.safetensors"
+    assert run_in_process(capsys, *tagged, "-o", streamed)[0] == 0
+    held = merge_loras([load_lora(p) for p in tagged], "concat").save(tmp_path / "held.safetensors")
+    for out in (streamed, held):
+        meta = load_lora(out).metadata
+        assert json.loads(meta["ss_tag_frequency"]) == expected_tags
+        assert meta["modelspec.trigger_phrase"] == "alice, bob"
+        assert "ss_seed" not in meta  # training details of one input do not describe the merge
+        assert meta["ss_network_module"] == "networks.lora"
