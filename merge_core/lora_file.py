@@ -159,6 +159,18 @@ def load_lora(path: PathLike, profile: str = "auto", suffixes: Optional[Suffixes
     return lset
 
 
+def _unknown_keys_error(path: Optional[Path], unknown: list[str], total: int, config: Optional[dict]) -> FormatError:
+    """Unrecognised keys; PEFT's modules_to_save (whole trained copies of layers, not deltas) named as such."""
+    saved = [m for m in (config or {}).get("modules_to_save") or [] if isinstance(m, str)]
+    copies = [k for k in unknown if any(re.search(rf"(^|\.){re.escape(m)}\.(weight|bias)$", k) for m in saved)]
+    if copies:
+        return FormatError(f"{path} holds whole trained layers, not deltas: '{copies[0]}' (adapter_config.json "
+                           f"modules_to_save: {', '.join(saved)}); this pack works on adapter deltas only — use "
+                           "adapters trained without modules_to_save, or merge the adapter into its model first")
+    return FormatError(f"unknown key layout in {path}: '{unknown[0]}' is not a LoRA/LoHa/LoKr/diff tensor "
+                       f"({len(unknown)} of {total} keys unrecognised)")
+
+
 def lora_set_from(src, path: Optional[Path], profile: str = "auto", suffixes: Optional[Suffixes] = None,
                   config: Optional[dict] = None) -> LoraSet:
     """A LoraSet from a tensor source with keys()/get(key)/len()/metadata: a file's, or tensors in memory
@@ -167,8 +179,7 @@ def lora_set_from(src, path: Optional[Path], profile: str = "auto", suffixes: Op
         raise FormatError(f"no tensors in {path}")
     groups, unknown = group_keys(src.keys(), suffixes)
     if unknown:
-        raise FormatError(f"unknown key layout in {path}: '{unknown[0]}' is not a LoRA/LoHa/LoKr/diff tensor "
-                          f"({len(unknown)} of {len(src)} keys unrecognised)")
+        raise _unknown_keys_error(path, unknown, len(src), config)
     tensors = dict(src.items())  # one pass, one file handle: adapters are small
     modules: dict[str, AdapterModule] = {}
     for prefix, roles in groups.items():

@@ -111,6 +111,20 @@ def test_peft_folder_round_trip_keeps_layout_and_scale(tmp_path):
     same_deltas(lset.modules, load_lora(out).modules)
 
 
+def test_peft_modules_to_save_are_refused_by_name(tmp_path):
+    src = tmp_path / "adapter"
+    src.mkdir()
+    m = lora_for((64, 48), 4, None)
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": m.up,
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": m.down,
+               "base_model.model.lm_head.weight": torch.zeros(10, 48)}, str(src / "adapter_model.safetensors"))
+    (src / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                         "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}))
+    with pytest.raises(FormatError, match="whole trained layers, not deltas: 'base_model.model.lm_head.weight' "
+                                          r"\(adapter_config.json modules_to_save: lm_head\)"):
+        load_lora(src)
+
+
 def test_custom_suffixes_round_trip(tmp_path):
     suffixes = Suffixes(".up_w", ".down_w", ".scale_a")
     mods = {f"layer{i}.proj": lora_for((32, 24), 4, 2.0, seed=i) for i in range(3)}
