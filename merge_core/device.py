@@ -1,4 +1,7 @@
-"""Device choice for all compute: `auto` = CUDA when present, fp32 always, CPU fallback on CUDA OOM."""
+"""Device choice for all compute: `auto` = CUDA when present, fp32 always, CPU fallback on CUDA OOM.
+
+Only CUDA (ROCm builds of torch included) and the CPU: Apple's MPS, DirectML and most XPUs lack the fp64
+arithmetic and linear-algebra kernels (eigh, Cholesky, QR, SVD) the exact methods use."""
 from __future__ import annotations
 
 import logging
@@ -6,22 +9,28 @@ from typing import Callable, TypeVar
 
 import torch
 
+from .errors import MergeCoreError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 COMPUTE_DTYPE = torch.float32
+DEVICE_TYPES = ("cpu", "cuda")
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
-    """`auto`/None -> cuda if available else cpu; `cuda` without a GPU is a clear error."""
-    if isinstance(name, torch.device):
-        return name
+    """`auto`/None -> cuda if available else cpu; `cuda` without a GPU, or another kind of device (mps, xpu,
+    …), is a clear error."""
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = name if isinstance(name, torch.device) else torch.device(name)
+    except RuntimeError:
+        raise MergeCoreError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in DEVICE_TYPES:
+        raise MergeCoreError(f"device '{dev}' is not supported: the exact merges need fp64 and linear-algebra "
+                             f"kernels that {dev.type} lacks; use cpu (or a CUDA/ROCm GPU)")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from .errors import MergeCoreError
-
         raise MergeCoreError("device 'cuda' requested but no CUDA GPU is available (use --device cpu or auto)")
     return dev
 

@@ -12,22 +12,30 @@ from typing import Callable, TypeVar
 
 import torch
 
+from merge_core.device import DEVICE_TYPES
 from merge_core.errors import InputFileError, OutputExistsError, UnsafePathError
 from merge_core.files.atomic import inside
 
 T = TypeVar("T")
 DEVICES = ("default", "cpu")
-DEVICE_TOOLTIP = "default: ComfyUI's torch device (the GPU when there is one); cpu: compute on the CPU"
+DEVICE_TOOLTIP = ("default: ComfyUI's torch device when it is a CUDA/ROCm GPU, else the CPU (Apple MPS, DirectML "
+                  "and XPU lack the fp64 and linear-algebra kernels the exact merges use); cpu: compute on the CPU")
 MAX_COUNTER_TRIES = 10_000
 
 
 def torch_device(choice: str) -> torch.device:
-    """`default` -> ComfyUI's device (comfy.model_management.get_torch_device()), `cpu` -> the CPU."""
+    """`default` -> ComfyUI's device (comfy.model_management.get_torch_device()) as compute_device keeps it,
+    `cpu` -> the CPU."""
     if choice == "cpu":
         return torch.device("cpu")
     import comfy.model_management
 
-    return comfy.model_management.get_torch_device()
+    return compute_device(comfy.model_management.get_torch_device())
+
+
+def compute_device(comfy_device: torch.device) -> torch.device:
+    """ComfyUI's device when merge_core computes there (CUDA, ROCm), else the CPU (mps, directml, xpu, …)."""
+    return comfy_device if comfy_device.type in DEVICE_TYPES else torch.device("cpu")
 
 
 def filename_list(folder: str) -> list[str]:

@@ -1,0 +1,40 @@
+"""Where the merges compute: CUDA or the CPU; other devices (Apple's MPS, XPU, DirectML) are refused by
+merge_core with a clear error, and the nodes' `default` device falls back to the CPU for them."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from merge_core.device import resolve_device
+from merge_core.errors import MergeCoreError
+from nodes.runtime import compute_device
+
+
+def test_auto_and_cpu():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device(None) == resolve_device("auto")
+
+
+@pytest.mark.parametrize("name", ["mps", "xpu", torch.device("mps")])
+def test_devices_without_fp64_linear_algebra_are_refused(name):
+    with pytest.raises(MergeCoreError, match="is not supported: .*use cpu"):
+        resolve_device(name)
+
+
+def test_unknown_device_name_is_one_line():
+    with pytest.raises(MergeCoreError, match="unknown device 'gpu0'; use auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu0")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu_is_one_line():
+    with pytest.raises(MergeCoreError, match="no CUDA GPU is available"):
+        resolve_device("cuda")
+
+
+def test_the_nodes_default_device_keeps_cuda_and_falls_back_to_the_cpu_elsewhere():
+    assert compute_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert compute_device(torch.device("cpu")) == torch.device("cpu")
+    for other in ("mps", "xpu", "privateuseone"):  # DirectML shows as privateuseone
+        assert compute_device(torch.device(other)) == torch.device("cpu")
