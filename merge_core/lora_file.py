@@ -25,7 +25,8 @@ from .files.stream_writer import header_bound, write_safetensors
 from .files.tensor_source import TensorSource
 from .keys.profiles import Naming, resolve
 from .keys.sdxl_table import sdxl_modules
-from .keys.suffixes import ALPHA, DOWN, KOHYA, UP, Suffixes, group_keys, style_of
+from .keys.suffixes import (ALPHA, DOWN, KOHYA, PEFT_EMBEDDING_A, PEFT_EMBEDDING_B, UP, Suffixes, group_keys,
+                            style_of)
 
 PathLike = Union[str, os.PathLike]
 Entry = tuple[str, torch.dtype, tuple[int, ...]]  # a tensor a file will hold: name, dtype, shape
@@ -46,6 +47,7 @@ class LoraSet:
     source: Optional[Path] = None
     peft_config: Optional[dict] = None
     digest: Optional[Future] = field(default=None, repr=False, compare=False)  # sha256 of source, in the background
+    peft_embeddings: frozenset[str] = frozenset()  # modules that were PEFT LoRAs on an nn.Embedding
 
     def start_digest(self) -> None:
         """Begin hashing the source for the recipe, on the background hasher (once)."""
@@ -182,8 +184,11 @@ def lora_set_from(src, path: Optional[Path], profile: str = "auto", suffixes: Op
         raise _unknown_keys_error(path, unknown, len(src), config)
     tensors = dict(src.items())  # one pass, one file handle: adapters are small
     modules: dict[str, AdapterModule] = {}
+    embeddings = {prefix for prefix, roles in groups.items() if roles.get(UP, "").endswith(PEFT_EMBEDDING_B)}
     for prefix, roles in groups.items():
         module = module_from_roles(prefix, {role: tensors[key] for role, key in roles.items()})
+        if prefix in embeddings:  # B·A is ΔWᵀ: held as up = Aᵀ (vocab × r), down = Bᵀ (r × dim), like any LoRA
+            module.up, module.down = module.down.T, module.up.T
         if isinstance(module, LoRA) and module.alpha is None and config is not None:
             module.alpha = _peft_alpha(prefix, config)
             if module.alpha is not None and config.get("use_rslora"):
@@ -202,7 +207,8 @@ def lora_set_from(src, path: Optional[Path], profile: str = "auto", suffixes: Op
         if name in table and module.weight_shape != table[name].shape and module.kind != "full":
             module.shape_hint = table[name].shape
         by_name[name] = module
-    return LoraSet(by_name, naming, dict(src.metadata), path, config)
+    return LoraSet(by_name, naming, dict(src.metadata), path, config,
+                   peft_embeddings=frozenset(naming.names[p] for p in embeddings))
 
 
 # ---------------------------------------------------------------- writing
@@ -247,15 +253,22 @@ def _peft_ranks(modules: dict[str, AdapterModule]) -> dict[str, int]:
     return ranks
 
 
-def _peft_tensors(name: str, m: LoRA, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """PEFT tensors with the module's α/r folded into lora_B (so the config says scale 1)."""
-    return {f"{name}.lora_B.weight": (m.up.float() * m.scale).to(dtype).contiguous(),
-            f"{name}.lora_A.weight": m.down.to(dtype).contiguous()}
+def _peft_tensors(name: str, m: LoRA, dtype: torch.dtype, embeddings: frozenset[str]) -> dict[str, torch.Tensor]:
+    """PEFT tensors with the module's α/r folded into lora_B (so the config says scale 1); an embedding's
+    transposed back, ΔW = (B·A)ᵀ: lora_embedding_B = downᵀ, lora_embedding_A = (up·α/r)ᵀ."""
+    up = (m.up.float() * m.scale).to(dtype)
+    if name in embeddings:
+        return {name + PEFT_EMBEDDING_B: m.down.T.to(dtype).contiguous(), name + PEFT_EMBEDDING_A: up.T.contiguous()}
+    return {f"{name}.lora_B.weight": up.contiguous(), f"{name}.lora_A.weight": m.down.to(dtype).contiguous()}
 
 
-def _peft_entries(modules: dict[str, AdapterModule], dtype: torch.dtype) -> list[Entry]:
-    return [e for name, m in modules.items() for e in ((f"{name}.lora_B.weight", dtype, tuple(m.up.shape)),
-                                                        (f"{name}.lora_A.weight", dtype, tuple(m.down.shape)))]
+def _peft_entries(modules: dict[str, AdapterModule], dtype: torch.dtype, embeddings: frozenset[str]) -> list[Entry]:
+    out: list[Entry] = []
+    for name, m in modules.items():
+        up, down = tuple(m.up.shape), tuple(m.down.shape)
+        out += ([(name + PEFT_EMBEDDING_B, dtype, down[::-1]), (name + PEFT_EMBEDDING_A, dtype, up[::-1])]
+                if name in embeddings else [(f"{name}.lora_B.weight", dtype, up), (f"{name}.lora_A.weight", dtype, down)])
+    return out
 
 
 def _peft_config(ranks: dict[str, int], base: Optional[dict]) -> dict:
@@ -275,9 +288,11 @@ def _peft_config(ranks: dict[str, int], base: Optional[dict]) -> dict:
 def save_lora(modules: dict[str, AdapterModule], path: PathLike, arch: str = "sdxl", profile: str = "sdxl",
               dtype: Union[str, torch.dtype] = "fp16", overwrite: bool = False, recipe: Optional[dict] = None,
               suffixes: Optional[Suffixes] = None, peft_config: Optional[dict] = None,
-              title: Optional[str] = None, carried: Optional[dict[str, str]] = None) -> Path:
+              title: Optional[str] = None, carried: Optional[dict[str, str]] = None,
+              peft_embeddings: frozenset[str] = frozenset()) -> Path:
     """Write modules as kohya names (sdxl/kohya), custom suffixes, or a PEFT folder; returns the path.
-    `carried`: metadata kept from the inputs (files.metadata.carried_metadata)."""
+    `carried`: metadata kept from the inputs (files.metadata.carried_metadata); `peft_embeddings`: modules to
+    write as PEFT LoRAs on an nn.Embedding (lora_embedding_A/B)."""
     path = Path(path)
     dt = dtype_of(dtype)
     if not modules:
@@ -287,8 +302,8 @@ def save_lora(modules: dict[str, AdapterModule], path: PathLike, arch: str = "sd
     meta = lora_metadata({m.kind for m in modules.values()}, ranks, alphas, arch, recipe, title or path.stem, carried)
     if profile == "peft":
         config = _peft_config(_peft_ranks(modules), peft_config)
-        entries = _peft_entries(modules, dt)
-        tensors_of = partial(_peft_tensors, dtype=dt)
+        entries = _peft_entries(modules, dt, peft_embeddings)
+        tensors_of = partial(_peft_tensors, dtype=dt, embeddings=peft_embeddings)
     else:
         suffixes = suffixes or KOHYA
         if path.suffix.lower() in (".pt", ".pth", ".ckpt"):

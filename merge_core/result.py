@@ -22,9 +22,10 @@ class MergeResult:
     suffixes: Optional[Suffixes] = None
     recipe: dict = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)  # kept from the inputs (trigger words, tags)
+    peft_embeddings: frozenset[str] = frozenset()  # modules written as PEFT LoRAs on an nn.Embedding
 
     def save(self, path: Union[str, os.PathLike], dtype: str = "fp16", overwrite: bool = False,
              recipe: Optional[dict] = None) -> Path:
         return save_lora(self.modules, path, arch=self.arch, profile=self.profile, dtype=dtype, overwrite=overwrite,
                          recipe=recipe or self.recipe or None, suffixes=self.suffixes, peft_config=self.peft_config,
-                         carried=self.metadata)
+                         carried=self.metadata, peft_embeddings=self.peft_embeddings)

@@ -205,7 +205,9 @@ def collect(plan: MergePlan, device: str = "auto", progress: Progress = None,
     report = run_merge(plan, keep, device, progress, None if hold_dtype is None else cast_to(hold_dtype))
     modules = {name: held[name] for name in plan.names if name in held}
     arch, profile, peft_config = plan.layout
-    return MergeResult(modules, report, arch, profile, peft_config, recipe=plan.recipe(), metadata=plan.carried())
+    embeddings = frozenset(modules) & frozenset().union(*(s.peft_embeddings for s in plan.sets))
+    return MergeResult(modules, report, arch, profile, peft_config, recipe=plan.recipe(), metadata=plan.carried(),
+                       peft_embeddings=embeddings)
 
 
 def merge_loras(sets: Sequence[LoraSet], method: str = "rsvd", weights: Sequence[float] | None = None,

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from merge_core.adapters import LoHa, LoKr
@@ -11,6 +12,7 @@ from merge_core.errors import FormatError
 from merge_core.keys import Suffixes
 from merge_core.keys.sdxl_table import sdxl_modules
 from merge_core.lora_file import load_lora, save_lora, state_dict_of
+from merge_core.merge import merge_loras
 from synth import lora_for, randn, sdxl_lora, sdxl_specs
 
 
@@ -109,6 +111,39 @@ def test_peft_folder_round_trip_keeps_layout_and_scale(tmp_path):
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "tiny-llm"
     same_deltas(lset.modules, load_lora(out).modules)
+
+
+def peft_with_embedding(path, seed: int, r: int) -> dict:
+    """A PEFT folder with a LoRA on embed_tokens (lora_embedding_A r×vocab, _B dim×r) and one on q_proj; the
+    dense deltas by PEFT's definitions: (B·A)ᵀ·α/r for the embedding, B·A·α/r for the linear layer."""
+    path.mkdir()
+    g = torch.Generator().manual_seed(seed)
+    A, B = torch.randn(r, 50, generator=g), torch.randn(16, r, generator=g)
+    qa, qb = torch.randn(r, 16, generator=g), torch.randn(24, r, generator=g)
+    emb, q = "base_model.model.model.embed_tokens", "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{emb}.lora_embedding_A": A, f"{emb}.lora_embedding_B": B, f"{q}.lora_A.weight": qa,
+               f"{q}.lora_B.weight": qb}, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r,
+                                                          "target_modules": ["embed_tokens", "q_proj"]}))
+    return {emb: 2.0 * (B.double() @ A.double()).T, q: 2.0 * qb.double() @ qa.double()}
+
+
+def test_peft_embedding_loras_are_read_merged_and_written_back_as_embeddings(tmp_path):
+    da, db = peft_with_embedding(tmp_path / "a", 1, 4), peft_with_embedding(tmp_path / "b", 2, 8)
+    sets = [load_lora(tmp_path / "a"), load_lora(tmp_path / "b")]
+    emb = "base_model.model.model.embed_tokens"
+    assert sets[0].peft_embeddings == {emb} and sets[0].modules[emb].weight_shape == (50, 16)
+    for name, delta in da.items():
+        assert torch.allclose(sets[0].modules[name].delta().double(), delta, atol=1e-4)
+    out = merge_loras(sets, "concat").save(tmp_path / "merged", dtype="fp32")
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert shapes[f"{emb}.lora_embedding_A"] == (12, 50) and shapes[f"{emb}.lora_embedding_B"] == (16, 12)
+    assert not any(k.startswith(emb + ".lora_A") or k.startswith(emb + ".lora_B") for k in shapes)
+    back = load_lora(out)
+    assert back.peft_embeddings == {emb}
+    for name in da:
+        assert torch.allclose(back.modules[name].delta().double(), da[name] + db[name], rtol=1e-5, atol=1e-4)
 
 
 def test_peft_modules_to_save_are_refused_by_name(tmp_path):
