@@ -25,8 +25,8 @@ from .files.stream_writer import header_bound, write_safetensors
 from .files.tensor_source import TensorSource
 from .keys.profiles import Naming, resolve
 from .keys.sdxl_table import sdxl_modules
-from .keys.suffixes import (ALPHA, DOWN, KOHYA, PEFT_EMBEDDING_A, PEFT_EMBEDDING_B, UP, Suffixes, group_keys,
-                            style_of)
+from .keys.suffixes import (ALPHA, DOWN, KOHYA, PEFT_BIAS, PEFT_EMBEDDING_A, PEFT_EMBEDDING_B, UP, Suffixes,
+                            group_keys, style_of)
 
 PathLike = Union[str, os.PathLike]
 Entry = tuple[str, torch.dtype, tuple[int, ...]]  # a tensor a file will hold: name, dtype, shape
@@ -161,6 +161,27 @@ def load_lora(path: PathLike, profile: str = "auto", suffixes: Optional[Suffixes
     return lset
 
 
+def _peft_conventions(prefix: str, module: AdapterModule, bias: Optional[torch.Tensor], embedding: bool,
+                      config: Optional[dict]) -> AdapterModule:
+    """PEFT's conventions on a module read by roles: an embedding's B·A is ΔWᵀ (held as up = Aᵀ, down = Bᵀ, like
+    any LoRA); α from adapter_config.json (rsLoRA folded in); lora_B's bias b is the bias delta (α/r)·b."""
+    if not isinstance(module, LoRA):
+        if bias is not None:
+            raise FormatError(f"module '{prefix}' has a lora_B.bias but no LoRA factors")
+        return module
+    if embedding:
+        module.up, module.down = module.down.T, module.up.T
+    if module.alpha is None and config is not None:
+        module.alpha = _peft_alpha(prefix, config)
+        if module.alpha is not None and config.get("use_rslora"):
+            module.alpha *= module.rank ** 0.5
+    if bias is not None:
+        if module.diff_b is not None:
+            raise FormatError(f"module '{prefix}' has both a lora_B.bias and a diff_b")
+        module.diff_b = bias.float() * module.scale
+    return module
+
+
 def _unknown_keys_error(path: Optional[Path], unknown: list[str], total: int, config: Optional[dict]) -> FormatError:
     """Unrecognised keys; PEFT's modules_to_save (whole trained copies of layers, not deltas) named as such."""
     saved = [m for m in (config or {}).get("modules_to_save") or [] if isinstance(m, str)]
@@ -186,14 +207,9 @@ def lora_set_from(src, path: Optional[Path], profile: str = "auto", suffixes: Op
     modules: dict[str, AdapterModule] = {}
     embeddings = {prefix for prefix, roles in groups.items() if roles.get(UP, "").endswith(PEFT_EMBEDDING_B)}
     for prefix, roles in groups.items():
+        bias_key = roles.pop(PEFT_BIAS, None)
         module = module_from_roles(prefix, {role: tensors[key] for role, key in roles.items()})
-        if prefix in embeddings:  # B·A is ΔWᵀ: held as up = Aᵀ (vocab × r), down = Bᵀ (r × dim), like any LoRA
-            module.up, module.down = module.down.T, module.up.T
-        if isinstance(module, LoRA) and module.alpha is None and config is not None:
-            module.alpha = _peft_alpha(prefix, config)
-            if module.alpha is not None and config.get("use_rslora"):
-                module.alpha *= module.rank ** 0.5
-        modules[prefix] = module
+        modules[prefix] = _peft_conventions(prefix, module, tensors.get(bias_key), prefix in embeddings, config)
     shapes = {p: (m.matrix_shape if m.kind != "full" or m.has_weight else None) for p, m in modules.items()}
     naming = resolve(shapes, profile, style_of(src.keys()), peft_dir=config is not None)
     if profile == "custom" and suffixes is not None:
@@ -253,30 +269,42 @@ def _peft_ranks(modules: dict[str, AdapterModule]) -> dict[str, int]:
     return ranks
 
 
-def _peft_tensors(name: str, m: LoRA, dtype: torch.dtype, embeddings: frozenset[str]) -> dict[str, torch.Tensor]:
+def _peft_tensors(name: str, m: LoRA, dtype: torch.dtype, embeddings: frozenset[str],
+                  biases: bool) -> dict[str, torch.Tensor]:
     """PEFT tensors with the module's α/r folded into lora_B (so the config says scale 1); an embedding's
-    transposed back, ΔW = (B·A)ᵀ: lora_embedding_B = downᵀ, lora_embedding_A = (up·α/r)ᵀ."""
+    transposed back, ΔW = (B·A)ᵀ: lora_embedding_B = downᵀ, lora_embedding_A = (up·α/r)ᵀ.  `biases`
+    (lora_bias): lora_B.bias = the bias delta, zeros for a module without one."""
     up = (m.up.float() * m.scale).to(dtype)
     if name in embeddings:
         return {name + PEFT_EMBEDDING_B: m.down.T.to(dtype).contiguous(), name + PEFT_EMBEDDING_A: up.T.contiguous()}
-    return {f"{name}.lora_B.weight": up.contiguous(), f"{name}.lora_A.weight": m.down.to(dtype).contiguous()}
-
-
-def _peft_entries(modules: dict[str, AdapterModule], dtype: torch.dtype, embeddings: frozenset[str]) -> list[Entry]:
-    out: list[Entry] = []
-    for name, m in modules.items():
-        up, down = tuple(m.up.shape), tuple(m.down.shape)
-        out += ([(name + PEFT_EMBEDDING_B, dtype, down[::-1]), (name + PEFT_EMBEDDING_A, dtype, up[::-1])]
-                if name in embeddings else [(f"{name}.lora_B.weight", dtype, up), (f"{name}.lora_A.weight", dtype, down)])
+    out = {f"{name}.lora_B.weight": up.contiguous(), f"{name}.lora_A.weight": m.down.to(dtype).contiguous()}
+    if biases:
+        out[f"{name}.lora_B.bias"] = (m.diff_b if m.diff_b is not None else torch.zeros(m.up.shape[0])).to(dtype)
     return out
 
 
-def _peft_config(ranks: dict[str, int], base: Optional[dict]) -> dict:
+def _peft_entries(modules: dict[str, AdapterModule], dtype: torch.dtype, embeddings: frozenset[str],
+                  biases: bool) -> list[Entry]:
+    out: list[Entry] = []
+    for name, m in modules.items():
+        up, down = tuple(m.up.shape), tuple(m.down.shape)
+        if name in embeddings:
+            out += [(name + PEFT_EMBEDDING_B, dtype, down[::-1]), (name + PEFT_EMBEDDING_A, dtype, up[::-1])]
+            continue
+        out += [(f"{name}.lora_B.weight", dtype, up), (f"{name}.lora_A.weight", dtype, down)]
+        if biases:
+            out.append((f"{name}.lora_B.bias", dtype, up[:1]))
+    return out
+
+
+def _peft_config(ranks: dict[str, int], base: Optional[dict], biases: bool) -> dict:
     r = max(ranks.values()) if ranks else 1
     config = {k: v for k, v in (base or {}).items() if k not in ("r", "lora_alpha", "rank_pattern", "alpha_pattern")}
     config.setdefault("peft_type", "LORA")
     if config.get("use_dora"):  # the magnitudes are not written (DoRA inputs are refused or merged without them)
         config["use_dora"] = False
+    if biases or config.get("lora_bias"):  # lora_B carries the bias deltas (PEFT ≥ 0.14)
+        config["lora_bias"] = biases
     config.update(r=r, lora_alpha=r, use_rslora=False,
                   rank_pattern={re.escape(k): v for k, v in ranks.items() if v != r},
                   alpha_pattern={re.escape(k): v for k, v in ranks.items() if v != r})
@@ -301,9 +329,10 @@ def save_lora(modules: dict[str, AdapterModule], path: PathLike, arch: str = "sd
     alphas = [m.alpha for m in modules.values() if getattr(m, "alpha", None) is not None]
     meta = lora_metadata({m.kind for m in modules.values()}, ranks, alphas, arch, recipe, title or path.stem, carried)
     if profile == "peft":
-        config = _peft_config(_peft_ranks(modules), peft_config)
-        entries = _peft_entries(modules, dt, peft_embeddings)
-        tensors_of = partial(_peft_tensors, dtype=dt, embeddings=peft_embeddings)
+        biases = any(m.diff_b is not None for m in modules.values())
+        config = _peft_config(_peft_ranks(modules), peft_config, biases)
+        entries = _peft_entries(modules, dt, peft_embeddings, biases)
+        tensors_of = partial(_peft_tensors, dtype=dt, embeddings=peft_embeddings, biases=biases)
     else:
         suffixes = suffixes or KOHYA
         if path.suffix.lower() in (".pt", ".pth", ".ckpt"):

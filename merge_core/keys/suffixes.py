@@ -11,6 +11,7 @@ from typing import Iterable, Optional
 
 UP, DOWN, MID, ALPHA = "lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha"
 PEFT_EMBEDDING_A, PEFT_EMBEDDING_B = ".lora_embedding_A", ".lora_embedding_B"
+PEFT_BIAS = "lora_B.bias"  # PEFT's lora_bias=True: lora_B's bias b, a bias delta of (α/r)·b (the loader converts)
 
 LORA_SPELLINGS: tuple[tuple[str, str], ...] = (
     (".lora_up.weight", UP), (".lora_down.weight", DOWN), (".lora_mid.weight", MID),
@@ -22,6 +23,7 @@ LORA_SPELLINGS: tuple[tuple[str, str], ...] = (
     (".lora_B", UP), (".lora_A", DOWN),
     # PEFT's LoRA on an nn.Embedding: B (dim × r) and A (r × vocab), ΔW = (B·A)ᵀ·α/r — the loader transposes
     (PEFT_EMBEDDING_B, UP), (PEFT_EMBEDDING_A, DOWN),
+    (".lora_B.bias", PEFT_BIAS), (".lora_B.default.bias", PEFT_BIAS),
 )
 LYCORIS_ROLES = (
     "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",

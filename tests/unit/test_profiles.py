@@ -146,6 +146,31 @@ def test_peft_embedding_loras_are_read_merged_and_written_back_as_embeddings(tmp
         assert torch.allclose(back.modules[name].delta().double(), da[name] + db[name], rtol=1e-5, atol=1e-4)
 
 
+def test_peft_lora_bias_is_a_bias_delta_and_is_written_back(tmp_path):
+    """lora_bias=True: lora_B's bias b adds (α/r)·b to the layer's bias; merged biases sum exactly."""
+    names = [f"base_model.model.model.layers.0.self_attn.{p}" for p in ("q_proj", "v_proj")]
+    biases = {}
+    for folder, seed in (("a", 1), ("b", 2)):
+        (tmp_path / folder).mkdir()
+        sd = {}
+        for i, n in enumerate(names):
+            m = lora_for((24, 16), 4, None, seed=seed + i)
+            sd.update({f"{n}.lora_B.weight": m.up, f"{n}.lora_A.weight": m.down})
+            if n.endswith("q_proj"):  # v_proj has none: written back as zeros
+                sd[f"{n}.lora_B.bias"] = biases[folder] = torch.randn(24, generator=torch.Generator().manual_seed(seed))
+        save_file(sd, str(tmp_path / folder / "adapter_model.safetensors"))
+        (tmp_path / folder / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_bias": True, "target_modules": ["q_proj", "v_proj"]}))
+    sets = [load_lora(tmp_path / f) for f in ("a", "b")]
+    assert torch.equal(sets[0].modules[names[0]].diff_b, 2.0 * biases["a"])
+    out = merge_loras(sets, "concat", weights=[1.0, -0.5]).save(tmp_path / "merged", dtype="fp32")
+    assert json.loads((out / "adapter_config.json").read_text())["lora_bias"] is True
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        assert torch.allclose(f.get_tensor(f"{names[0]}.lora_B.bias"), 2.0 * biases["a"] - 1.0 * biases["b"])
+        assert torch.equal(f.get_tensor(f"{names[1]}.lora_B.bias"), torch.zeros(24))
+    assert torch.allclose(load_lora(out).modules[names[0]].diff_b, 2.0 * biases["a"] - 1.0 * biases["b"])
+
+
 def test_peft_modules_to_save_are_refused_by_name(tmp_path):
     src = tmp_path / "adapter"
     src.mkdir()
