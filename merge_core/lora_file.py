@@ -3,6 +3,7 @@
 Reads: kohya/LyCORIS `.safetensors`, diffusers and PEFT names, PEFT folders (adapter_model.safetensors +
 adapter_config.json), `.pt/.pth/.ckpt` (weights_only).  Writes: kohya names (SDXL and kohya profiles),
 the PEFT folder layout, or custom suffixes; atomically and never over an existing file unless asked.
+PEFT's own conventions (config α, embeddings, lora_bias, the folder) live in peft_layout.py.
 """
 from __future__ import annotations
 
@@ -13,26 +14,22 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 
-from .adapters import AdapterModule, LoRA, module_from_roles, parameter_count
+from . import peft_layout
+from .adapters import AdapterModule, module_from_roles, parameter_count
 from .errors import DoraError, FormatError, MergeCoreError, NonFiniteError
-from .files.atomic import atomic_folder, atomic_write
+from .files.atomic import atomic_write
 from .files.metadata import lora_metadata, sha256_later
 from .files.stream_writer import header_bound, write_safetensors
 from .files.tensor_source import TensorSource
 from .keys.profiles import Naming, resolve
 from .keys.sdxl_table import sdxl_modules
-from .keys.suffixes import (ALPHA, DOWN, KOHYA, PEFT_BIAS, PEFT_EMBEDDING_A, PEFT_EMBEDDING_B, UP, Suffixes,
-                            group_keys, style_of)
+from .keys.suffixes import ALPHA, DOWN, KOHYA, PEFT_BIAS, PEFT_EMBEDDING_B, UP, Suffixes, group_keys, style_of
 
 PathLike = Union[str, os.PathLike]
-Entry = tuple[str, torch.dtype, tuple[int, ...]]  # a tensor a file will hold: name, dtype, shape
-PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-PEFT_CONFIG = "adapter_config.json"
-PEFT_PREFIX = "base_model.model."
 DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "float32": torch.float32}
 
@@ -125,26 +122,15 @@ def dtype_of(name: Union[str, torch.dtype]) -> torch.dtype:
 
 # ---------------------------------------------------------------- reading
 
-def _peft_alpha(module: str, config: dict) -> Optional[float]:
-    """lora_alpha for a module from adapter_config.json (alpha_pattern wins; rsLoRA folded in)."""
-    path = module[len(PEFT_PREFIX):] if module.startswith(PEFT_PREFIX) else module
-    alpha = config.get("lora_alpha")
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", path):
-            alpha = value
-            break
-    return None if alpha is None else float(alpha)
-
-
 def _open(path: Path) -> tuple[TensorSource, Optional[dict]]:
-    if path.is_dir() and (path / PEFT_CONFIG).exists():
-        weights = next((path / w for w in PEFT_WEIGHTS if (path / w).exists()), None)
+    if path.is_dir() and (path / peft_layout.CONFIG).exists():
+        weights = next((path / w for w in peft_layout.WEIGHTS if (path / w).exists()), None)
         if weights is None:
-            raise FormatError(f"PEFT folder has {PEFT_CONFIG} but no adapter_model.safetensors: {path}")
+            raise FormatError(f"PEFT folder has {peft_layout.CONFIG} but no adapter_model.safetensors: {path}")
         try:
-            config = json.loads((path / PEFT_CONFIG).read_text())
+            config = json.loads((path / peft_layout.CONFIG).read_text())
         except ValueError as exc:
-            raise FormatError(f"corrupt {PEFT_CONFIG} in {path}: {exc}") from None
+            raise FormatError(f"corrupt {peft_layout.CONFIG} in {path}: {exc}") from None
         return TensorSource(weights), config
     return TensorSource(path), None
 
@@ -159,27 +145,6 @@ def load_lora(path: PathLike, profile: str = "auto", suffixes: Optional[Suffixes
     lset = lora_set_from(src, path, profile, suffixes, config)
     lset.digest = pending
     return lset
-
-
-def _peft_conventions(prefix: str, module: AdapterModule, bias: Optional[torch.Tensor], embedding: bool,
-                      config: Optional[dict]) -> AdapterModule:
-    """PEFT's conventions on a module read by roles: an embedding's B·A is ΔWᵀ (held as up = Aᵀ, down = Bᵀ, like
-    any LoRA); α from adapter_config.json (rsLoRA folded in); lora_B's bias b is the bias delta (α/r)·b."""
-    if not isinstance(module, LoRA):
-        if bias is not None:
-            raise FormatError(f"module '{prefix}' has a lora_B.bias but no LoRA factors")
-        return module
-    if embedding:
-        module.up, module.down = module.down.T, module.up.T
-    if module.alpha is None and config is not None:
-        module.alpha = _peft_alpha(prefix, config)
-        if module.alpha is not None and config.get("use_rslora"):
-            module.alpha *= module.rank ** 0.5
-    if bias is not None:
-        if module.diff_b is not None:
-            raise FormatError(f"module '{prefix}' has both a lora_B.bias and a diff_b")
-        module.diff_b = bias.float() * module.scale
-    return module
 
 
 def _unknown_keys_error(path: Optional[Path], unknown: list[str], total: int, config: Optional[dict]) -> FormatError:
@@ -209,7 +174,8 @@ def lora_set_from(src, path: Optional[Path], profile: str = "auto", suffixes: Op
     for prefix, roles in groups.items():
         bias_key = roles.pop(PEFT_BIAS, None)
         module = module_from_roles(prefix, {role: tensors[key] for role, key in roles.items()})
-        modules[prefix] = _peft_conventions(prefix, module, tensors.get(bias_key), prefix in embeddings, config)
+        modules[prefix] = peft_layout.read_conventions(prefix, module, tensors.get(bias_key), prefix in embeddings,
+                                                       config)
     shapes = {p: (m.matrix_shape if m.kind != "full" or m.has_weight else None) for p, m in modules.items()}
     naming = resolve(shapes, profile, style_of(src.keys()), peft_dir=config is not None)
     if profile == "custom" and suffixes is not None:
@@ -259,60 +225,6 @@ def _module_state(name: str, module: AdapterModule, suffixes: Suffixes,
     return state_dict_of({name: module}, suffixes, dtype)
 
 
-def _peft_ranks(modules: dict[str, AdapterModule]) -> dict[str, int]:
-    """Each module's rank by its name in the PEFT config; only plain LoRA modules have a PEFT form."""
-    ranks = {}
-    for name, m in modules.items():
-        if not isinstance(m, LoRA) or m.mid is not None:
-            raise FormatError(f"the PEFT layout holds only plain LoRA modules; '{name}' is {m.kind}")
-        ranks[name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name] = m.rank
-    return ranks
-
-
-def _peft_tensors(name: str, m: LoRA, dtype: torch.dtype, embeddings: frozenset[str],
-                  biases: bool) -> dict[str, torch.Tensor]:
-    """PEFT tensors with the module's α/r folded into lora_B (so the config says scale 1); an embedding's
-    transposed back, ΔW = (B·A)ᵀ: lora_embedding_B = downᵀ, lora_embedding_A = (up·α/r)ᵀ.  `biases`
-    (lora_bias): lora_B.bias = the bias delta, zeros for a module without one."""
-    up = (m.up.float() * m.scale).to(dtype)
-    if name in embeddings:
-        return {name + PEFT_EMBEDDING_B: m.down.T.to(dtype).contiguous(), name + PEFT_EMBEDDING_A: up.T.contiguous()}
-    out = {f"{name}.lora_B.weight": up.contiguous(), f"{name}.lora_A.weight": m.down.to(dtype).contiguous()}
-    if biases:
-        out[f"{name}.lora_B.bias"] = (m.diff_b if m.diff_b is not None else torch.zeros(m.up.shape[0])).to(dtype)
-    return out
-
-
-def _peft_entries(modules: dict[str, AdapterModule], dtype: torch.dtype, embeddings: frozenset[str],
-                  biases: bool) -> list[Entry]:
-    out: list[Entry] = []
-    for name, m in modules.items():
-        up, down = tuple(m.up.shape), tuple(m.down.shape)
-        if name in embeddings:
-            out += [(name + PEFT_EMBEDDING_B, dtype, down[::-1]), (name + PEFT_EMBEDDING_A, dtype, up[::-1])]
-            continue
-        out += [(f"{name}.lora_B.weight", dtype, up), (f"{name}.lora_A.weight", dtype, down)]
-        if biases:
-            out.append((f"{name}.lora_B.bias", dtype, up[:1]))
-    return out
-
-
-def _peft_config(ranks: dict[str, int], base: Optional[dict], biases: bool) -> dict:
-    r = max(ranks.values()) if ranks else 1
-    config = {k: v for k, v in (base or {}).items() if k not in ("r", "lora_alpha", "rank_pattern", "alpha_pattern")}
-    config.setdefault("peft_type", "LORA")
-    if config.get("use_dora"):  # the magnitudes are not written (DoRA inputs are refused or merged without them)
-        config["use_dora"] = False
-    if biases or config.get("lora_bias"):  # lora_B carries the bias deltas (PEFT ≥ 0.14)
-        config["lora_bias"] = biases
-    config.update(r=r, lora_alpha=r, use_rslora=False,
-                  rank_pattern={re.escape(k): v for k, v in ranks.items() if v != r},
-                  alpha_pattern={re.escape(k): v for k, v in ranks.items() if v != r})
-    if not config.get("target_modules"):
-        config["target_modules"] = sorted({k.rsplit(".", 1)[-1] for k in ranks})
-    return config
-
-
 def save_lora(modules: dict[str, AdapterModule], path: PathLike, arch: str = "sdxl", profile: str = "sdxl",
               dtype: Union[str, torch.dtype] = "fp16", overwrite: bool = False, recipe: Optional[dict] = None,
               suffixes: Optional[Suffixes] = None, peft_config: Optional[dict] = None,
@@ -330,9 +242,9 @@ def save_lora(modules: dict[str, AdapterModule], path: PathLike, arch: str = "sd
     meta = lora_metadata({m.kind for m in modules.values()}, ranks, alphas, arch, recipe, title or path.stem, carried)
     if profile == "peft":
         biases = any(m.diff_b is not None for m in modules.values())
-        config = _peft_config(_peft_ranks(modules), peft_config, biases)
-        entries = _peft_entries(modules, dt, peft_embeddings, biases)
-        tensors_of = partial(_peft_tensors, dtype=dt, embeddings=peft_embeddings, biases=biases)
+        config = peft_layout.config_for(peft_layout.ranks_of(modules), peft_config, biases)
+        entries = peft_layout.entries(modules, dt, peft_embeddings, biases)
+        tensors_of = partial(peft_layout.module_tensors, dtype=dt, embeddings=peft_embeddings, biases=biases)
     else:
         suffixes = suffixes or KOHYA
         if path.suffix.lower() in (".pt", ".pth", ".ckpt"):
@@ -347,17 +259,8 @@ def save_lora(modules: dict[str, AdapterModule], path: PathLike, arch: str = "sd
                           header_bound(entries, meta), meta)
 
     if profile == "peft" and path.suffix != ".safetensors":
-        return _write_peft_dir(path, write, config, overwrite)
+        return peft_layout.write_folder(path, write, config, overwrite)
     return atomic_write(path, write, overwrite)
-
-
-def _write_peft_dir(path: Path, write_weights: Callable[[Path], None], config: dict, overwrite: bool) -> Path:
-    """A PEFT folder, built in a temp folder beside the target and moved into place (files.atomic_folder)."""
-    def write(tmp: Path) -> None:
-        write_weights(tmp / PEFT_WEIGHTS[0])
-        (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-
-    return atomic_folder(path, write, overwrite)
 
 
 def summary(lset: LoraSet) -> dict:

@@ -12,9 +12,9 @@ import torch
 
 from .adapters import AdapterModule
 from .files.metadata import lora_metadata
-from .files.stream_writer import SafetensorsStream, header_bound
+from .files.stream_writer import Entry, SafetensorsStream, header_bound
 from .keys.suffixes import KOHYA
-from .lora_file import Entry, state_dict_of
+from .lora_file import state_dict_of
 
 
 def file_tensors(name: str, module: AdapterModule, dtype: torch.dtype) -> dict[str, torch.Tensor]:

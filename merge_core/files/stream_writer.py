@@ -25,6 +25,7 @@ from ..errors import MergeCoreError
 ST_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
             torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+Entry = tuple[str, torch.dtype, tuple[int, ...]]  # a tensor a file will hold: name, dtype, shape
 ALIGN = 8
 WRITEBACK = 8 << 20
 NUMPY_NATIVE = {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
@@ -36,7 +37,7 @@ def _entry_json(name: str, dtype: str, shape: Iterable[int], start: int, end: in
                       separators=(",", ":"))[1:-1]
 
 
-def header_bound(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Optional[dict] = None,
+def header_bound(entries: Iterable[Entry], metadata: Optional[dict] = None,
                  slack: int = 1024) -> int:
     """Bytes enough for a header naming any subset of `entries` (name, dtype, shape) plus `metadata`."""
     entries = list(entries)

@@ -12,8 +12,9 @@ import torch
 
 from ..errors import MergeCoreError
 from ..files.atomic import atomic_write
+from ..files.stream_writer import Entry
 from ..lora_file import dtype_of
-from ..lora_stream import Entry, LoraStream, file_tensors, header_reserve, lora_entries
+from ..lora_stream import LoraStream, file_tensors, header_reserve, lora_entries
 from ..report import Progress, Report
 from .engine import MergePlan, run_merge
 from .outcome import Outcome
