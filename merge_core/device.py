@@ -35,6 +35,12 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
+def host_compute_device(host: torch.device) -> torch.device:
+    """The device to compute on for a host application's device (ComfyUI's): itself when CUDA (ROCm) or the
+    CPU, else the CPU (mps, directml's privateuseone, xpu, …)."""
+    return host if host.type in DEVICE_TYPES else torch.device("cpu")
+
+
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 

@@ -12,7 +12,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from merge_core.device import DEVICE_TYPES
+from merge_core.device import host_compute_device
 from merge_core.errors import InputFileError, OutputExistsError, UnsafePathError
 from merge_core.files.atomic import inside
 
@@ -24,18 +24,13 @@ MAX_COUNTER_TRIES = 10_000
 
 
 def torch_device(choice: str) -> torch.device:
-    """`default` -> ComfyUI's device (comfy.model_management.get_torch_device()) as compute_device keeps it,
-    `cpu` -> the CPU."""
+    """`default` -> ComfyUI's device (comfy.model_management.get_torch_device()) when merge_core computes on
+    it (CUDA, ROCm), else the CPU; `cpu` -> the CPU."""
     if choice == "cpu":
         return torch.device("cpu")
     import comfy.model_management
 
-    return compute_device(comfy.model_management.get_torch_device())
-
-
-def compute_device(comfy_device: torch.device) -> torch.device:
-    """ComfyUI's device when merge_core computes there (CUDA, ROCm), else the CPU (mps, directml, xpu, …)."""
-    return comfy_device if comfy_device.type in DEVICE_TYPES else torch.device("cpu")
+    return host_compute_device(comfy.model_management.get_torch_device())
 
 
 def filename_list(folder: str) -> list[str]:

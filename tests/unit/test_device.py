@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merge_core.device import resolve_device
+from merge_core.device import host_compute_device, resolve_device
 from merge_core.errors import MergeCoreError
-from nodes.runtime import compute_device
 
 
 def test_auto_and_cpu():
@@ -34,7 +33,8 @@ def test_cuda_without_a_gpu_is_one_line():
 
 
 def test_the_nodes_default_device_keeps_cuda_and_falls_back_to_the_cpu_elsewhere():
-    assert compute_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
-    assert compute_device(torch.device("cpu")) == torch.device("cpu")
+    """(what nodes.runtime.torch_device applies to ComfyUI's device)"""
+    assert host_compute_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert host_compute_device(torch.device("cpu")) == torch.device("cpu")
     for other in ("mps", "xpu", "privateuseone"):  # DirectML shows as privateuseone
-        assert compute_device(torch.device(other)) == torch.device("cpu")
+        assert host_compute_device(torch.device(other)) == torch.device("cpu")
