@@ -1,6 +1,7 @@
 """Merged SDXL files load in a real ComfyUI (0.3.75, in-process, meta-device model) with zero
-"lora key not loaded": full 986-module merges (rank-4 inputs) by rsvd and concat, and a LoCon merge; and the
-delta ComfyUI applies from the written file is the merge's T = Σ wᵢΔWᵢ (concat: exactly)."""
+"lora key not loaded": full 986-module merges (rank-4 inputs) by rsvd and concat, and a LoCon merge, where the
+delta ComfyUI applies from the written file is the merge's T = Σ wᵢΔWᵢ (concat: exactly); and every other
+method's file, on a sample of the modules (linear and LoCon conv), with every module patched."""
 from __future__ import annotations
 
 import sys
@@ -72,3 +73,20 @@ def test_merged_file_loads_with_no_missing_keys(comfy_inprocess, inputs, tmp_pat
                                               model_key)
         err = float((applied - T).norm() / T.norm())
         assert err < 2e-3  # fp16 file; rsvd keeps rank 8 = the whole sum of two rank-4 inputs
+
+
+@pytest.mark.parametrize("method", ["svd", "weighted_avg", "geometric_mean", "ties", "dare", "dare_ties"])
+def test_every_other_method_writes_a_file_comfyui_loads_whole(comfy_inprocess, tmp_path, method):  # noqa: F811
+    """Each method's file through ComfyUI's loader: every module patched, no key left over.  A sample of the
+    SDXL modules (12 per UNet/TE1/TE2 group, linear and LoCon conv) keeps the dense methods quick; the names
+    and layouts are those of the full merges above."""
+    specs = sdxl_specs(per_group=12, locon=True)
+    sets = []
+    for i, (alpha, seed) in enumerate(((2.0, 1), (4.0, 2))):
+        save_lora(sdxl_lora(specs, rank=4, alpha=alpha, seed=seed), tmp_path / f"in_{i}.safetensors")
+        sets.append(load_lora(tmp_path / f"in_{i}.safetensors"))
+    result = merge_loras(sets, method, weights=[0.7, -0.4], device="cpu")
+    out = result.save(tmp_path / f"{method}.safetensors")
+    patches, not_loaded = load_lora_with_comfy(load_file(str(out)))
+    assert not_loaded == []
+    assert len(patches) == len(result.modules) == len(specs)
