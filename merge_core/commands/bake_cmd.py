@@ -7,6 +7,7 @@ import argparse
 from ..bake import bake_lora
 from ..checkpoint.sources import KINDS, output_path
 from .common import add_device, add_output, add_report, finite_float, write_report
+from .progress_line import ProgressLine
 
 DTYPES = ["fp16", "float16", "bf16", "bfloat16", "fp32", "float32"]
 
@@ -33,9 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = output_path(args.output, args.output_format)
-    report = bake_lora(args.source_model, args.lora_model, out, alpha=args.alpha, output_dtype=args.output_dtype,
-                       overwrite=args.overwrite, device=args.device, base_kind=args.source_type,
-                       lora_kind=args.lora_type)
+    with ProgressLine("bake") as progress:
+        report = bake_lora(args.source_model, args.lora_model, out, alpha=args.alpha, output_dtype=args.output_dtype,
+                           overwrite=args.overwrite, device=args.device, progress=progress,
+                           base_kind=args.source_type, lora_kind=args.lora_type)
     print(f"baked {len(report['matched'])} modules into {report['patched_keys']} of {report['base_keys']} "
           f"base tensors ({report['seconds']:.1f} s)")
     for s in report["skipped"][:20]:

@@ -9,6 +9,7 @@ from ..checkpoint.sources import KINDS, output_path
 from ..extract import DEFAULT_RANK, extract_to_file
 from ..lowrank.rank_select import RankRule
 from .common import add_device, add_dtype, add_output, add_rank_rule, add_report, finite_float, write_report
+from .progress_line import ProgressLine
 
 log = logging.getLogger(__name__)
 ENERGY_DEFAULT = 0.99
@@ -59,11 +60,12 @@ def rule_of(args: argparse.Namespace) -> RankRule:
 
 def run(args: argparse.Namespace) -> int:
     out = output_path(args.output, args.output_format)
-    report = extract_to_file(args.source_model, args.target_model, out, output_dtype=args.output_dtype,
-                             overwrite=args.overwrite, rule=rule_of(args), conv_rank=args.conv_rank,
-                             diff_only=args.diff_only, min_diff=args.min_diff, text_encoders=args.text_encoders,
-                             device=args.device, seed=args.seed, base_kind=args.source_type,
-                             tuned_kind=args.target_type)
+    with ProgressLine("extract") as progress:
+        report = extract_to_file(args.source_model, args.target_model, out, output_dtype=args.output_dtype,
+                                 overwrite=args.overwrite, rule=rule_of(args), conv_rank=args.conv_rank,
+                                 diff_only=args.diff_only, min_diff=args.min_diff, text_encoders=args.text_encoders,
+                                 device=args.device, seed=args.seed, progress=progress, base_kind=args.source_type,
+                                 tuned_kind=args.target_type)
     print(report.table())
     skipped = report.extra.get("skipped", {})
     if skipped:

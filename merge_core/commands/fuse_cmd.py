@@ -11,7 +11,9 @@ from ..files.atomic import atomic_write, refuse_existing
 from ..fuse import DORA_CHOICES, OUTPUT_FORMATS, STRATEGIES, fuse_models, fusion_metadata, verify_written
 from ..fuse.engine import DEFAULT_RULE, resolve_weights
 from ..lora_file import load_lora
-from .common import add_device, add_dtype, add_output, add_rank_rule, add_report, finite_float, rank_rule, write_report
+from .common import (add_device, add_dtype, add_output, add_rank_rule, add_report, finite_float, rank_rule,
+                     write_report)
+from .progress_line import ProgressLine
 
 STRATEGY_HELP = ("weighted_sum: Σ wᵢΔWᵢ; weighted_average: Σ wᵢΔWᵢ/Σ wᵢ; layer_adaptive: wᵢ scaled by the "
                  "inverse variance of ΔWᵢ relative to the others (mean factor 1); smart_fusion (default): wᵢ scaled by "
@@ -27,9 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Fuse LoKr/LoHa (and LoRA/LoCon/full) files module by module: "
                                    "T = Σ cᵢ ΔWᵢ with cᵢ from the strategy, written as lokr, lora or full.")
     p.add_argument("models", nargs="+", help="input files (.safetensors/.pt) or PEFT folders; types auto-detected")
-    p.add_argument("--weights", type=finite_float, nargs="+", metavar="W", help="one weight per model (default 1/N each)")
+    p.add_argument("--weights", type=finite_float, nargs="+", metavar="W",
+                   help="one weight per model (default 1/N each)")
     p.add_argument("--strategy", choices=STRATEGIES, default="smart_fusion", help=STRATEGY_HELP)
-    p.add_argument("--norm-threshold", type=finite_float, default=1.0, metavar="T", help="min_max_norm's τ (default 1.0)")
+    p.add_argument("--norm-threshold", type=finite_float, default=1.0, metavar="T",
+                   help="min_max_norm's τ (default 1.0)")
     p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="auto", help=FORMAT_HELP)
     add_rank_rule(p, energy=DEFAULT_RULE.energy, min_rank=DEFAULT_RULE.min_rank, max_rank=DEFAULT_RULE.max_rank)
     add_device(p)
@@ -50,8 +54,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     refuse_existing(out, args.overwrite)
     sets = [load_lora(m) for m in args.models]
-    result = fuse_models(sets, args.weights, args.strategy, args.norm_threshold, args.output_format,
-                         rank_rule(args), args.device, args.dora)
+    with ProgressLine("fuse") as progress:
+        result = fuse_models(sets, args.weights, args.strategy, args.norm_threshold, args.output_format,
+                             rank_rule(args), args.device, args.dora, progress)
     result.recipe["parameters"]["dtype"] = args.dtype
     path = result.save(out, dtype=args.dtype, overwrite=args.overwrite)
     print(result.report.table())

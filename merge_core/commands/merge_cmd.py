@@ -20,6 +20,7 @@ from ..merge.engine import collect, plan_merge
 from ..merge.methods import method_named, resolve_weights
 from ..merge.to_file import merge_to_file, streams_to
 from .common import add_device, add_dtype, add_output, add_rank_rule, add_report, finite_float, write_report
+from .progress_line import ProgressLine
 
 log = logging.getLogger(__name__)
 
@@ -104,19 +105,21 @@ def run(args: argparse.Namespace) -> int:
     # each file's sha256 (for the recipe) is hashed on a spare core from now on, beside the parsing and the merge
     sets = [load_lora(p, profile=args.profile, digest=True) for p in args.inputs]
 
-    def progress(done: int, total: int, name: str) -> None:
-        for s in sets:  # a merged module's inputs are not needed again: free them as the outputs grow
-            s.modules.pop(name, None)
-        log.info("%d/%d %s", done, total, name)
-
     plan = plan_merge(sets, args.method, args.weights, rule, args.solver, args.seed, args.density, blocks, args.dora)
-    if streams_to(out, plan):
-        report = merge_to_file(plan, out, args.dtype, args.overwrite, args.device, progress)
-    else:
-        plan.parameters["dtype"] = args.dtype
-        result = collect(plan, args.device, progress, hold_dtype=dtype_of(args.dtype))
-        result.save(out, dtype=args.dtype, overwrite=args.overwrite)
-        report = result.report
+    with ProgressLine(f"merge ({args.method})") as line:
+        def progress(done: int, total: int, name: str) -> None:
+            for s in sets:  # a merged module's inputs are not needed again: free them as the outputs grow
+                s.modules.pop(name, None)
+            log.info("%d/%d %s", done, total, name)
+            line(done, total, name)
+
+        if streams_to(out, plan):
+            report = merge_to_file(plan, out, args.dtype, args.overwrite, args.device, progress)
+        else:
+            plan.parameters["dtype"] = args.dtype
+            result = collect(plan, args.device, progress, hold_dtype=dtype_of(args.dtype))
+            result.save(out, dtype=args.dtype, overwrite=args.overwrite)
+            report = result.report
     report.extra["total_seconds"] = time.perf_counter() - start
     print(report.table())
     print(f"wrote {out} ({sum(m.kind != 'none' for m in report.modules)} modules, "

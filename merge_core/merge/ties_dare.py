@@ -90,8 +90,8 @@ def trim(tau: torch.Tensor, floor: Optional[float]) -> torch.Tensor:
 
 
 def disjoint_mean(taus: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per entry, the mean of the τᵢ whose sign is the elected γ = sign(Σᵢ τᵢ) (0 where Σ is 0); the τᵢ are
-    overwritten.  Float operations only: |τ| where τ·γ > 0, counted by its sign."""
+    """Per entry, the mean of the τᵢ whose sign is the elected γ = sign(Σᵢ τᵢ) (0 where Σ is 0); the τᵢ
+    are overwritten.  Float operations only: |τ| where τ·γ > 0, counted by its sign."""
     sign = sum(taus).sign_()
     total = count = None
     for tau in taus:

@@ -1,6 +1,7 @@
 """What merge accepts and refuses: mixed formats (kohya + diffusers/PEFT names), mixed ranks, LoCon 3x3,
 N = 5 inputs, negative weights, modules missing in one input, bias deltas, SDXL block weights (20 and 12
-values), DoRA (kohya dora_scale and PEFT lora_magnitude_vector), SD1.5 with SDXL and other shape clashes (refused before any work, naming the module)."""
+values), DoRA (kohya dora_scale and PEFT lora_magnitude_vector), SD1.5 with SDXL and other shape clashes
+(refused before any work, naming the module)."""
 from __future__ import annotations
 
 import json
