@@ -114,19 +114,32 @@ def _joined(blocks: Sequence[torch.Tensor], into: torch.Tensor, dim: int) -> tor
     return into
 
 
-def gram_low_rank_batch(factors: Stacked, rule: RankRule) -> list[LowRank]:
-    """Best rank-k factors of each T_b = U_b diag(c_b) V_b of `factors` (one shape and device for the batch),
-    k from `rule`.  c is folded into the small matrices."""
+@dataclass
+class GramCore:
+    """A batch's spectra and what its factors are made from: pass 1 (the Grams) and the R×R work."""
+
+    S: torch.Tensor  # batch × R singular values, descending (fp64)
+    totals: list[float]  # ‖T_b‖²
+    A: torch.Tensor  # eigenvectors of M, ascending
+    F: torch.Tensor  # the roots of the balanced G_U
+    pinv: dict[int, torch.Tensor]  # F⁺ of the modules whose root is eigh's
+    d: torch.Tensor  # the balancing gauge
+    c: torch.Tensor  # the column scales
+    left_out: torch.Tensor  # ‖T‖² − tr M
+
+
+def gram_core(factors: Stacked) -> GramCore:
+    """Pass 1 over a batch (one shape and device): the Grams, each module cast once into a scratch matrix; then
+    the batched R×R work up to the singular values (c folded into the small matrices)."""
     out, n, R = factors.shape
     B, device, col_scale = len(factors.ups), factors.ups[0][0].device, factors.col_scale
     su, sv = torch.empty(out, R, device=device), torch.empty(R, n, device=device)
     gu, gv = torch.empty(B, R, R, device=device), torch.empty(B, R, R, device=device)
-    for b in range(B):  # pass 1: the Grams, each module cast once into the scratch
+    for b in range(B):
         U, V = factors.u(b, su), factors.v(b, sv)
         torch.mm(U.T, U, out=gu[b])
         torch.mm(V, V.T, out=gv[b])
     gu, gv = gu.to(F64), gv.to(F64)
-    shape = (out, n)
     c = col_scale.to(device=device, dtype=F64)
     gu = gu * (c[:, :, None] * c[:, None, :])
     totals = (gu * gv).sum((-2, -1))
@@ -140,20 +153,30 @@ def gram_low_rank_batch(factors: Stacked, rule: RankRule) -> list[LowRank]:
     left_out = torch.zeros_like(totals)  # ‖T‖² − tr M: zero to round-off where the root is a Cholesky factor
     for i in pinv:
         left_out[i] = (totals[i] - (F[i] @ gv_d[i] * F[i]).sum()).clamp_min(0.0)
-    totals_list = totals.tolist()
-    ks = choose_ranks(S, totals_list, rule, shape)
+    return GramCore(S, totals.tolist(), A, F, pinv, d, c, left_out)
+
+
+def gram_factors(core: GramCore, factors: Stacked, rules: Sequence[RankRule]) -> list[LowRank]:
+    """The best rank-k factors of each module of the batch from its core, k from its rule (rules[b]); pass 2
+    casts each module again into a scratch matrix."""
+    out, n, R = factors.shape
+    S, totals, A, F, d, c = core.S, core.totals, core.A, core.F, core.d, core.c
+    device = S.device
+    ks = (choose_ranks(S, totals, rules[0], (out, n)) if all(r == rules[0] for r in rules)
+          else [choose_ranks(S[b:b + 1], totals[b:b + 1], r, (out, n))[0] for b, r in enumerate(rules)])
     kmax = max(ks)
     kept = torch.arange(S.shape[1], device=device)[None, :] < torch.as_tensor(ks, device=device)[:, None]
     tail = (S * S * ~kept).sum(-1)
     kept, Ak = kept[:, :kmax], A[:, :, A.shape[-1] - kmax:].flip(-1).to(F64)
     half = S[:, :kmax].sqrt() * kept  # σ^½ on the kept columns (σ > 0 there: choose_ranks keeps no null ones)
-    X = d[:, :, None] * _left_solve(F, pinv, Ak * half[:, None, :])
+    X = d[:, :, None] * _left_solve(F, core.pinv, Ak * half[:, None, :])
     Y = (torch.where(kept, 1.0 / torch.where(kept, half, 1.0), 0.0)[:, :, None] * (Ak.mT @ F)) / d[:, None, :]
-    errors = (tail + left_out).tolist()
+    errors = (tail + core.left_out).tolist()
     X, Y = (c[:, :, None] * X).float(), Y.float()  # up = U diag(c) X, down = Y V
+    su, sv = torch.empty(out, R, device=device), torch.empty(R, n, device=device)
     results = []
-    for b, k in enumerate(ks):  # pass 2: the factors, each module cast again into the scratch
-        total = totals_list[b]
+    for b, k in enumerate(ks):
+        total = totals[b]
         if k == 0:
             results.append(LowRank.zero(total, S[b].float()))
             continue
@@ -163,7 +186,12 @@ def gram_low_rank_batch(factors: Stacked, rule: RankRule) -> list[LowRank]:
     return results
 
 
+def gram_low_rank_batch(factors: Stacked, rules: Sequence[RankRule]) -> list[LowRank]:
+    """Best rank-k factors of each T_b = U_b diag(c_b) V_b of `factors`, k from rules[b]."""
+    return gram_factors(gram_core(factors), factors, rules)
+
+
 def gram_low_rank(op: Factored, rule: RankRule) -> LowRank:
     """The Gram core for one factored operator."""
     ones = torch.ones(1, op.inner_rank, dtype=F64, device=op.device)
-    return gram_low_rank_batch(Stacked([[op.U]], [[op.V]], ones), rule)[0]
+    return gram_low_rank_batch(Stacked([[op.U]], [[op.V]], ones), [rule])[0]

@@ -69,7 +69,7 @@ def approximate(op: Operator, rule: RankRule, solver: str, seed: int) -> LowRank
 
 def merge_lowrank(target: ModuleTarget, opts: MergeOptions, device: torch.device) -> Outcome:
     """rsvd / svd / weighted_avg for one module (they differ only in default weights, rule and solver)."""
-    lr = approximate(target.operator(device), opts.rule, opts.solver, opts.seed_for(target.name))
+    lr = approximate(target.operator(device), opts.rule_for(target.name), opts.solver, opts.seed_for(target.name))
     return lora_outcome(target, lr.up, lr.down, lr.quality, device, target.note)
 
 
@@ -128,5 +128,5 @@ def merge_lowrank_batch(batch: Sequence[ModuleTarget], opts: MergeOptions, devic
     """One batch from plan_batches: several same-shape modules through the Gram core at once."""
     if len(batch) == 1:
         return [merge_lowrank(batch[0], opts, device)]
-    results = gram_low_rank_batch(stacked_factors(batch, device), opts.rule)
+    results = gram_low_rank_batch(stacked_factors(batch, device), [opts.rule_for(t.name) for t in batch])
     return [lora_outcome(t, lr.up, lr.down, lr.quality, device, t.note) for t, lr in zip(batch, results)]

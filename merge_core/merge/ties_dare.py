@@ -138,7 +138,7 @@ def dare(terms: Sequence[Term], density: float, seed: int, device: torch.device,
 
 def _refit(merged: torch.Tensor, target: ModuleTarget, opts: MergeOptions, seed: int,
            device: torch.device) -> Outcome:
-    lr = approximate(Dense(merged), opts.rule, opts.solver, seed)
+    lr = approximate(Dense(merged), opts.rule_for(target.name), opts.solver, seed)
     del merged
     quality = measure(target.operator(device), lr.factored())
     return lora_outcome(target, lr.up, lr.down, quality, device,

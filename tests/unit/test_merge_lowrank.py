@@ -112,7 +112,9 @@ def test_gram_core_batch_matches_dense_svd():
     U, V = torch.randn(3, 200, 12, generator=gen), torch.randn(3, 12, 150, generator=gen)
     c = torch.rand(3, 12, generator=gen, dtype=torch.float64) + 0.5
     blocks = Stacked([[U[b, :, :7], U[b, :, 7:]] for b in range(3)], [[V[b, :7], V[b, 7:]] for b in range(3)], c)
-    for b, lr in enumerate(gram_low_rank_batch(blocks, RankRule(rank=5))):
-        T = U[b].double() @ (c[b, :, None] * V[b].double())
-        assert rel(lr.up.double() @ lr.down.double(), T) == pytest.approx(optimal_error(T, 5), rel=1e-4)
-        assert lr.quality.rel_error == pytest.approx(optimal_error(T, 5), rel=1e-4)
+    for ranks in ([5, 5, 5], [3, 7, 5]):  # one rule for the batch, or one per module (a size budget's ranks)
+        for b, lr in enumerate(gram_low_rank_batch(blocks, [RankRule(rank=k) for k in ranks])):
+            T = U[b].double() @ (c[b, :, None] * V[b].double())
+            assert lr.rank == ranks[b]
+            assert rel(lr.up.double() @ lr.down.double(), T) == pytest.approx(optimal_error(T, ranks[b]), rel=1e-4)
+            assert lr.quality.rel_error == pytest.approx(optimal_error(T, ranks[b]), rel=1e-4)
