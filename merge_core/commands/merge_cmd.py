@@ -16,6 +16,7 @@ from ..keys.profiles import PROFILES
 from ..lora_file import dtype_of, load_lora
 from ..lowrank import SOLVERS, RankRule
 from ..merge import DORA_CHOICES, METHODS, REGISTRY, parse_block_weights
+from ..merge.budget import budget_line, fit_to_size, parse_size
 from ..merge.engine import collect, plan_merge
 from ..merge.methods import method_named, resolve_weights
 from ..merge.to_file import merge_to_file, streams_to
@@ -49,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", type=finite_float, nargs="+", metavar="W", help=WEIGHTS_HELP)
     add_rank_rule(p)
     p.set_defaults(energy=None, min_rank=None, max_rank=None)  # unset -> the method's own default rule
+    p.add_argument("--target-size", metavar="SIZE",
+                   help="rsvd/svd/weighted_avg: choose each module's rank (within --min-rank/--max-rank) to keep the "
+                        "most of the network's energy in a .safetensors file of at most SIZE (e.g. 100MB, 64MiB)")
     p.add_argument("--solver", choices=SOLVERS, help=SOLVER_HELP)
     p.add_argument("--density", type=finite_float, default=0.5,
                    help="ties: share of entries kept per input; dare, dare_ties: keep probability 1-p (default 0.5)")
@@ -105,7 +109,15 @@ def run(args: argparse.Namespace) -> int:
     # each file's sha256 (for the recipe) is hashed on a spare core from now on, beside the parsing and the merge
     sets = [load_lora(p, profile=args.profile, digest=True) for p in args.inputs]
 
+    if args.target_size is not None and rule is None:
+        rule = RankRule()  # the ranks come from the budget, within the default bounds
     plan = plan_merge(sets, args.method, args.weights, rule, args.solver, args.seed, args.density, blocks, args.dora)
+    budget = None
+    if args.target_size is not None:
+        if not streams_to(out, plan):
+            raise MergeCoreError(f"--target-size sizes a kohya-named .safetensors file, not {out.name}")
+        with ProgressLine("size budget: spectra") as line:
+            budget = fit_to_size(plan, parse_size(args.target_size), args.dtype, out.stem, args.device, line)
     with ProgressLine(f"merge ({args.method})") as line:
         def progress(done: int, total: int, name: str) -> None:
             for s in sets:  # a merged module's inputs are not needed again: free them as the outputs grow
@@ -122,6 +134,9 @@ def run(args: argparse.Namespace) -> int:
             report = result.report
     report.extra["total_seconds"] = time.perf_counter() - start
     print(report.table())
+    if budget is not None:
+        report.extra["size_budget"] = budget
+        print(budget_line(budget, out))
     print(f"wrote {out} ({sum(m.kind != 'none' for m in report.modules)} modules, "
           f"method {args.method})")
     write_report(args.report, report)

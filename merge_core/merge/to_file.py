@@ -44,6 +44,15 @@ def bound_entries(targets: list[ModuleTarget], dtype: torch.dtype) -> list[Entry
     return out
 
 
+def header_reserve_for(plan: MergePlan, dtype: str, title: str) -> int:
+    """The header bytes merge_to_file reserves for `plan` written in `dtype` under `title` (a bound on any
+    module's tensors at full rank, the metadata, and a recipe with the inputs' hashes)."""
+    plan.parameters["dtype"] = dtype
+    bound_recipe = plan.recipe(digests=[DIGEST_PLACEHOLDER] * len(plan.sets))
+    return header_reserve(bound_entries(plan.targets(), dtype_of(dtype)), plan.layout[0], bound_recipe, title,
+                          plan.carried())
+
+
 def merge_to_file(plan: MergePlan, output: Union[str, os.PathLike], dtype: str = "fp16", overwrite: bool = False,
                   device: str = "auto", progress: Progress = None) -> Report:
     """Run `plan` (from plan_merge) into the .safetensors file `output`, atomically; returns the report."""
@@ -51,11 +60,9 @@ def merge_to_file(plan: MergePlan, output: Union[str, os.PathLike], dtype: str =
     if not streams_to(path, plan):
         raise MergeCoreError(f"merge_to_file writes kohya-named .safetensors only, not {path.name}")
     dt = dtype_of(dtype)
-    plan.parameters["dtype"] = dtype
     arch = plan.layout[0]
-    bound_recipe = plan.recipe(digests=[DIGEST_PLACEHOLDER] * len(plan.sets))
     carried = plan.carried()
-    reserve = header_reserve(bound_entries(plan.targets(), dt), arch, bound_recipe, path.stem, carried)
+    reserve = header_reserve_for(plan, dtype, path.stem)
     report: Optional[Report] = None
 
     def write(tmp: Path) -> None:

@@ -3,12 +3,15 @@ references (fp64, written from the raw tensors here, not from merge_core's own d
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Optional, Sequence
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from merge_core.adapters import LoRA
+from merge_core.cli import main
 from merge_core.keys.profiles import Naming
 from merge_core.keys.sdxl_table import sdxl_modules
 from merge_core.lora_file import LoraSet
@@ -93,3 +96,29 @@ def energy_rank(T: torch.Tensor, energy: float = 0.99, lo: int = 4, hi: int = 32
     cum = torch.cumsum(s2, 0) / s2.sum()
     k = int(torch.nonzero(cum >= energy)[0]) + 1
     return min(max(k, lo), hi)
+
+
+def write_kohya(path: Path, rank: int, alpha: float, seed: int, names) -> Path:
+    """A kohya LoRA file with random factors (×0.1) of `rank` for each SDXL module name."""
+    sd = {}
+    for i, n in enumerate(names):
+        shape = shape_of(n)
+        kernel = tuple(shape[2:])
+        sd[f"{n}.lora_up.weight"] = torch.randn(shape[0], rank, *([1] * len(kernel)), generator=gen(seed + i)) * 0.1
+        sd[f"{n}.lora_down.weight"] = torch.randn(rank, shape[1], *kernel, generator=gen(seed + 50 + i)) * 0.1
+        sd[f"{n}.alpha"] = torch.tensor(alpha)
+    save_file(sd, str(path))
+    return path
+
+
+def cli_inputs(folder: Path) -> tuple[Path, Path]:
+    """Two small SDXL kohya files for the CLI tests: rank 8 with a 3x3 LoCon module, and rank 4."""
+    return (write_kohya(folder / "a.safetensors", 8, 4.0, 1, NAMES + [CONV]),
+            write_kohya(folder / "b.safetensors", 4, 4.0, 2, NAMES))
+
+
+def run_in_process(capsys, *args) -> tuple[int, str, str]:
+    """The same command line through merge_core.cli.main in this process (no interpreter start-up)."""
+    code = main(["merge", *map(str, args), "--threads", "1"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -13,26 +13,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from merge_core.cli import main
 from merge_core.errors import NonFiniteError
 from merge_core.lora_file import load_lora
 from merge_core.merge import merge_loras, parse_block_weights
 from merge_testlib import one_torch_thread  # noqa: F401  (autouse)
-from merge_testlib import CONV, F64, NAMES, gen, rel, shape_of
+from merge_testlib import CONV, F64, NAMES, cli_inputs, rel, run_in_process
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def write(path: Path, rank: int, alpha: float, seed: int, names) -> Path:
-    sd = {}
-    for i, n in enumerate(names):
-        shape = shape_of(n)
-        kernel = tuple(shape[2:])
-        sd[f"{n}.lora_up.weight"] = torch.randn(shape[0], rank, *([1] * len(kernel)), generator=gen(seed + i)) * 0.1
-        sd[f"{n}.lora_down.weight"] = torch.randn(rank, shape[1], *kernel, generator=gen(seed + 50 + i)) * 0.1
-        sd[f"{n}.alpha"] = torch.tensor(alpha)
-    save_file(sd, str(path))
-    return path
 
 
 def cli(*args) -> subprocess.CompletedProcess:
@@ -40,17 +27,9 @@ def cli(*args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def run_in_process(capsys, *args) -> tuple[int, str, str]:
-    """The same command line through merge_core.cli.main in this process (no interpreter start-up)."""
-    code = main(["merge", *map(str, args), "--threads", "1"])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("merge_cli")
-    return write(d / "a.safetensors", 8, 4.0, 1, NAMES + [CONV]), write(d / "b.safetensors", 4, 4.0, 2, NAMES)
+    return cli_inputs(tmp_path_factory.mktemp("merge_cli"))
 
 
 def dense_of(path: Path, name: str) -> torch.Tensor:
