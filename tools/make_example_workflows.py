@@ -22,7 +22,7 @@ LORA_A, LORA_B = "sdxl_style_a.safetensors", "sdxl_style_b.safetensors"
 LOKR_A, LOKR_B = "sdxl_lokr_a.safetensors", "sdxl_lokr_b.safetensors"
 BASE_CKPT, TUNED_CKPT = "sdxl_base.safetensors", "sdxl_finetuned.safetensors"
 TXT2IMG_CKPT = "sd_xl_base_1.0.safetensors"
-CONVENTIONAL = ("concat", "svd", "weighted_avg", "ties", "dare", "geometric_mean")
+CONVENTIONAL = ("concat", "svd", "weighted_avg", "ties", "dare", "dare_ties", "geometric_mean")
 
 
 def load(node_id: str, name: str) -> dict:

@@ -7,7 +7,8 @@ The original scripts' functions are in merge_core.merge.legacy_api.
 """
 from .block_weights import BLOCKS_12, BLOCKS_20, parse_block_weights
 from ..lora_file import DORA_CHOICES
-from .engine import merge_loras, plan_merge
+from .api import merge_loras
+from .engine import plan_merge
 from .methods import METHODS, REGISTRY
 from .to_file import merge_to_file
 

@@ -209,15 +209,3 @@ def collect(plan: MergePlan, device: str = "auto", progress: Progress = None,
     return MergeResult(modules, report, arch, profile, peft_config, recipe=plan.recipe(), metadata=plan.carried(),
                        peft_embeddings=embeddings)
 
-
-def merge_loras(sets: Sequence[LoraSet], method: str = "rsvd", weights: Sequence[float] | None = None,
-                rule: RankRule | None = None, solver: str | None = None, seed: int = 0, device: str = "auto",
-                density: float = 0.5, block_weights: Sequence[Sequence[float] | None] | None = None,
-                dora: str = "error", progress: Progress = None) -> MergeResult:
-    """Merge `sets` by `method` (see METHODS) into modules held in memory (fp32); None arguments take the
-    method's defaults: weights 1/N (rsvd, weighted_avg) or 1.0 (others); rule dynamic 4..32 at 0.99 energy
-    (rsvd, ties, dare) or the largest input rank fixed (svd, weighted_avg); solver rsvd or exact.
-    `block_weights`: per input, None or 20/12 SDXL block values.  `dora`: error (refuse DoRA inputs) or
-    ignore (drop the magnitude)."""
-    return collect(plan_merge(sets, method, weights, rule, solver, seed, density, block_weights, dora), device,
-                   progress)

@@ -18,7 +18,7 @@ from ..keys.suffixes import Suffixes
 from ..lora_file import LoraSet, load_lora
 from ..lowrank import RankRule
 from ..result import MergeResult
-from .engine import merge_loras
+from .api import merge_loras
 from .methods import METHODS
 
 PathLike = Union[str, os.PathLike]

@@ -225,6 +225,19 @@ def test_report_text_and_image(comfy_dirs):
     assert "loaded from a file" in text2 and image2.shape == (1, 560, 1024, 3)
 
 
+def test_rsvd_merge_node_fits_a_size_budget(comfy_dirs):
+    write(comfy_dirs["loras"] / "a.safetensors", lora_tensors(SPECS, rank=8, seed=20))
+    write(comfy_dirs["loras"] / "b.safetensors", lora_tensors(SPECS, rank=8, seed=21))
+    args = dict(lora_1=load("a.safetensors"), weight_1=1.0, lora_2=load("b.safetensors"), weight_2=1.0)
+    full = node("LoRArSVD_Merge").merge(0, 1.0, 1, 16, 0, "cpu", "error", **args)["result"][0]
+    full_path = node("LoRArSVD_Save").save(full, "loras/full", "fp16")["result"][0]
+    target_mb = 0.6 * (comfy_dirs["output"] / full_path).stat().st_size / 2**20
+    fitted = node("LoRArSVD_Merge").merge(0, 1.0, 1, 16, 0, "cpu", "error", target_size_mb=target_mb, **args)
+    path = node("LoRArSVD_Save").save(fitted["result"][0], "loras/fitted", "fp16")["result"][0]
+    assert (comfy_dirs["output"] / path).stat().st_size <= target_mb * 2**20
+    assert fitted["result"][0].report.extra["size_budget"]["energy_kept"] > 0.5
+
+
 def test_save_numbers_files_and_refuses_escapes(comfy_dirs):
     write(comfy_dirs["loras"] / "a.safetensors", lora_tensors(SPECS[:2], rank=2, seed=12))
     pack = load("a.safetensors")

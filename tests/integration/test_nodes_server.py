@@ -34,8 +34,8 @@ RANK_RULE = ["rank", "energy", "min_rank", "max_rank"]
 EXPECTED = {  # node id: (required inputs, optional inputs, output types, output node)
     "LoRArSVD_Load": (["lora_name", "profile"], [], ["RSVD_LORA", "STRING"], False),
     "LoRArSVD_Apply": (["model", "clip", "lora", "strength_model", "strength_clip"], [], ["MODEL", "CLIP"], False),
-    "LoRArSVD_Merge": (["lora_1", "weight_1", "lora_2", "weight_2", *RANK_RULE, "seed", "device", "dora"], SLOTS,
-                       ["RSVD_LORA"], False),
+    "LoRArSVD_Merge": (["lora_1", "weight_1", "lora_2", "weight_2", *RANK_RULE, "seed", "device", "dora"],
+                       [*SLOTS, "target_size_mb"], ["RSVD_LORA"], False),
     "LoRArSVD_MergeConventional": (["lora_1", "weight_1", "lora_2", "weight_2", "method", "density", *RANK_RULE,
                                     "seed", "device", "dora", "block_weights"], SLOTS, ["RSVD_LORA"], False),
     "LoRArSVD_Fuse": (["lora_1", "weight_1", "lora_2", "weight_2", "strategy", "norm_threshold", "output_format",
