@@ -26,13 +26,22 @@ def block_weight_lines(text: str, slots: list[int]) -> Optional[list[Optional[tu
     return picked if any(p is not None for p in picked) else None
 
 
+def target_size_input() -> dict:
+    return {"target_size_mb": ("FLOAT", {
+        "default": 0.0, "min": 0.0, "max": 65536.0, "step": 0.1, "round": False,
+        "tooltip": "0 = off; else a size budget: each module's rank is chosen (within min_rank..max_rank; rank and "
+                   "energy are not used) to keep the most of the whole network's energy in an fp16 file of at most "
+                   "this many MB (1 MB = 1,048,576 bytes, as Windows shows file sizes); not for concat or "
+                   "geometric_mean"})}
+
+
 def run_merge(method: str, slots: dict, rank: int, energy: float, min_rank: int, max_rank: int, seed: int,
               device: str, dora: str, density: float = 0.5, block_weights: str = "",
               target_size_mb: float = 0.0) -> dict:
     inputs = connected_loras(slots)
-    rule = rank_rule(rank, energy, min_rank, max_rank)
-    bw = block_weight_lines(block_weights, [i for i, _, _ in inputs])
     size = int(target_size_mb * 2**20) if target_size_mb > 0 else None
+    rule = rank_rule(0 if size else rank, energy, min_rank, max_rank)  # a budget chooses the ranks
+    bw = block_weight_lines(block_weights, [i for i, _, _ in inputs])
     result = run_job(lambda progress: merge_loras(
         [lora.lora for _, lora, _ in inputs], method=method, weights=[w for _, _, w in inputs], rule=rule,
         seed=seed, device=torch_device(device), density=density, block_weights=bw, dora=dora, progress=progress,
@@ -57,17 +66,11 @@ class RsvdMerge:
     def INPUT_TYPES(cls) -> dict:
         required, optional = lora_slots(weight_tooltip=WEIGHT_TOOLTIP)
         required.update({**rank_inputs(), **seed_input(), **device_input(), **dora_input()})
-        optional["target_size_mb"] = ("FLOAT", {
-            "default": 0.0, "min": 0.0, "max": 65536.0, "step": 0.1, "round": False,
-            "tooltip": "0 = off; else the ranks are chosen (within min_rank..max_rank; rank and energy are not used) "
-                       "to keep the most of the whole network's energy in an fp16 file of at most this many MB "
-                       "(1 MB = 1,048,576 bytes, as Windows shows file sizes)"})
+        optional.update(target_size_input())
         return {"required": required, "optional": optional}
 
     def merge(self, rank: int, energy: float, min_rank: int, max_rank: int, seed: int, device: str, dora: str,
               target_size_mb: float = 0.0, **slots) -> dict:
-        if target_size_mb > 0:  # the budget chooses the ranks, within the bounds
-            rank, energy = 0, 0.99
         return run_merge("rsvd", slots, rank, energy, min_rank, max_rank, seed, device, dora,
                          target_size_mb=target_size_mb)
 
@@ -95,12 +98,14 @@ class ConventionalMerge:
             **rank_inputs(), **seed_input(), **device_input(), **dora_input(),
             "block_weights": ("STRING", {"default": "", "multiline": True, "tooltip": BLOCK_WEIGHTS_TOOLTIP}),
         })
+        optional.update(target_size_input())
         return {"required": required, "optional": optional}
 
     def merge(self, method: str, density: float, rank: int, energy: float, min_rank: int, max_rank: int,
-              seed: int, device: str, dora: str, block_weights: str, **slots) -> dict:
+              seed: int, device: str, dora: str, block_weights: str, target_size_mb: float = 0.0,
+              **slots) -> dict:
         return run_merge(method, slots, rank, energy, min_rank, max_rank, seed, device, dora, density,
-                         block_weights)
+                         block_weights, target_size_mb)
 
 
 NODES = (RsvdMerge, ConventionalMerge)

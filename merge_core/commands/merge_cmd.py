@@ -51,8 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_rank_rule(p)
     p.set_defaults(energy=None, min_rank=None, max_rank=None)  # unset -> the method's own default rule
     p.add_argument("--target-size", metavar="SIZE",
-                   help="rsvd/svd/weighted_avg: choose each module's rank (within --min-rank/--max-rank) to keep the "
-                        "most of the network's energy in a .safetensors file of at most SIZE (e.g. 100MB, 64MiB)")
+                   help="choose each module's rank (within --min-rank/--max-rank) to keep the most of the network's "
+                        "energy in a .safetensors file of at most SIZE (e.g. 100MB, 64MiB); not for concat or "
+                        "geometric_mean")
     p.add_argument("--solver", choices=SOLVERS, help=SOLVER_HELP)
     p.add_argument("--density", type=finite_float, default=0.5,
                    help="ties: share of entries kept per input; dare, dare_ties: keep probability 1-p (default 0.5)")

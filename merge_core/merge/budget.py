@@ -11,8 +11,9 @@ gain per byte σ²ₘ,ₖ₊₁/cₘ: a module's gains fall as k grows, so the g
 relaxation and its integer solution is within one rank step of the best (a step that did not fit).
 
 Phase 1 (spectra_of) computes every module's singular values with the method's own solver — the Gram
-core's R×R eigenproblem for stacked ranks ≤ 2(k+p), else its SVD; the merge then runs as usual with each
-module's allocated rank (MergeOptions.ranks), so the Gram work is done twice (about 1.6× the merge time).
+core's R×R eigenproblem for stacked ranks ≤ 2(k+p), else its SVD; for ties/dare/dare_ties the SVD of the
+dense module they re-factor — and the merge then runs as usual with each module's allocated rank
+(MergeOptions.ranks): the spectral work is done twice (rsvd: about 1.4× the merge time; ties/dare: 2×).
 """
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ import torch
 from ..device import resolve_device
 from ..errors import MergeCoreError
 from ..lora_file import dtype_of
-from ..lowrank import Factored, finite_total, svd_of
+from ..lowrank import Dense, Factored, finite_total, svd_of
 from ..lowrank.rank_select import NULL_TOL
 from ..report import Progress
-from .engine import MergePlan
+from .engine import MergePlan, dense_worker_cap
 from .gram_core import gram_core
 from .lowrank_methods import gram_core_limit, input_ranks, stacked_factors
 from .scheduler import run_work
@@ -40,7 +41,6 @@ from .to_file import header_reserve_for
 
 UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
          "g": 10**9, "gb": 10**9, "gib": 2**30}
-BUDGET_METHODS = ("rsvd", "svd", "weighted_avg")  # the factored low-rank merges (their spectra come cheap)
 
 
 def parse_size(text: str) -> int:
@@ -105,6 +105,11 @@ def uniform(spectra: Sequence[Spectrum], budget: int) -> Optional[int]:
 def _spectra_batch(batch: Sequence[ModuleTarget], plan: MergePlan, device: torch.device) -> list[tuple]:
     """(name, σ descending (fp64, CPU), ‖T‖²) for each module of one planned batch, by the method's solver."""
     opts = plan.opts
+    if plan.spec.dense_target is not None:  # ties, dare, dare_ties: the dense module the method re-factors
+        t = batch[0]
+        W = Dense(plan.spec.dense_target(t, opts, device))
+        total = finite_total(W)
+        return [(t.name, svd_of(W, opts.solver, opts.rule, opts.seed_for(t.name)).S.to("cpu", torch.float64), total)]
     if len(batch) > 1:  # a Gram-core batch (plan_batches)
         core = gram_core(stacked_factors(batch, device))
         return [(t.name, core.S[b].cpu(), core.totals[b]) for b, t in enumerate(batch)]
@@ -136,7 +141,8 @@ def spectra_of(plan: MergePlan, bytes_per_element: int, device: torch.device,
             if progress is not None:
                 progress(len(found), count, name)
 
-    run_work(deque(item for item in plan.work if not item[1][0].vector_only), run, record, device)
+    run_work(deque(item for item in plan.work if not item[1][0].vector_only), run, record, device,
+             dense_worker_cap(plan) if device.type == "cpu" else None)
     rule, out = plan.opts.rule, []
     for t in plan.targets():
         if t.name not in found:
@@ -170,8 +176,8 @@ def fit_to_size(plan: MergePlan, target_bytes: int, dtype: str = "fp16", title: 
                 device: str = "auto", progress: Progress = None) -> dict:
     """Give every module of `plan` the rank that keeps the most of Σ‖T‖² in a file of ≤ target_bytes (the plan's
     opts get the ranks); returns the summary for the report and the recipe."""
-    if plan.spec.name not in BUDGET_METHODS:
-        raise MergeCoreError(f"--target-size works with {', '.join(BUDGET_METHODS)}, not {plan.spec.name}")
+    if plan.spec.solver is None:
+        raise MergeCoreError(f"--target-size chooses ranks; {plan.spec.name}'s rank follows from its inputs")
     if plan.opts.rule.rank is not None:
         raise MergeCoreError("--target-size chooses the ranks: it cannot be combined with a fixed --rank")
     width = dtype_of(dtype).itemsize

@@ -15,7 +15,7 @@ from .lowrank_methods import merge_lowrank, merge_lowrank_batch, plan_batches
 from .options import MergeOptions
 from .outcome import Outcome
 from .targets import ModuleTarget
-from .ties_dare import check_density, merge_dare, merge_dare_ties, merge_ties
+from .ties_dare import DenseTarget, check_density, dare_target, dare_ties_target, refitted, ties_target
 
 ModuleMerge = Callable[[ModuleTarget, MergeOptions, torch.device], Outcome]
 BatchMerge = Callable[[Sequence[ModuleTarget], MergeOptions, torch.device], list[Outcome]]
@@ -36,6 +36,7 @@ class Method:
     check: Optional[Check] = None  # run over all modules before any work
     plan: Optional[Planner] = None  # groups modules computed together (default: one at a time)
     run_batch: Optional[BatchMerge] = None
+    dense_target: Optional[DenseTarget] = None  # the dense module a re-factoring method approximates (ties, dare)
 
     def batches(self, targets: Sequence[ModuleTarget], opts: MergeOptions) -> list[list[ModuleTarget]]:
         return self.plan(targets, opts) if self.plan is not None else [[t] for t in targets]
@@ -56,12 +57,12 @@ _ALL = (
     Method("concat", merge_concat, "exact: factors side by side, rank Σ rᵢ"),
     Method("geometric_mean", merge_geometric_mean, "elementwise signed geometric mean of the factors "
            "(equal ranks; not gauge invariant)", check=check_factor_shapes),
-    Method("ties", merge_ties, "TIES (trim, elect sign, disjoint mean) on each dense ΔW, re-factored",
-           solver="rsvd", uses_density=True, dense=True),
-    Method("dare", merge_dare, "DARE (random drop + rescale, seeded) on each dense ΔW, re-factored",
-           solver="rsvd", uses_density=True, dense=True),
-    Method("dare_ties", merge_dare_ties, "DARE's drop + rescale, then TIES' sign election and disjoint mean, "
-           "re-factored", solver="rsvd", uses_density=True, dense=True),
+    Method("ties", refitted(ties_target), "TIES (trim, elect sign, disjoint mean) on each dense ΔW, re-factored",
+           solver="rsvd", uses_density=True, dense=True, dense_target=ties_target),
+    Method("dare", refitted(dare_target), "DARE (random drop + rescale, seeded) on each dense ΔW, re-factored",
+           solver="rsvd", uses_density=True, dense=True, dense_target=dare_target),
+    Method("dare_ties", refitted(dare_ties_target), "DARE's drop + rescale, then TIES' sign election and disjoint "
+           "mean, re-factored", solver="rsvd", uses_density=True, dense=True, dense_target=dare_ties_target),
 )
 REGISTRY = {m.name: m for m in _ALL}
 METHODS = tuple(REGISTRY)

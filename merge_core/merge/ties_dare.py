@@ -16,7 +16,7 @@ own dense result ("fit").
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -145,16 +145,24 @@ def _refit(merged: torch.Tensor, target: ModuleTarget, opts: MergeOptions, seed:
                         combine_notes(f"fit {lr.quality.rel_error:.2e}", target.note))
 
 
-def merge_ties(target: ModuleTarget, opts: MergeOptions, device: torch.device) -> Outcome:
-    seed = opts.seed_for(target.name)
-    return _refit(ties(target.weighted, opts.density, device), target, opts, seed, device)
+DenseTarget = Callable[[ModuleTarget, MergeOptions, torch.device], torch.Tensor]
 
 
-def merge_dare(target: ModuleTarget, opts: MergeOptions, device: torch.device) -> Outcome:
-    seed = opts.seed_for(target.name)
-    return _refit(dare(target.weighted, opts.density, seed, device), target, opts, seed, device)
+def ties_target(target: ModuleTarget, opts: MergeOptions, device: torch.device) -> torch.Tensor:
+    return ties(target.weighted, opts.density, device)
 
 
-def merge_dare_ties(target: ModuleTarget, opts: MergeOptions, device: torch.device) -> Outcome:
-    seed = opts.seed_for(target.name)
-    return _refit(dare(target.weighted, opts.density, seed, device, elect=True), target, opts, seed, device)
+def dare_target(target: ModuleTarget, opts: MergeOptions, device: torch.device) -> torch.Tensor:
+    return dare(target.weighted, opts.density, opts.seed_for(target.name), device)
+
+
+def dare_ties_target(target: ModuleTarget, opts: MergeOptions, device: torch.device) -> torch.Tensor:
+    return dare(target.weighted, opts.density, opts.seed_for(target.name), device, elect=True)
+
+
+def refitted(dense_target: DenseTarget) -> Callable[[ModuleTarget, MergeOptions, torch.device], Outcome]:
+    """The merge method that re-factors `dense_target`'s module with the run's solver and the module's rule."""
+    def merge(target: ModuleTarget, opts: MergeOptions, device: torch.device) -> Outcome:
+        return _refit(dense_target(target, opts, device), target, opts, opts.seed_for(target.name), device)
+
+    return merge

@@ -80,13 +80,15 @@ def test_a_malformed_size_is_one_line():
         parse_size("lots")
 
 
-def test_the_file_fits_the_target_and_keeps_more_than_one_rank_for_all(inputs, tmp_path, capsys):
+@pytest.mark.parametrize("method", ["rsvd", "svd", "ties", "dare_ties"])
+def test_the_file_fits_the_target_and_keeps_more_than_one_rank_for_all(inputs, tmp_path, capsys, method):
     full = tmp_path / "full.safetensors"
-    assert run_in_process(capsys, *inputs, "-o", full, "--max-rank", "12", "--min-rank", "1")[0] == 0
+    bounds = ["--method", method, "--max-rank", "12", "--min-rank", "1"]
+    assert run_in_process(capsys, *inputs, "-o", full, *bounds, "--energy", "1.0")[0] == 0
     target = int(full.stat().st_size * 0.6)
     out, report = tmp_path / "fit.safetensors", tmp_path / "report.json"
-    code, stdout, _ = run_in_process(capsys, *inputs, "-o", out, "--max-rank", "12", "--min-rank", "1",
-                                     "--target-size", str(target), "--report", report)
+    code, stdout, _ = run_in_process(capsys, *inputs, "-o", out, *bounds, "--target-size", str(target),
+                                     "--report", report)
     assert code == 0
     assert out.stat().st_size <= target
     budget = json.loads(report.read_text())["size_budget"]
@@ -100,7 +102,7 @@ def test_the_file_fits_the_target_and_keeps_more_than_one_rank_for_all(inputs, t
 
 @pytest.mark.parametrize("args,message", [
     (("--rank", "4"), "cannot be combined with a fixed --rank"),
-    (("--method", "ties"), "--target-size works with rsvd, svd, weighted_avg, not ties"),
+    (("--method", "concat"), "--target-size chooses ranks; concat's rank follows from its inputs"),
 ])
 def test_refusals(inputs, tmp_path, capsys, args, message):
     out = tmp_path / "x.safetensors"
