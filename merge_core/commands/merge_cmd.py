@@ -101,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
     rule = rule_from(args)
     if rule is not None and method.solver is None:
         log.warning("rank options do not apply to %s (its rank follows from the inputs); ignored", method.name)
+    if args.target_size is not None and args.energy is not None:
+        log.warning("--energy does not apply with --target-size (the budget chooses the ranks); ignored")
     if args.threads is not None:
         if args.threads < 1:
             raise MergeCoreError(f"--threads must be >= 1, got {args.threads}")

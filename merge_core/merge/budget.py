@@ -183,13 +183,17 @@ def fit_to_size(plan: MergePlan, target_bytes: int, dtype: str = "fp16", title: 
     width = dtype_of(dtype).itemsize
     plan.parameters["target_size"] = int(target_bytes)
     fixed = fixed_bytes(plan, width, dtype, title)
+    if fixed >= target_bytes:
+        raise MergeCoreError(f"the budget is too small: the header and the tensors that do not depend on rank "
+                             f"already take {fixed / 2**20:.2f} MiB; raise --target-size")
     spectra = spectra_of(plan, width, resolve_device(device), progress)
     budget = target_bytes - fixed
     ranks = allocate(spectra, budget)
     plan.opts = replace(plan.opts, ranks=ranks)
     u = uniform(spectra, budget)
     chosen = [ranks[s.name] for s in spectra]
-    return {"target_bytes": int(target_bytes),
+    of = f"the {plan.spec.name} result" if plan.spec.dense_target is not None else "T"
+    return {"target_bytes": int(target_bytes), "energy_of": of,
             "file_bytes": fixed + sum(ranks[s.name] * s.cost for s in spectra),
             "min_rank": min(chosen, default=0), "max_rank": max(chosen, default=0),
             "avg_rank": sum(chosen) / len(chosen) if chosen else 0.0,
@@ -206,7 +210,7 @@ def budget_line(summary: dict, path) -> str:
     size = path.stat().st_size if path.exists() else summary["file_bytes"]
     line = (f"size budget {mib(summary['target_bytes'])}: {path.name} is {mib(size)}; ranks "
             f"{summary['min_rank']}-{summary['max_rank']} (avg {summary['avg_rank']:.1f}); kept "
-            f"{100 * summary['energy_kept']:.2f} % of the energy")
+            f"{100 * summary['energy_kept']:.2f} % of the energy of {summary['energy_of']}")
     if summary["uniform_rank"] is not None:
         line += (f" (one rank for all modules in that size, {summary['uniform_rank']}, keeps "
                  f"{100 * summary['uniform_energy_kept']:.2f} %)")

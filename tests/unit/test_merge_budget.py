@@ -111,6 +111,11 @@ def test_refusals(inputs, tmp_path, capsys, args, message):
     assert not out.exists()
 
 
+def test_a_target_below_the_header_is_refused(inputs, tmp_path, capsys):
+    code, _, err = run_in_process(capsys, *inputs, "--target-size", "100", "-o", tmp_path / "x.safetensors")
+    assert code == 2 and "the header and the tensors that do not depend on rank already take" in err
+
+
 def test_only_safetensors_outputs_are_sized(inputs, tmp_path, capsys):
     code, _, err = run_in_process(capsys, *inputs, "--target-size", "1MB", "-o", tmp_path / "x.pt")
     assert code == 2 and "sizes a kohya-named .safetensors file, not x.pt" in err
