@@ -50,9 +50,14 @@ class PackLora:
 
 
 def summary_line(report: Report) -> str:
-    """One line of totals: what the merge/fuse/extract nodes show on themselves."""
-    return (f"{report.operation}: {len(report.modules)} modules, total params {report.total_params:,}, "
+    """One line of totals: what the merge/fuse/extract nodes show on themselves (and a size budget's outcome)."""
+    line = (f"{report.operation}: {len(report.modules)} modules, total params {report.total_params:,}, "
             f"avg rank {report.avg_rank:.2f}, max rel error {report.max_rel_error:.2e}, {report.seconds:.2f} s")
+    budget = report.extra.get("size_budget")
+    if budget:
+        line += (f"; size budget {budget['target_bytes'] / 2**20:.1f} MB: ranks {budget['min_rank']}-"
+                 f"{budget['max_rank']}, {100 * budget['energy_kept']:.1f} % of the energy kept")
+    return line
 
 
 def _counts(counts: dict) -> str:

@@ -236,6 +236,7 @@ def test_rsvd_merge_node_fits_a_size_budget(comfy_dirs):
     path = node("LoRArSVD_Save").save(fitted["result"][0], "loras/fitted", "fp16")["result"][0]
     assert (comfy_dirs["output"] / path).stat().st_size <= target_mb * 2**20
     assert fitted["result"][0].report.extra["size_budget"]["energy_kept"] > 0.5
+    assert "size budget" in fitted["ui"]["text"][0] and "% of the energy kept" in fitted["ui"]["text"][0]
 
 
 def test_save_numbers_files_and_refuses_escapes(comfy_dirs):
