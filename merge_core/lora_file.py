@@ -259,7 +259,7 @@ def save_lora(modules: dict[str, AdapterModule], path: PathLike, arch: str = "sd
                           header_bound(entries, meta), meta)
 
     if profile == "peft" and path.suffix != ".safetensors":
-        return peft_layout.write_folder(path, write, config, overwrite)
+        return peft_layout.write_folder(path, write, lambda: config, overwrite)
     return atomic_write(path, write, overwrite)
 
 

@@ -86,19 +86,22 @@ def module_tensors(name: str, m: LoRA, dtype: torch.dtype, embeddings: frozenset
     return out
 
 
+def module_entries(name: str, up: tuple[int, ...], down: tuple[int, ...], dtype: torch.dtype, embedding: bool,
+                   biases: bool) -> list[Entry]:
+    """(key, dtype, shape) of the tensors module_tensors writes for factors of these shapes."""
+    if embedding:
+        return [(name + PEFT_EMBEDDING_B, dtype, down[::-1]), (name + PEFT_EMBEDDING_A, dtype, up[::-1])]
+    out = [(f"{name}.lora_B.weight", dtype, up), (f"{name}.lora_A.weight", dtype, down)]
+    if biases:
+        out.append((f"{name}.lora_B.bias", dtype, up[:1]))
+    return out
+
+
 def entries(modules: dict[str, AdapterModule], dtype: torch.dtype, embeddings: frozenset[str],
             biases: bool) -> list[Entry]:
     """(key, dtype, shape) of every tensor module_tensors writes, without making them."""
-    out: list[Entry] = []
-    for name, m in modules.items():
-        up, down = tuple(m.up.shape), tuple(m.down.shape)
-        if name in embeddings:
-            out += [(name + PEFT_EMBEDDING_B, dtype, down[::-1]), (name + PEFT_EMBEDDING_A, dtype, up[::-1])]
-            continue
-        out += [(f"{name}.lora_B.weight", dtype, up), (f"{name}.lora_A.weight", dtype, down)]
-        if biases:
-            out.append((f"{name}.lora_B.bias", dtype, up[:1]))
-    return out
+    return [e for name, m in modules.items()
+            for e in module_entries(name, tuple(m.up.shape), tuple(m.down.shape), dtype, name in embeddings, biases)]
 
 
 def config_for(ranks: dict[str, int], base: Optional[dict], biases: bool) -> dict:
@@ -119,10 +122,12 @@ def config_for(ranks: dict[str, int], base: Optional[dict], biases: bool) -> dic
     return config
 
 
-def write_folder(path: Path, write_weights: Callable[[Path], None], config: dict, overwrite: bool) -> Path:
-    """A PEFT folder, built in a temp folder beside the target and moved into place (files.atomic_folder)."""
+def write_folder(path: Path, write_weights: Callable[[Path], None], config_of: Callable[[], dict],
+                 overwrite: bool) -> Path:
+    """A PEFT folder, built in a temp folder beside the target and moved into place (files.atomic_folder); the
+    config is made once the weights are written (a merge learns the ranks as it writes)."""
     def write(tmp: Path) -> None:
         write_weights(tmp / WEIGHTS[0])
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+        (tmp / CONFIG).write_text(json.dumps(config_of(), indent=2, sort_keys=True))
 
     return atomic_folder(path, write, overwrite)

@@ -52,8 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(energy=None, min_rank=None, max_rank=None)  # unset -> the method's own default rule
     p.add_argument("--target-size", metavar="SIZE",
                    help="choose each module's rank (within --min-rank/--max-rank) to keep the most of the network's "
-                        "energy in a .safetensors file of at most SIZE (e.g. 100MB, 64MiB); not for concat or "
-                        "geometric_mean")
+                        "energy in a .safetensors file (or a PEFT folder's weights) of at most SIZE (e.g. 100MB, "
+                        "64MiB); not for concat or geometric_mean")
     p.add_argument("--solver", choices=SOLVERS, help=SOLVER_HELP)
     p.add_argument("--density", type=finite_float, default=0.5,
                    help="ties: share of entries kept per input; dare, dare_ties: keep probability 1-p (default 0.5)")
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     budget = None
     if args.target_size is not None:
         if not streams_to(out, plan):
-            raise MergeCoreError(f"--target-size sizes a kohya-named .safetensors file, not {out.name}")
+            raise MergeCoreError(f"--target-size sizes a .safetensors file or a PEFT folder, not {out.name}")
         with ProgressLine("size budget: spectra") as line:
             budget = fit_to_size(plan, parse_size(args.target_size), args.dtype, out.stem, args.device, line)
     with ProgressLine(f"merge ({args.method})") as line:

@@ -37,7 +37,7 @@ from .gram_core import gram_core
 from .lowrank_methods import gram_core_limit, input_ranks, stacked_factors
 from .scheduler import run_work
 from .targets import ModuleTarget
-from .to_file import header_reserve_for
+from .to_file import has_bias, header_reserve_for
 
 UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
          "g": 10**9, "gb": 10**9, "gib": 2**30}
@@ -157,10 +157,14 @@ def spectra_of(plan: MergePlan, bytes_per_element: int, device: torch.device,
 
 
 def fixed_bytes(plan: MergePlan, bytes_per_element: int, dtype: str, title: str) -> int:
-    """The file's bytes that do not depend on the ranks: 8 + the reserved header, alphas (fp32), bias deltas and
-    vector-only modules."""
+    """The weights file's bytes that do not depend on the ranks: 8 + the reserved header, and (kohya) alphas
+    (fp32), bias deltas and vector-only modules, or (PEFT) the lora_B biases."""
     reserve = header_reserve_for(plan, dtype, title)
     out = 8 + -(-reserve // 8) * 8
+    if plan.layout[1] == "peft":  # no alphas; lora_B.bias on every module once one has a bias delta
+        biases = any(has_bias(t) for t in plan.targets())
+        return out + sum(t.weight_shape[0] * bytes_per_element for t in plan.targets()
+                         if biases and not t.vector_only)
     for t in plan.targets():
         if not t.vector_only:
             out += 4

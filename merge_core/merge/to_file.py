@@ -1,7 +1,8 @@
-"""Merge straight into a .safetensors file: each merged module is cast to the file's tensors on the worker that
-made it and written as soon as it and the modules planned before it are done, so the write overlaps the
-arithmetic and the merged modules are never all in memory.  .pt files and PEFT layouts go through
-merge_loras + save (torch.save and the PEFT folder writer need everything at once)."""
+"""Merge straight into the output file: each merged module is cast to the file's tensors on the worker that made
+it and written as soon as it and the modules planned before it are done, so the write overlaps the arithmetic
+and the merged modules are never all in memory.  Kohya-named .safetensors files, and PEFT layouts (a folder
+with adapter_config.json written last, or a PEFT-named .safetensors); .pt files go through merge_loras + save
+(torch.save needs everything at once)."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,7 @@ from typing import Optional, Union
 
 import torch
 
+from .. import peft_layout
 from ..errors import MergeCoreError
 from ..files.atomic import atomic_write
 from ..files.stream_writer import Entry
@@ -24,23 +26,36 @@ DIGEST_PLACEHOLDER = "0" * 64  # a sha256's length, to size the header before th
 
 
 def streams_to(path: Union[str, os.PathLike], plan: MergePlan) -> bool:
-    """True when merge_to_file can write this output module by module (.safetensors, kohya names)."""
-    return Path(path).suffix.lower() == ".safetensors" and plan.layout[1] != "peft"
+    """True when merge_to_file can write this output module by module: a .safetensors file, or a PEFT folder."""
+    suffix = Path(path).suffix.lower()
+    return suffix == ".safetensors" or (plan.layout[1] == "peft" and suffix not in (".pt", ".pth", ".ckpt"))
 
 
-def bound_entries(targets: list[ModuleTarget], dtype: torch.dtype) -> list[Entry]:
-    """Every tensor a merged module may be written with (a superset): LoRA factors up to full rank and alpha
-    (an exact vector sum: its diff), and the bias delta when an input has one."""
+def has_bias(target: ModuleTarget) -> bool:
+    return any(x.module.diff_b is not None for x in target.terms)
+
+
+def peft_embeddings(plan: MergePlan) -> frozenset[str]:
+    return frozenset().union(*(s.peft_embeddings for s in plan.sets))
+
+
+def bound_entries(plan: MergePlan, dtype: torch.dtype) -> list[Entry]:
+    """Every tensor a merged module may be written with (a superset): LoRA factors up to full rank, and alpha,
+    an exact vector sum's diff and the bias delta (kohya names), or PEFT's names."""
     out: list[Entry] = []
-    for t in targets:
+    peft, embeddings = plan.layout[1] == "peft", peft_embeddings(plan)
+    biases = peft and any(has_bias(t) for t in plan.targets())
+    for t in plan.targets():
         shape = t.weight_shape
         if not t.vector_only:
-            out += lora_entries(t.name, shape, min(t.matrix_shape), dtype)
-        elif shape:
+            kohya = lora_entries(t.name, shape, min(t.matrix_shape), dtype)
+            out += (peft_layout.module_entries(t.name, kohya[0][2], kohya[1][2], dtype, t.name in embeddings, biases)
+                    if peft else kohya)
+        elif shape and not peft:
             out.append((t.name + ".diff", dtype, shape))
-        bias = next((x.module.diff_b.shape for x in t.terms if x.module.diff_b is not None), None)
-        if bias is not None:
-            out.append((t.name + ".diff_b", dtype, tuple(bias)))
+        if has_bias(t) and not peft:
+            out.append((t.name + ".diff_b", dtype, tuple(next(x.module.diff_b.shape for x in t.terms
+                                                              if x.module.diff_b is not None))))
     return out
 
 
@@ -49,29 +64,36 @@ def header_reserve_for(plan: MergePlan, dtype: str, title: str) -> int:
     module's tensors at full rank, the metadata, and a recipe with the inputs' hashes)."""
     plan.parameters["dtype"] = dtype
     bound_recipe = plan.recipe(digests=[DIGEST_PLACEHOLDER] * len(plan.sets))
-    return header_reserve(bound_entries(plan.targets(), dtype_of(dtype)), plan.layout[0], bound_recipe, title,
-                          plan.carried())
+    return header_reserve(bound_entries(plan, dtype_of(dtype)), plan.layout[0], bound_recipe, title, plan.carried())
 
 
 def merge_to_file(plan: MergePlan, output: Union[str, os.PathLike], dtype: str = "fp16", overwrite: bool = False,
                   device: str = "auto", progress: Progress = None) -> Report:
-    """Run `plan` (from plan_merge) into the .safetensors file `output`, atomically; returns the report."""
+    """Run `plan` (from plan_merge) into `output` (see streams_to), atomically; returns the report."""
     path = Path(output)
     if not streams_to(path, plan):
-        raise MergeCoreError(f"merge_to_file writes kohya-named .safetensors only, not {path.name}")
+        raise MergeCoreError(f"merge_to_file writes .safetensors files and PEFT folders, not {path.name}")
     dt = dtype_of(dtype)
-    arch = plan.layout[0]
+    arch, profile, peft_config = plan.layout
     carried = plan.carried()
     reserve = header_reserve_for(plan, dtype, path.stem)
+    embeddings = peft_embeddings(plan)
+    biases = profile == "peft" and any(has_bias(t) for t in plan.targets())
+    ranks: dict[str, int] = {}
     report: Optional[Report] = None
 
-    def write(tmp: Path) -> None:
+    def prepare(name: str, out: Outcome) -> Optional[dict[str, torch.Tensor]]:  # on the worker thread
+        if out.module is None:
+            return None
+        if profile != "peft":
+            return file_tensors(name, out.module, dt)
+        ranks.update(peft_layout.ranks_of({name: out.module}))  # refuses what PEFT cannot hold
+        return peft_layout.module_tensors(name, out.module, dt, embeddings, biases)
+
+    def write_file(tmp: Path) -> None:
         nonlocal report
         with open(tmp, "wb") as fh:
             stream = LoraStream(fh, reserve, dt)
-
-            def prepare(name: str, out: Outcome) -> Optional[dict[str, torch.Tensor]]:  # on the worker thread
-                return file_tensors(name, out.module, dt) if out.module is not None else None
 
             def sink(name: str, out: Outcome, tensors: Optional[dict[str, torch.Tensor]]) -> None:
                 if out.module is not None:
@@ -82,5 +104,9 @@ def merge_to_file(plan: MergePlan, output: Union[str, os.PathLike], dtype: str =
                 raise MergeCoreError("nothing to write: the result has no modules")
             stream.finish(arch, plan.recipe(), path.stem, carried)
 
-    atomic_write(path, write, overwrite)
+    if profile == "peft" and path.suffix.lower() != ".safetensors":
+        peft_layout.write_folder(path, write_file, lambda: peft_layout.config_for(ranks, peft_config, biases),
+                                 overwrite)
+    else:
+        atomic_write(path, write_file, overwrite)
     return report

@@ -118,4 +118,4 @@ def test_a_target_below_the_header_is_refused(inputs, tmp_path, capsys):
 
 def test_only_safetensors_outputs_are_sized(inputs, tmp_path, capsys):
     code, _, err = run_in_process(capsys, *inputs, "--target-size", "1MB", "-o", tmp_path / "x.pt")
-    assert code == 2 and "sizes a kohya-named .safetensors file, not x.pt" in err
+    assert code == 2 and "sizes a .safetensors file or a PEFT folder, not x.pt" in err

@@ -1,6 +1,7 @@
 """Merging straight into a .safetensors file (merge/to_file.py, what the CLI does): the streamed file holds
 exactly what merge_loras + save would write, in the same order on every run however the worker threads
-finish, with a valid header; other outputs (.pt) take the in-memory path; nothing is left behind on failure;
+finish, with a valid header — PEFT folders too (embeddings, lora_bias, the config written last, a size budget);
+other outputs (.pt) take the in-memory path; nothing is left behind on failure;
 the recipe's sha256 are the files' own (hashed in the background from load time)."""
 from __future__ import annotations
 
@@ -128,3 +129,51 @@ def test_cli_pt_output_goes_through_the_in_memory_path(inputs, tmp_path, capsys)
     assert merged.modules[NAMES[0]].up.dtype == torch.float16 and merged.modules[NAMES[0]].alpha == \
         merged.modules[NAMES[0]].rank
     assert f"wrote {out} (5 modules, method rsvd)" in capsys.readouterr().out
+
+
+def peft_adapter(folder: Path, seed: int, r: int) -> Path:
+    """A PEFT folder: q/v LoRAs with lora_bias, and a LoRA on embed_tokens."""
+    folder.mkdir()
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for p in ("q_proj", "v_proj"):
+        n = f"base_model.model.model.layers.0.self_attn.{p}"
+        sd.update({f"{n}.lora_A.weight": torch.randn(r, 32, generator=g),
+                   f"{n}.lora_B.weight": torch.randn(48, r, generator=g), f"{n}.lora_B.bias": torch.randn(48, generator=g)})
+    e = "base_model.model.model.embed_tokens"
+    sd.update({f"{e}.lora_embedding_A": torch.randn(r, 100, generator=g),
+               f"{e}.lora_embedding_B": torch.randn(32, r, generator=g)})
+    save_file(sd, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r,
+                                                            "lora_bias": True, "base_model_name_or_path": "tiny",
+                                                            "target_modules": ["q_proj", "v_proj", "embed_tokens"]}))
+    return folder
+
+
+@pytest.mark.parametrize("method", ["rsvd", "concat"])
+def test_peft_folders_stream_what_the_in_memory_merge_writes(tmp_path, method):
+    sets = [load_lora(peft_adapter(tmp_path / "a", 1, 4)), load_lora(peft_adapter(tmp_path / "b", 2, 8))]
+    merge_to_file(plan_merge(sets, method), tmp_path / "streamed", "fp16")
+    held = merge_loras(sets, method).save(tmp_path / "held")
+    with safe_open(str(tmp_path / "streamed" / "adapter_model.safetensors"), "pt") as f, \
+            safe_open(str(tmp_path / "held" / "adapter_model.safetensors"), "pt") as g:
+        assert sorted(f.keys()) == sorted(g.keys())
+        assert all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in f.keys())
+    config = json.loads((tmp_path / "streamed" / "adapter_config.json").read_text())
+    assert config == json.loads((tmp_path / "held" / "adapter_config.json").read_text())
+    assert config["lora_bias"] is True and config["base_model_name_or_path"] == "tiny"
+    back = load_lora(tmp_path / "streamed")
+    assert back.peft_embeddings == {"base_model.model.model.embed_tokens"}
+    assert {n: m.rank for n, m in back.modules.items()} == {n: m.rank for n, m in load_lora(held).modules.items()}
+
+
+def test_cli_sizes_a_peft_folder(tmp_path, capsys):
+    a, b = peft_adapter(tmp_path / "a", 1, 8), peft_adapter(tmp_path / "b", 2, 8)
+    assert main(["merge", str(a), str(b), "-o", str(tmp_path / "full"), "--min-rank", "1", "--max-rank", "16",
+                 "--energy", "1.0", "--threads", "1"]) == 0
+    target = int((tmp_path / "full" / "adapter_model.safetensors").stat().st_size * 0.7)
+    assert main(["merge", str(a), str(b), "-o", str(tmp_path / "fit"), "--min-rank", "1", "--max-rank", "16",
+                 "--target-size", str(target), "--threads", "1"]) == 0
+    assert (tmp_path / "fit" / "adapter_model.safetensors").stat().st_size <= target
+    assert "size budget" in capsys.readouterr().out
+    assert load_lora(tmp_path / "fit").peft_embeddings == {"base_model.model.model.embed_tokens"}
