@@ -9,9 +9,11 @@ as `python -m merge_core merge` in its own process (so its peak RSS is its own),
     extrapolated to the whole file;
   - peak memory per method against inputs + output + a small multiple of the largest module's dense fp32 ΔW
     (the CLI writes a .safetensors output module by module, so none of the output is held: budget inputs +
-    that multiple).
+    that multiple);
+  - rsvd with a size budget (--target-size) for each --budgets size: the file, ranks and energy kept, against
+    one rank for all modules in the same size.
 
-    python bench/merge_bench.py [--quick] [--threads N] [--workdir DIR] [--methods m1 m2 ...]
+    python bench/merge_bench.py [--quick] [--threads N] [--workdir DIR] [--methods m1 m2 ...] [--budgets 100MB]
 """
 from __future__ import annotations
 
@@ -64,11 +66,12 @@ def make_input(path: Path, seed: int, quick: bool) -> None:
     save_file(sd, str(path))
 
 
-def run_method(method: str, a: Path, b: Path, work: Path, threads: int) -> dict:
+def run_method(method: str, a: Path, b: Path, work: Path, threads: int, extra: tuple[str, ...] = (),
+               tag: str = "") -> dict:
     """One CLI merge in its own process (stdout discarded): its report (params, rank, seconds) and peak RSS."""
-    out, rep = work / f"out_{method}.safetensors", work / f"report_{method}.json"
+    out, rep = work / f"out_{method}{tag}.safetensors", work / f"report_{method}{tag}.json"
     argv = ["merge", str(a), str(b), "--method", method, "-o", str(out), "--report", str(rep), "--overwrite",
-            "--device", "cpu", "--threads", str(threads)]
+            "--device", "cpu", "--threads", str(threads), *extra]
     code = (f"import io\nsys.stdout = io.StringIO()\nfrom merge_core.cli import main\n"
             f"code = main({argv!r})\nsys.stdout = sys.__stdout__\nassert code == 0, code")
     peak = child_peak_mb(code, str(ROOT))
@@ -157,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workdir", help="keep inputs/outputs here (default: a temp dir, removed at the end)")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats for the ratio (median, and best of)")
+    ap.add_argument("--budgets", nargs="*", default=["100MB", "64MiB"], help="rsvd --target-size runs")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -212,6 +216,21 @@ def main(argv: list[str] | None = None) -> None:
             sec, n_timed, counts = solver_estimate(a, b, solver, per_shape=1 if solver == "dense" else 3)
             print(f"{what}, rank {RANK}: {n_timed} modules timed ({len(counts)} shapes), extrapolated to "
                   f"{sum(counts.values())} modules: {sec:.1f} s")
+
+        budget_rows = []
+        for size in args.budgets:
+            r = run_method("rsvd", a, b, work, threads, ("--target-size", size), f"_{size}")
+            sb, rep = r["report"]["size_budget"], r["report"]
+            budget_rows.append([size, f"{r['out_bytes']:,}", f"{sb['target_bytes']:,}",
+                                f"{sb['min_rank']}-{sb['max_rank']} ({sb['avg_rank']:.1f})",
+                                f"{100 * sb['energy_kept']:.2f} %",
+                                f"rank {sb['uniform_rank']}: {100 * sb['uniform_energy_kept']:.2f} %"
+                                if sb["uniform_rank"] is not None else "-",
+                                f"{rep['total_seconds']:.2f}"])
+        if budget_rows:
+            print("\nrsvd with a size budget (--target-size; CLI, one process each; end-to-end seconds):")
+            print(md_table(["target", "file bytes", "target bytes", "ranks (avg)", "energy kept",
+                            "one rank for all, same size", "end-to-end (s)"], budget_rows))
 
         print(f"\nPeak memory (VmHWM of each CLI process, MiB; baseline = importing torch + merge_core: {base:.0f} "
               f"MiB; extra = peak - baseline - inputs (the output file is written module by module, none of it held); the largest module "
