@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Optional, Union
 
-from ..errors import NonFiniteError, finite_numbers
+from ..errors import MergeCoreError, NonFiniteError, finite_numbers
 from ..files.atomic import atomic_write
 from ..lowrank.rank_select import RankRule
 from ..report import Report
@@ -57,3 +58,30 @@ def write_report(path: Optional[str], report: Union[dict, Report], overwrite: bo
     if path:
         text = json.dumps(report.as_dict() if isinstance(report, Report) else report, indent=2, sort_keys=False)
         atomic_write(Path(path), lambda tmp: tmp.write_text(text), overwrite=overwrite)
+
+
+SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+         "g": 10**9, "gb": 10**9, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'100MB' (10⁶), '64MiB' (2²⁰), '1.5GB', '123456' (bytes) -> bytes."""
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = found.group(2).lower() if found else None
+    if unit not in SIZE_UNITS:
+        raise MergeCoreError(f"a size is a number with an optional unit (KB, MB, GB, KiB, MiB, GiB), got {text!r}")
+    return int(float(found.group(1)) * SIZE_UNITS[unit])
+
+
+def budget_line(summary: dict, path) -> str:
+    """One line for the CLI: the target, the file as written, the ranks, and the energy kept against one rank
+    for all modules in the same size."""
+    mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
+    size = path.stat().st_size if path.exists() else summary["file_bytes"]
+    line = (f"size budget {mib(summary['target_bytes'])}: {path.name} is {mib(size)}; ranks "
+            f"{summary['min_rank']}-{summary['max_rank']} (avg {summary['avg_rank']:.1f}); kept "
+            f"{100 * summary['energy_kept']:.2f} % of the energy of {summary['energy_of']}")
+    if summary["uniform_rank"] is not None:
+        line += (f" (one rank for all modules in that size, {summary['uniform_rank']}, keeps "
+                 f"{100 * summary['uniform_energy_kept']:.2f} %)")
+    return line

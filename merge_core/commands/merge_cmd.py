@@ -16,11 +16,12 @@ from ..keys.profiles import PROFILES
 from ..lora_file import dtype_of, load_lora
 from ..lowrank import SOLVERS, RankRule
 from ..merge import DORA_CHOICES, METHODS, REGISTRY, parse_block_weights
-from ..merge.budget import budget_line, fit_to_size, parse_size
+from ..merge.budget import fit_to_size
 from ..merge.engine import collect, plan_merge
 from ..merge.methods import method_named, resolve_weights
 from ..merge.to_file import merge_to_file, streams_to
-from .common import add_device, add_dtype, add_output, add_rank_rule, add_report, finite_float, write_report
+from .common import (add_device, add_dtype, add_output, add_rank_rule, add_report, budget_line, finite_float,
+                     parse_size, write_report)
 from .progress_line import ProgressLine
 
 log = logging.getLogger(__name__)

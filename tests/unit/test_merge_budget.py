@@ -9,7 +9,8 @@ import pytest
 
 from merge_core.errors import MergeCoreError
 from merge_core.lora_file import load_lora
-from merge_core.merge.budget import Spectrum, allocate, kept, parse_size
+from merge_core.commands.common import parse_size
+from merge_core.lowrank.size_budget import Spectrum, allocate, kept
 from merge_testlib import one_torch_thread  # noqa: F401  (autouse)
 from merge_testlib import cli_inputs, run_in_process
 
