@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..errors import MergeCoreError
 from ..checkpoint.sources import KINDS, output_path
 from ..extract import DEFAULT_RANK, extract_to_file
 from ..lowrank.rank_select import RankRule
-from .common import add_device, add_dtype, add_output, add_rank_rule, add_report, finite_float, write_report
+from .common import (add_device, add_dtype, add_output, add_rank_rule, add_report, budget_line, finite_float,
+                     parse_size, write_report)
 from .progress_line import ProgressLine
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         if "--energy" in action.option_strings:
             action.help = (f"dynamic rank: keep this share of ‖ΔW‖² (e.g. {ENERGY_DEFAULT}); without it the rank "
                            f"is fixed (--rank, default {DEFAULT_RANK})")
+    p.add_argument("--target-size", metavar="SIZE",
+                   help="choose each layer's rank (within --min-rank/--max-rank) to keep the most of the model's "
+                        "‖ΔW‖² in a .safetensors file of at most SIZE (e.g. 128MB, 64MiB); reads the models twice")
     p.add_argument("--conv-rank", type=int, help="rank of 3×3 conv layers (LoCon); default: as --rank "
                    "(under --energy: their max rank)")
     p.add_argument("--diff-only", action="store_true", help="store every changed tensor as a full .diff (no SVD)")
@@ -48,7 +53,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def rule_of(args: argparse.Namespace) -> RankRule:
-    """--rank N fixed; --energy T dynamic within [--min-rank, --max-rank]; neither: fixed rank 32."""
+    """--rank N fixed; --energy T dynamic within [--min-rank, --max-rank]; neither: fixed rank 32 (with
+    --target-size: the bounds [--min-rank, --max-rank], the ranks come from the budget)."""
+    if args.target_size is not None:
+        if args.rank is not None:
+            raise MergeCoreError("--target-size chooses the ranks: it cannot be combined with a fixed --rank")
+        return RankRule(None, ENERGY_DEFAULT, args.min_rank, args.max_rank)
     if args.rank is not None:
         if args.energy is not None:
             log.warning("both --rank and --energy given: using the fixed rank %d", args.rank)
@@ -65,11 +75,14 @@ def run(args: argparse.Namespace) -> int:
                                  overwrite=args.overwrite, rule=rule_of(args), conv_rank=args.conv_rank,
                                  diff_only=args.diff_only, min_diff=args.min_diff, text_encoders=args.text_encoders,
                                  device=args.device, seed=args.seed, progress=progress, base_kind=args.source_type,
-                                 tuned_kind=args.target_type)
+                                 tuned_kind=args.target_type,
+                                 target_size=parse_size(args.target_size) if args.target_size else None)
     print(report.table())
     skipped = report.extra.get("skipped", {})
     if skipped:
         print("not extracted: " + ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items())))
+    if "size_budget" in report.extra:
+        print(budget_line(report.extra["size_budget"], out))
     print(f"wrote {out}")
     write_report(args.report, report)
     return 0

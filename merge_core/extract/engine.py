@@ -49,9 +49,17 @@ def iter_pieces(base: WeightSource, tuned: WeightSource, plan: Plan, opts: Extra
 
 
 def _task_pieces(base: WeightSource, tuned: WeightSource, task: Task, opts: ExtractOptions, dev: torch.device):
-    """Entries of one key's delta, or None for non-float tensors.  ΔW = tuned − base in fp32, in place when the
-    fp32 tuned tensor is our own conversion; a source's own tensors are never modified (in-memory weights
-    stay clean), and about two fp32 layers are alive at a time."""
+    """Entries of one key's delta, or None for non-float tensors."""
+    delta = task_delta(base, tuned, task, dev)
+    if delta is None:
+        return None
+    return [(tg, extract_piece(tg, tg.take(delta).contiguous(), opts)) for tg in task.targets]
+
+
+def task_delta(base: WeightSource, tuned: WeightSource, task: Task, dev: torch.device) -> Optional[torch.Tensor]:
+    """ΔW = tuned − base of one key in fp32 (None for non-float tensors), in place when the fp32 tuned tensor is
+    our own conversion; a source's own tensors are never modified (in-memory weights stay clean), and about two
+    fp32 layers are alive at a time."""
     tuned_t = tuned.get(task.key)
     if not tuned_t.is_floating_point():
         return None
@@ -63,9 +71,7 @@ def _task_pieces(base: WeightSource, tuned: WeightSource, task: Task, opts: Extr
         return None
     b32 = base_t.to(dev, COMPUTE_DTYPE)
     del base_t
-    delta = t32.sub_(b32) if converted else t32 - b32
-    del t32, b32
-    return [(tg, extract_piece(tg, tg.take(delta).contiguous(), opts)) for tg in task.targets]
+    return t32.sub_(b32) if converted else t32 - b32
 
 
 def attach(modules: dict[str, AdapterModule], target: Target, module: AdapterModule) -> None:

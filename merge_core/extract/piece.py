@@ -28,18 +28,27 @@ def full_piece(target: Target, delta: torch.Tensor, note: str = "") -> tuple[Mod
     return module, ModuleReport(target.name, "full", 0, d.numel(), 0.0, 1.0, note or target.role)
 
 
-def extract_piece(target: Target, delta: torch.Tensor, opts: ExtractOptions) -> Optional[tuple[Module, ModuleReport]]:
-    """The entry for `delta` (fp32, on the compute device), or None when max |ΔW| ≤ min_diff (unchanged)."""
+def piece_kind(target: Target, delta: torch.Tensor, opts: ExtractOptions) -> Optional[str]:
+    """What extract_piece makes of `delta`: None (unchanged: max |ΔW| ≤ min_diff), "full" (a bias, a 1-D
+    weight, --diff-only) or "lora" (a LoRA/LoCon, or a full diff when no smaller rank exists)."""
     if delta.numel() == 0:
         return None
     low, high = torch.aminmax(delta)
     if max(-float(low), float(high)) <= opts.min_diff:
         return None
-    if target.role == BIAS or opts.diff_only or delta.ndim < 2:
+    return "full" if target.role == BIAS or opts.diff_only or delta.ndim < 2 else "lora"
+
+
+def extract_piece(target: Target, delta: torch.Tensor, opts: ExtractOptions) -> Optional[tuple[Module, ModuleReport]]:
+    """The entry for `delta` (fp32, on the compute device), or None when max |ΔW| ≤ min_diff (unchanged)."""
+    kind = piece_kind(target, delta, opts)
+    if kind is None:
+        return None
+    if kind == "full":
         return full_piece(target, delta)
     shape = tuple(delta.shape)
     out, n = matrix_shape(shape)
-    rule = opts.rule_for(shape)
+    rule = opts.rule_for(shape, target.name)
     lr = low_rank(Dense(delta.reshape(out, n)), rule, "rsvd", seed=opts.seed_for(target.name),
                   oversample=OVERSAMPLE, power_iters=POWER_ITERS)
     k = lr.rank

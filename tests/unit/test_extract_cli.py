@@ -100,3 +100,28 @@ def test_nan_in_a_model_is_one_line_and_writes_nothing(models, tmp_path, capsys)
         f"error: tensor '{key}': the difference of the two models holds NaN or infinite values (a damaged "
         "checkpoint?); nothing was written"]
     assert not out.exists()
+
+
+def test_target_size_fits_the_file_and_keeps_more_than_one_rank_for_all(models, tmp_path, capsys):
+    bounds = ["--min-rank", "1", "--max-rank", "24", "--output-dtype", "fp16"]
+    full = tmp_path / "full.safetensors"
+    assert run(models, full, "--energy", "1.0", *bounds) == 0
+    target = int(full.stat().st_size * 0.5)
+    out, report = tmp_path / "fit.safetensors", tmp_path / "fit.json"
+    capsys.readouterr()
+    assert run(models, out, "--target-size", str(target), "--report", str(report), *bounds) == 0
+    assert out.stat().st_size <= target
+    assert "size budget" in capsys.readouterr().out
+    budget = json.loads(report.read_text())["size_budget"]
+    assert budget["energy_kept"] >= budget["uniform_energy_kept"] and budget["energy_of"] == "ΔW = tuned − base"
+    lora = load_file(str(out))
+    ranks = {k: v.shape[0] for k, v in lora.items() if k.endswith(".lora_down.weight")}
+    assert len(ranks) == 3 and max(ranks.values()) <= 24 and len(set(ranks.values())) > 1
+
+
+def test_target_size_refusals(models, tmp_path, capsys):
+    assert run(models, tmp_path / "x.safetensors", "--target-size", "1MB", "--rank", "8") == 2
+    assert "cannot be combined with a fixed --rank" in capsys.readouterr().err
+    assert run(models, tmp_path / "y.safetensors", "--target-size", "100") == 2
+    assert "the header and the tensors that do not depend on rank already take" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
