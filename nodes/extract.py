@@ -5,7 +5,7 @@ from __future__ import annotations
 from merge_core.errors import MergeCoreError
 from merge_core.extract import DEFAULT_RANK, extract_lora
 
-from .inputs import CATEGORY, device_input, rank_inputs, rank_rule, seed_input
+from .inputs import CATEGORY, device_input, rank_inputs, rank_rule, seed_input, target_size_input
 from .model_weights import model_weights
 from .pack_lora import LORA_TYPE, PackLora, summary_line
 from .runtime import file_signature, filename_list, model_file, run_job, torch_device
@@ -30,11 +30,13 @@ def extraction_inputs() -> dict:
 
 
 def extract(base, tuned, label: str, rank: int, energy: float, min_rank: int, max_rank: int, conv_rank: int,
-            diff_only: bool, min_diff: float, device: str, seed: int, text_encoders: bool = True) -> dict:
-    rule = rank_rule(rank, energy, min_rank, max_rank)
+            diff_only: bool, min_diff: float, device: str, seed: int, text_encoders: bool = True,
+            target_size_mb: float = 0.0) -> dict:
+    size = int(target_size_mb * 2**20) if target_size_mb > 0 else None
+    rule = rank_rule(0 if size else rank, energy, min_rank, max_rank)  # a budget chooses the ranks
     result = run_job(lambda progress: extract_lora(
         base, tuned, rule=rule, conv_rank=conv_rank or None, diff_only=diff_only, min_diff=min_diff,
-        text_encoders=text_encoders, device=torch_device(device), seed=seed, progress=progress))
+        text_encoders=text_encoders, device=torch_device(device), seed=seed, progress=progress, target_size=size))
     return {"ui": {"text": [summary_line(result.report)]}, "result": (PackLora.from_result(result, label),)}
 
 
@@ -59,6 +61,7 @@ class ExtractFromModels:
         }, "optional": {
             "base_clip": ("CLIP", {"tooltip": "the base text encoders (connect both CLIPs to extract them too)"}),
             "tuned_clip": ("CLIP", {"tooltip": "the fine-tuned text encoders"}),
+            **target_size_input("; the models are read twice"),
         }}
 
     def extract(self, base_model, tuned_model, device: str, base_clip=None, tuned_clip=None, **options) -> dict:
@@ -90,7 +93,7 @@ class ExtractFromCheckpoints:
             "tuned_ckpt": (names, {"tooltip": "the fine-tuned checkpoint (same architecture)"}),
             "text_encoders": ("BOOLEAN", {"default": True, "tooltip": "extract the text encoders too"}),
             **extraction_inputs(),
-        }}
+        }, "optional": target_size_input("; the checkpoints are read twice")}
 
     @classmethod
     def IS_CHANGED(cls, base_ckpt: str, tuned_ckpt: str, **_: object) -> str:

@@ -68,3 +68,11 @@ def dora_input() -> dict:
                                            "tooltip": "DoRA inputs: error, or ignore their magnitude vector and "
                                                       "use only the low-rank part"})}
 
+
+def target_size_input(note: str = "") -> dict:
+    """target_size_mb: the CLI's --target-size, in MB of 2²⁰ bytes (0 = off)."""
+    return {"target_size_mb": ("FLOAT", {
+        "default": 0.0, "min": 0.0, "max": 65536.0, "step": 0.1, "round": False,
+        "tooltip": "0 = off; else a size budget: each module's rank is chosen (within min_rank..max_rank; rank and "
+                   "energy are not used) to keep the most of the whole network's energy in an fp16 file of at most "
+                   "this many MB (1 MB = 1,048,576 bytes, as Windows shows file sizes)" + note})}

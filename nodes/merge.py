@@ -8,7 +8,7 @@ from typing import Optional
 from merge_core.merge import METHODS, merge_loras, parse_block_weights
 
 from .inputs import (CATEGORY, connected_loras, device_input, dora_input, lora_slots, rank_inputs, rank_rule,
-                     seed_input)
+                     seed_input, target_size_input)
 from .pack_lora import LORA_TYPE, PackLora, summary_line
 from .runtime import run_job, torch_device
 
@@ -24,15 +24,6 @@ def block_weight_lines(text: str, slots: list[int]) -> Optional[list[Optional[tu
     lines = text.splitlines()
     picked = [parse_block_weights(lines[i - 1]) if i <= len(lines) else None for i in slots]
     return picked if any(p is not None for p in picked) else None
-
-
-def target_size_input() -> dict:
-    return {"target_size_mb": ("FLOAT", {
-        "default": 0.0, "min": 0.0, "max": 65536.0, "step": 0.1, "round": False,
-        "tooltip": "0 = off; else a size budget: each module's rank is chosen (within min_rank..max_rank; rank and "
-                   "energy are not used) to keep the most of the whole network's energy in an fp16 file of at most "
-                   "this many MB (1 MB = 1,048,576 bytes, as Windows shows file sizes); not for concat or "
-                   "geometric_mean"})}
 
 
 def run_merge(method: str, slots: dict, rank: int, energy: float, min_rank: int, max_rank: int, seed: int,
@@ -98,7 +89,7 @@ class ConventionalMerge:
             **rank_inputs(), **seed_input(), **device_input(), **dora_input(),
             "block_weights": ("STRING", {"default": "", "multiline": True, "tooltip": BLOCK_WEIGHTS_TOOLTIP}),
         })
-        optional.update(target_size_input())
+        optional.update(target_size_input("; not for concat or geometric_mean"))
         return {"required": required, "optional": optional}
 
     def merge(self, method: str, density: float, rank: int, energy: float, min_rank: int, max_rank: int,

@@ -4,7 +4,7 @@
 weights as a DictSource), `extract_to_file(...)` (the CLI: streamed into the output file).
 """
 from ..checkpoint.sources import DictSource, WeightSource
-from .engine import extract_lora
+from .api import extract_lora
 from .options import DEFAULT_RANK, ExtractOptions
 from .to_file import extract_to_file
 

@@ -7,17 +7,45 @@ from dataclasses import replace
 
 import torch
 
+import math
+
 from ..adapters.base import matrix_shape
+from ..checkpoint.lora_names import BIAS
 from ..device import resolve_device, with_cpu_fallback
 from ..errors import MergeCoreError
 from ..lowrank import Dense, finite_total, svd_of
+from ..lora_stream import header_reserve, lora_entries
 from ..lowrank.size_budget import Spectrum, fit, spectrum
 from ..report import Progress
 from .engine import Run, task_delta
-from .options import OVERSAMPLE, POWER_ITERS
+from .plan import Plan
+from .options import OVERSAMPLE, POWER_ITERS, ExtractOptions
 from .piece import piece_kind
 
 ALPHA_BYTES = 4  # each LoRA module's fp32 alpha
+
+
+def bound_entries(plan: Plan, opts: ExtractOptions, dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple]]:
+    """Every tensor the run may write (a superset): for a weight, both its LoRA factors at the largest rank
+    the rule allows and its full `.diff`; `.diff_b` for a bias.  Sizes the header reserve."""
+    out = []
+    for task in plan.tasks:
+        for t in task.targets:
+            shape = t.part_shape(task.shape)
+            if t.role == BIAS:
+                out.append((t.name + ".diff_b", dtype, shape))
+                continue
+            out.append((t.name + ".diff", dtype, shape))
+            if len(shape) >= 2 and not opts.diff_only:
+                k = min(shape[0], math.prod(shape[1:]), opts.rule_for(shape).sketch_rank)
+                out += lora_entries(t.name, shape, k, dtype)
+    return out
+
+
+def header_bytes(run: Run, dtype: torch.dtype, title: str) -> int:
+    """Bytes before the tensor data of the file the run writes (8 + the header reserved for bound_entries)."""
+    reserve = header_reserve(bound_entries(run.plan, run.opts, dtype), run.plan.arch, run.recipe, title)
+    return 8 + -(-reserve // 8) * 8
 
 
 def extract_spectra(run: Run, width: int, device: torch.device,
@@ -44,17 +72,19 @@ def extract_spectra(run: Run, width: int, device: torch.device,
     return spectra, fixed
 
 
-def fit_extraction(run: Run, target_bytes: int, width: int, header_bytes: int, device: str = "auto",
+def fit_extraction(run: Run, target_bytes: int, dtype: torch.dtype, title: str, device: str = "auto",
                    progress: Progress = None) -> dict:
-    """Give every extracted module the rank that keeps the most of Σ‖ΔW‖² in a file of ≤ target_bytes whose
-    header takes header_bytes (run.opts get the ranks); returns the summary."""
+    """Give every extracted module the rank that keeps the most of Σ‖ΔW‖² in a `dtype` file of ≤ target_bytes
+    titled `title` (run.opts get the ranks, the recipe the target); returns the summary."""
     if run.opts.rule.rank is not None:
         raise MergeCoreError("--target-size chooses the ranks: it cannot be combined with a fixed --rank")
     if run.opts.diff_only:
         raise MergeCoreError("--target-size chooses ranks; --diff-only stores every change whole")
-    if header_bytes >= target_bytes:
-        fit([], target_bytes, header_bytes, "")  # the one-line error, before reading the models
-    spectra, fixed = extract_spectra(run, width, resolve_device(device), progress)
-    ranks, summary = fit(spectra, target_bytes, header_bytes + fixed, "ΔW = tuned − base")
+    run.recipe["parameters"]["target_size"] = int(target_bytes)
+    header = header_bytes(run, dtype, title)
+    if header >= target_bytes:
+        fit([], target_bytes, header, "")  # the one-line error, before reading the models
+    spectra, fixed = extract_spectra(run, dtype.itemsize, resolve_device(device), progress)
+    ranks, summary = fit(spectra, target_bytes, header + fixed, "ΔW = tuned − base")
     run.opts = replace(run.opts, ranks=ranks)
     return summary

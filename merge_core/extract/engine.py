@@ -17,7 +17,6 @@ from ..errors import MergeCoreError, NonFiniteError
 from ..files.metadata import make_recipe
 from ..lowrank.rank_select import RankRule
 from ..report import Progress, Report
-from ..result import MergeResult
 from .options import DEFAULT_RANK, ExtractOptions
 from .piece import extract_piece
 from .plan import Plan, Task, make_plan
@@ -130,17 +129,3 @@ def open_run(base: Source, tuned: Source, rule: Optional[RankRule] = None, conv_
     recipe = make_recipe("extract", list(labels), opts.describe(), hash_inputs=False)
     report = Report("extract", extra={"arch": plan.arch, "parameters": opts.describe()})
     return Run(opts, b, t, plan, report, recipe, (str(labels[0]), str(labels[1])))
-
-
-def extract_lora(base: Source, tuned: Source, rule: Optional[RankRule] = None, conv_rank: Optional[int] = None,
-                 diff_only: bool = False, min_diff: float = 0.0, text_encoders: bool = True, device: str = "auto",
-                 seed: int = 0, progress: Progress = None, base_kind: str = "auto",
-                 tuned_kind: str = "auto") -> MergeResult:
-    """LoRA of tuned − base (paths or WeightSources), kohya names; rule None = fixed rank 32."""
-    run = open_run(base, tuned, rule, conv_rank, diff_only, min_diff, text_encoders, seed, base_kind, tuned_kind)
-    modules: dict[str, AdapterModule] = {}
-    for target, module in run.pieces(device, progress):
-        attach(modules, target, module)
-    run.finish(len(modules))
-    profile = "sdxl" if run.plan.arch == "sdxl" else "kohya"
-    return MergeResult(modules, run.report, arch=run.plan.arch, profile=profile, recipe=run.recipe)

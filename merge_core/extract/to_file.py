@@ -3,43 +3,21 @@ reserved up front and filled in at the end), so even --diff-only, whose output i
 runs in the memory of one layer; .pt output goes through extract_lora + save (torch.save needs it all)."""
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Optional, Union
 
-import torch
-
-from ..checkpoint.lora_names import BIAS
 from ..errors import MergeCoreError
 from ..files.atomic import atomic_write, refuse_existing
 from ..lora_file import dtype_of
-from ..lora_stream import LoraStream, header_reserve, lora_entries
+from ..lora_stream import LoraStream, header_reserve
 from ..lowrank.rank_select import RankRule
 from ..report import Progress, Report
-from .budget import fit_extraction
-from .engine import Source, extract_lora, open_run
-from .options import ExtractOptions
-from .plan import Plan
+from .api import extract_lora
+from .budget import bound_entries, fit_extraction
+from .engine import Source, open_run
 
 PICKLE_OUTPUTS = (".pt", ".pth", ".ckpt")
-
-
-def bound_entries(plan: Plan, opts: ExtractOptions, dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple]]:
-    """Every tensor the run may write (a superset): for a weight, both its LoRA factors at the largest rank
-    the rule allows and its full `.diff`; `.diff_b` for a bias.  Sizes the header reserve."""
-    out = []
-    for task in plan.tasks:
-        for t in task.targets:
-            shape = t.part_shape(task.shape)
-            if t.role == BIAS:
-                out.append((t.name + ".diff_b", dtype, shape))
-                continue
-            out.append((t.name + ".diff", dtype, shape))
-            if len(shape) >= 2 and not opts.diff_only:
-                k = min(shape[0], math.prod(shape[1:]), opts.rule_for(shape).sketch_rank)
-                out += lora_entries(t.name, shape, k, dtype)
-    return out
 
 
 def extract_to_file(base: Source, tuned: Source, output: Union[str, os.PathLike], output_dtype: str = "bf16",
@@ -63,11 +41,8 @@ def extract_to_file(base: Source, tuned: Source, output: Union[str, os.PathLike]
     dtype = dtype_of(output_dtype)
     run = open_run(base, tuned, base_kind=base_kind, tuned_kind=tuned_kind, **args)
     if target_size is not None:
-        run.recipe["parameters"]["target_size"] = int(target_size)
+        run.report.extra["size_budget"] = fit_extraction(run, int(target_size), dtype, path.stem, device, progress)
     reserve = header_reserve(bound_entries(run.plan, run.opts, dtype), run.plan.arch, run.recipe, path.stem)
-    if target_size is not None:
-        run.report.extra["size_budget"] = fit_extraction(run, int(target_size), dtype.itemsize,
-                                                         8 + -(-reserve // 8) * 8, device, progress)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:

@@ -140,6 +140,14 @@ def test_extract_from_two_loaded_models():
                                                energy=0.99, min_rank=4, max_rank=32, conv_rank=0,
                                                diff_only=False, min_diff=0.0, seed=0)
 
+    full_bytes = sum(2 * t.numel() for m in pack.lora.modules.values() for k, t in m.tensors().items() if k != "alpha")
+    fitted = node("LoRArSVD_ExtractModels").extract(
+        base_model, tuned_model, "cpu", base_clip, tuned_clip, rank=8, energy=0.99, min_rank=1, max_rank=4,
+        conv_rank=0, diff_only=False, min_diff=0.0, seed=0, target_size_mb=0.6 * full_bytes / 2**20)
+    budget = fitted["result"][0].report.extra["size_budget"]
+    assert budget["file_bytes"] <= budget["target_bytes"] and budget["max_rank"] <= 4
+    assert "size budget" in fitted["ui"]["text"][0]
+
 
 def test_extract_from_lora_patched_clone_reads_clean_base(comfy_dirs):
     """tuned = base patched by LoraLoader-style patches; even with the clone's patches written into the
