@@ -3,24 +3,23 @@ values with the extraction's own seeded sketch; lowrank.size_budget allocates th
 runs with each module's rank (ExtractOptions.ranks), reading the models a second time (about 2× the time)."""
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
-
-import math
 
 from ..adapters.base import matrix_shape
 from ..checkpoint.lora_names import BIAS
 from ..device import resolve_device, with_cpu_fallback
 from ..errors import MergeCoreError
-from ..lowrank import Dense, finite_total, svd_of
 from ..lora_stream import header_reserve, lora_entries
+from ..lowrank import Dense, finite_total, svd_of
 from ..lowrank.size_budget import Spectrum, fit, spectrum
 from ..report import Progress
 from .engine import Run, task_delta
-from .plan import Plan
 from .options import OVERSAMPLE, POWER_ITERS, ExtractOptions
 from .piece import piece_kind
+from .plan import Plan
 
 ALPHA_BYTES = 4  # each LoRA module's fp32 alpha
 

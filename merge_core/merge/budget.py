@@ -25,6 +25,7 @@ from .scheduler import run_work
 from .targets import ModuleTarget
 from .to_file import has_bias, header_reserve_for
 
+
 def _spectra_batch(batch: Sequence[ModuleTarget], plan: MergePlan, device: torch.device) -> list[tuple]:
     """(name, σ descending (fp64, CPU), ‖T‖²) for each module of one planned batch, by the method's solver."""
     opts = plan.opts
