@@ -5,8 +5,9 @@ ties (Yadav et al. 2023): trim each τᵢ to its top `density` share of entries 
 γ = sign(Σᵢ trimmed τᵢ) (total mass); disjoint mean: per entry, the mean of the trimmed τᵢ whose sign is γ.
 dare (Yu et al. 2023): drop each entry of each τᵢ with probability p = 1 − density, rescale the kept ones by
 1/(1 − p), and sum; the masks are seeded per module and input and drawn block of rows by block of rows.
-dare_ties (PEFT's and mergekit's name): dare's drop and rescale (the same masks for the same seed), then
-ties' sign election and disjoint mean instead of the sum.
+dare_ties (as PEFT's add_weighted_adapter; mergekit's divides by the agreeing weights, not their count):
+dare's drop and rescale (the same masks for the same seed), then ties' sign election and disjoint mean
+instead of the sum.
 Both are elementwise once each input's trim threshold is known (found exactly by a radix select over
 blocks), so they run on blocks of rows rebuilt from the factors: memory holds the dense result and a few
 small blocks, whatever the number of inputs.  The report's rel_error is against T = Σ cᵢΔWᵢ (how far the
