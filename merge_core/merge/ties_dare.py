@@ -8,7 +8,7 @@ dare (Yu et al. 2023): drop each entry of each τᵢ with probability p = 1 − 
 dare_ties (as PEFT's add_weighted_adapter; mergekit's divides by the agreeing weights, not their count):
 dare's drop and rescale (the same masks for the same seed), then ties' sign election and disjoint mean
 instead of the sum.
-Both are elementwise once each input's trim threshold is known (found exactly by a radix select over
+All three are elementwise once each input's trim threshold is known (found exactly by a radix select over
 blocks), so they run on blocks of rows rebuilt from the factors: memory holds the dense result and a few
 small blocks, whatever the number of inputs.  The report's rel_error is against T = Σ cᵢΔWᵢ (how far the
 method moves from plain stacking); each module's note gives the re-factoring error against the method's
