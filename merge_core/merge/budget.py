@@ -15,12 +15,12 @@ import torch
 from ..device import resolve_device
 from ..errors import MergeCoreError
 from ..lora_file import dtype_of
-from ..lowrank import Dense, Factored, finite_total, svd_of
+from ..lowrank import Dense
 from ..lowrank.size_budget import Spectrum, fit, spectrum
 from ..report import Progress
 from .engine import MergePlan, dense_worker_cap
 from .gram_core import gram_core
-from .lowrank_methods import gram_core_limit, input_ranks, stacked_factors
+from .lowrank_methods import spectrum_of, stacked_factors
 from .scheduler import run_work
 from .targets import ModuleTarget
 from .to_file import has_bias, header_reserve_for
@@ -28,24 +28,13 @@ from .to_file import has_bias, header_reserve_for
 
 def _spectra_batch(batch: Sequence[ModuleTarget], plan: MergePlan, device: torch.device) -> list[tuple]:
     """(name, σ descending (fp64, CPU), ‖T‖²) for each module of one planned batch, by the method's solver."""
-    opts = plan.opts
-    if plan.spec.dense_target is not None:  # ties, dare, dare_ties: the dense module the method re-factors
-        t = batch[0]
-        W = Dense(plan.spec.dense_target(t, opts, device))
-        total = finite_total(W)
-        return [(t.name, svd_of(W, opts.solver, opts.rule, opts.seed_for(t.name)).S.to("cpu", torch.float64), total)]
+    opts, t = plan.opts, batch[0]
     if len(batch) > 1:  # a Gram-core batch (plan_batches)
         core = gram_core(stacked_factors(batch, device))
         return [(t.name, core.S[b].cpu(), core.totals[b]) for b, t in enumerate(batch)]
-    t = batch[0]
-    op = t.operator(device)
-    total = finite_total(op)
-    ranks = input_ranks(t)
-    if opts.solver == "rsvd" and ranks is not None and sum(ranks) <= gram_core_limit(opts.rule):
-        core = gram_core(stacked_factors(batch, device))
-        return [(t.name, core.S[0].cpu(), core.totals[0])]
-    solver = "exact" if opts.solver == "exact" and isinstance(op, Factored) else opts.solver
-    return [(t.name, svd_of(op, solver, opts.rule, opts.seed_for(t.name)).S.to("cpu", torch.float64), total)]
+    # ties, dare, dare_ties: the dense module the method re-factors; else the module's T, as approximate sees it
+    op = Dense(plan.spec.dense_target(t, opts, device)) if plan.spec.dense_target is not None else t.operator(device)
+    return [(t.name, *spectrum_of(op, opts.rule, opts.solver, opts.seed_for(t.name)))]
 
 
 def spectra_of(plan: MergePlan, bytes_per_element: int, device: torch.device,

@@ -87,6 +87,11 @@ class Stacked:
     downs: Sequence[Sequence[torch.Tensor]]
     col_scale: torch.Tensor  # batch × R, the scale of each column of U_b
 
+    @classmethod
+    def of(cls, op: Factored) -> "Stacked":
+        """One factored operator as a batch of one, its scale already in U."""
+        return cls([[op.U]], [[op.V]], torch.ones(1, op.inner_rank, dtype=F64, device=op.device))
+
     @property
     def shape(self) -> tuple[int, int, int]:
         """(out, N, R)."""
@@ -193,5 +198,4 @@ def gram_low_rank_batch(factors: Stacked, rules: Sequence[RankRule]) -> list[Low
 
 def gram_low_rank(op: Factored, rule: RankRule) -> LowRank:
     """The Gram core for one factored operator."""
-    ones = torch.ones(1, op.inner_rank, dtype=F64, device=op.device)
-    return gram_low_rank_batch(Stacked([[op.U]], [[op.V]], ones), [rule])[0]
+    return gram_low_rank_batch(Stacked.of(op), [rule])[0]

@@ -21,7 +21,7 @@ from ..lowrank import (SVD, Dense, Factored, LowRank, Operator, Quality, RankRul
                        low_rank, svd_of)
 from ..lowrank.exact_svd import factored_svd
 from ..lowrank.rsvd import DEFAULT_OVERSAMPLE
-from .gram_core import Stacked, gram_low_rank, gram_low_rank_batch
+from .gram_core import Stacked, gram_core, gram_low_rank, gram_low_rank_batch
 from .options import MergeOptions
 from .outcome import Outcome, lora_outcome
 from .targets import ModuleTarget
@@ -55,16 +55,30 @@ def dense_low_rank(W: torch.Tensor, rule: RankRule, solver: str, seed: int) -> L
     return truncated(svd_of(Dense(W), solver, rule, seed), total, rule, tuple(W.shape))
 
 
+def uses_gram_core(op: Operator, rule: RankRule, solver: str) -> bool:
+    """rsvd on factors of a small stacked rank: solved exactly by the Gram core instead of a sketch."""
+    return isinstance(op, Factored) and solver == "rsvd" and op.inner_rank <= gram_core_limit(rule)
+
+
 def approximate(op: Operator, rule: RankRule, solver: str, seed: int) -> LowRank:
     """Best rank-k factors of `op` by `solver` (see the module docstring), k from `rule`."""
     if isinstance(op, Dense):
         return dense_low_rank(op.W, rule, solver, seed)
-    if isinstance(op, Factored):
-        if solver == "exact":
-            return exact_low_rank(op, rule)
-        if solver == "rsvd" and op.inner_rank <= gram_core_limit(rule):
-            return gram_low_rank(op, rule)
+    if isinstance(op, Factored) and solver == "exact":
+        return exact_low_rank(op, rule)
+    if uses_gram_core(op, rule, solver):
+        return gram_low_rank(op, rule)
     return low_rank(op, rule, solver, seed)
+
+
+def spectrum_of(op: Operator, rule: RankRule, solver: str, seed: int) -> tuple[torch.Tensor, float]:
+    """σ (descending; fp64, on the CPU) and ‖T‖² of `op` as approximate finds them, without the factors (the
+    exact solver's are svd_of's too)."""
+    if uses_gram_core(op, rule, solver):
+        core = gram_core(Stacked.of(op))
+        return core.S[0].cpu(), core.totals[0]
+    total = finite_total(op)
+    return svd_of(op, solver, rule, seed).S.to("cpu", torch.float64), total
 
 
 def merge_lowrank(target: ModuleTarget, opts: MergeOptions, device: torch.device) -> Outcome:
