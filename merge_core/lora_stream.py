@@ -22,6 +22,9 @@ def file_tensors(name: str, module: AdapterModule, dtype: torch.dtype) -> dict[s
     return state_dict_of({name: module}, KOHYA, dtype)
 
 
+ALPHA_BYTES = 4  # a module's alpha: an fp32 scalar (lora_entries)
+
+
 def lora_entries(name: str, shape: tuple[int, ...], rank: int, dtype: torch.dtype) -> list[Entry]:
     """The tensors of a LoRA/LoCon of `rank` on a weight of `shape` (out, in[, kh, kw]): up, down, alpha."""
     return [(name + KOHYA.up, dtype, (shape[0], rank, *[1] * (len(shape) - 2))),

@@ -12,17 +12,15 @@ from ..adapters.base import matrix_shape
 from ..checkpoint.lora_names import BIAS
 from ..device import resolve_device, with_cpu_fallback
 from ..errors import MergeCoreError
-from ..lora_stream import header_reserve, lora_entries
+from ..files.stream_writer import data_offset
+from ..lora_stream import ALPHA_BYTES, header_reserve, lora_entries
 from ..lowrank import Dense, finite_total, svd_of
-from ..lowrank.size_budget import Spectrum, fit, spectrum
+from ..lowrank.size_budget import Spectrum, check_room, fit, spectrum
 from ..report import Progress
 from .engine import Run, task_delta
 from .options import OVERSAMPLE, POWER_ITERS, ExtractOptions
 from .piece import piece_kind
 from .plan import Plan
-
-ALPHA_BYTES = 4  # each LoRA module's fp32 alpha
-
 
 def bound_entries(plan: Plan, opts: ExtractOptions, dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple]]:
     """Every tensor the run may write (a superset): for a weight, both its LoRA factors at the largest rank
@@ -44,7 +42,7 @@ def bound_entries(plan: Plan, opts: ExtractOptions, dtype: torch.dtype) -> list[
 def header_bytes(run: Run, dtype: torch.dtype, title: str) -> int:
     """Bytes before the tensor data of the file the run writes (8 + the header reserved for bound_entries)."""
     reserve = header_reserve(bound_entries(run.plan, run.opts, dtype), run.plan.arch, run.recipe, title)
-    return 8 + -(-reserve // 8) * 8
+    return data_offset(reserve)
 
 
 def extract_spectra(run: Run, width: int, device: torch.device,
@@ -81,8 +79,7 @@ def fit_extraction(run: Run, target_bytes: int, dtype: torch.dtype, title: str, 
         raise MergeCoreError("--target-size chooses ranks; --diff-only stores every change whole")
     run.recipe["parameters"]["target_size"] = int(target_bytes)
     header = header_bytes(run, dtype, title)
-    if header >= target_bytes:
-        fit([], target_bytes, header, "")  # the one-line error, before reading the models
+    check_room(target_bytes, header)  # before reading the models
     spectra, fixed = extract_spectra(run, dtype.itemsize, resolve_device(device), progress)
     ranks, summary = fit(spectra, target_bytes, header + fixed, "ΔW = tuned − base")
     run.opts = replace(run.opts, ranks=ranks)

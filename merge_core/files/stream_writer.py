@@ -48,12 +48,18 @@ def header_bound(entries: Iterable[Entry], metadata: Optional[dict] = None,
     return size + slack
 
 
+def data_offset(header_bytes: int) -> int:
+    """Where the tensor data starts in a file whose header reserve is `header_bytes`: the 8-byte length, then
+    the header rounded up to ALIGN."""
+    return 8 + -(-max(int(header_bytes), 2) // ALIGN) * ALIGN
+
+
 class SafetensorsStream:
     """Append tensors to an open binary file; `finish(metadata)` writes the header into the reserved area."""
 
     def __init__(self, fh: BinaryIO, header_bytes: int):
         self._fh = fh
-        self._reserve = -(-max(int(header_bytes), 2) // ALIGN) * ALIGN
+        self._reserve = data_offset(header_bytes) - 8
         self._entries: dict[str, dict] = {}
         self._offset = 0
         self._handed = 0  # data bytes whose writeback was started

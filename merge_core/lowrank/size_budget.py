@@ -82,11 +82,16 @@ def spectrum(name: str, s: torch.Tensor, total: float, shape: tuple[int, int], b
                     min(rule.min_rank, high), high)
 
 
-def fit(spectra: Sequence[Spectrum], target_bytes: int, fixed: int, energy_of: str) -> tuple[dict[str, int], dict]:
-    """(ranks, summary): the allocation in target_bytes − fixed, and what the report and the CLI show."""
+def check_room(target_bytes: int, fixed: int) -> None:
+    """A one-line error when the bytes that do not depend on rank (`fixed`) leave no room in the target."""
     if fixed >= target_bytes:
         raise MergeCoreError(f"the budget is too small: the header and the tensors that do not depend on rank "
                              f"already take {fixed / 2**20:.2f} MiB; raise --target-size")
+
+
+def fit(spectra: Sequence[Spectrum], target_bytes: int, fixed: int, energy_of: str) -> tuple[dict[str, int], dict]:
+    """(ranks, summary): the allocation in target_bytes − fixed, and what the report and the CLI show."""
+    check_room(target_bytes, fixed)
     budget = target_bytes - fixed
     ranks = allocate(spectra, budget)
     u = uniform(spectra, budget)

@@ -16,7 +16,9 @@ from ..device import resolve_device
 from ..errors import MergeCoreError
 from ..lora_file import dtype_of
 from ..lowrank import Dense
-from ..lowrank.size_budget import Spectrum, fit, spectrum
+from ..files.stream_writer import data_offset
+from ..lora_stream import ALPHA_BYTES
+from ..lowrank.size_budget import Spectrum, check_room, fit, spectrum
 from ..report import Progress
 from .engine import MergePlan, dense_worker_cap
 from .gram_core import gram_core
@@ -64,14 +66,14 @@ def fixed_bytes(plan: MergePlan, bytes_per_element: int, dtype: str, title: str)
     """The weights file's bytes that do not depend on the ranks: 8 + the reserved header, and (kohya) alphas
     (fp32), bias deltas and vector-only modules, or (PEFT) the lora_B biases."""
     reserve = header_reserve_for(plan, dtype, title)
-    out = 8 + -(-reserve // 8) * 8
+    out = data_offset(reserve)
     if plan.layout[1] == "peft":  # no alphas; lora_B.bias on every module once one has a bias delta
         biases = any(has_bias(t) for t in plan.targets())
         return out + sum(t.weight_shape[0] * bytes_per_element for t in plan.targets()
                          if biases and not t.vector_only)
     for t in plan.targets():
         if not t.vector_only:
-            out += 4
+            out += ALPHA_BYTES
         elif t.weight_shape:
             out += math.prod(t.weight_shape) * bytes_per_element
         bias = next((x.module.diff_b for x in t.terms if x.module.diff_b is not None), None)
@@ -91,8 +93,7 @@ def fit_to_size(plan: MergePlan, target_bytes: int, dtype: str = "fp16", title: 
     width = dtype_of(dtype).itemsize
     plan.parameters["target_size"] = int(target_bytes)
     fixed = fixed_bytes(plan, width, dtype, title)
-    if fixed >= target_bytes:
-        fit([], target_bytes, fixed, "")  # the one-line error, before the spectra's work
+    check_room(target_bytes, fixed)  # before the spectra's work
     spectra = spectra_of(plan, width, resolve_device(device), progress)
     ranks, summary = fit(spectra, target_bytes, fixed,
                          f"the {plan.spec.name} result" if plan.spec.dense_target is not None else "T")
