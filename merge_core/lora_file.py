@@ -219,9 +219,9 @@ def state_dict_of(modules: dict[str, AdapterModule], suffixes: Suffixes,
             for key, role, tensor in _file_tensors(modules, suffixes)}
 
 
-def _module_state(name: str, module: AdapterModule, suffixes: Suffixes,
-                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One module's part of state_dict_of."""
+def module_state(name: str, module: AdapterModule, dtype: torch.dtype,
+                 suffixes: Suffixes = KOHYA) -> dict[str, torch.Tensor]:
+    """One module's part of state_dict_of (kohya names unless told): what a file holds for it, cast."""
     return state_dict_of({name: module}, suffixes, dtype)
 
 
@@ -250,7 +250,7 @@ def save_lora(modules: dict[str, AdapterModule], path: PathLike, arch: str = "sd
         if path.suffix.lower() in (".pt", ".pth", ".ckpt"):
             return atomic_write(path, lambda tmp: torch.save(state_dict_of(modules, suffixes, dt), tmp), overwrite)
         entries = [(key, _file_dtype(role, dt), tuple(t.shape)) for key, role, t in _file_tensors(modules, suffixes)]
-        tensors_of = partial(_module_state, suffixes=suffixes, dtype=dt)
+        tensors_of = partial(module_state, dtype=dt, suffixes=suffixes)
 
     def write(tmp: Path) -> None:
         """Module by module, each module's file tensors made as they are written: memory holds one module's,

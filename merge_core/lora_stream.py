@@ -14,12 +14,7 @@ from .adapters import AdapterModule
 from .files.metadata import lora_metadata
 from .files.stream_writer import Entry, SafetensorsStream, header_bound
 from .keys.suffixes import KOHYA
-from .lora_file import state_dict_of
-
-
-def file_tensors(name: str, module: AdapterModule, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The module's tensors as the file holds them: kohya names, cast to dtype (alpha fp32), contiguous."""
-    return state_dict_of({name: module}, KOHYA, dtype)
+from .lora_file import module_state
 
 
 ALPHA_BYTES = 4  # a module's alpha: an fp32 scalar (lora_entries)
@@ -55,9 +50,9 @@ class LoraStream:
         return len(self._stream.names)
 
     def add(self, name: str, module: AdapterModule, tensors: Optional[dict[str, torch.Tensor]] = None) -> None:
-        """Append the module; `tensors`: its file_tensors(name, module, dtype) when made already (e.g. on the
+        """Append the module; `tensors`: its module_state(name, module, dtype) when made already (e.g. on the
         worker thread that computed it, so the writing thread only writes)."""
-        for key, tensor in (tensors if tensors is not None else file_tensors(name, module, self._dtype)).items():
+        for key, tensor in (tensors if tensors is not None else module_state(name, module, self._dtype)).items():
             self._stream.add(key, tensor)
         self._kinds.add(module.kind)
         if module.kind != "full":

@@ -25,7 +25,7 @@ from .gram_core import gram_core
 from .lowrank_methods import spectrum_of, stacked_factors
 from .scheduler import run_work
 from .targets import ModuleTarget
-from .to_file import has_bias, header_reserve_for
+from .to_file import header_reserve_for
 
 
 def _spectra_batch(batch: Sequence[ModuleTarget], plan: MergePlan, device: torch.device) -> list[tuple]:
@@ -68,17 +68,15 @@ def fixed_bytes(plan: MergePlan, bytes_per_element: int, dtype: str, title: str)
     reserve = header_reserve_for(plan, dtype, title)
     out = data_offset(reserve)
     if plan.layout[1] == "peft":  # no alphas; lora_B.bias on every module once one has a bias delta
-        biases = any(has_bias(t) for t in plan.targets())
-        return out + sum(t.weight_shape[0] * bytes_per_element for t in plan.targets()
-                         if biases and not t.vector_only)
+        biases = plan.peft_biases()
+        return out + sum(t.weight_shape[0] * bytes_per_element for t in plan.targets() if biases and not t.vector_only)
     for t in plan.targets():
         if not t.vector_only:
             out += ALPHA_BYTES
         elif t.weight_shape:
             out += math.prod(t.weight_shape) * bytes_per_element
-        bias = next((x.module.diff_b for x in t.terms if x.module.diff_b is not None), None)
-        if bias is not None:
-            out += bias.numel() * bytes_per_element
+        if t.bias_shape is not None:
+            out += math.prod(t.bias_shape) * bytes_per_element
     return out
 
 

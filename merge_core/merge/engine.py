@@ -71,6 +71,14 @@ class MergePlan:
         """The inputs' metadata the output keeps: trigger words and training tags, combined."""
         return carried_metadata(s.metadata for s in self.sets)
 
+    def peft_embeddings(self) -> frozenset[str]:
+        """Modules any input held as a PEFT LoRA on an nn.Embedding (written back that way)."""
+        return frozenset().union(*(s.peft_embeddings for s in self.sets))
+
+    def peft_biases(self) -> bool:
+        """A PEFT output carries lora_B biases: some module has a bias delta (every module then gets one)."""
+        return self.layout[1] == "peft" and any(t.bias_shape is not None for t in self.targets())
+
     def recipe(self, digests: Optional[Sequence[Optional[str]]] = None) -> dict:
         """The recipe to write: inputs with their sha256 (hashed in the background since the plan was made,
         or since the files were opened; `digests` overrides them)."""
@@ -205,7 +213,7 @@ def collect(plan: MergePlan, device: str = "auto", progress: Progress = None,
     report = run_merge(plan, keep, device, progress, None if hold_dtype is None else cast_to(hold_dtype))
     modules = {name: held[name] for name in plan.names if name in held}
     arch, profile, peft_config = plan.layout
-    embeddings = frozenset(modules) & frozenset().union(*(s.peft_embeddings for s in plan.sets))
+    embeddings = frozenset(modules) & plan.peft_embeddings()
     return MergeResult(modules, report, arch, profile, peft_config, recipe=plan.recipe(), metadata=plan.carried(),
                        peft_embeddings=embeddings)
 

@@ -67,6 +67,11 @@ class ModuleTarget:
         """The first input whose tensors for this module hold NaN or ±inf (a full scan: for failed modules)."""
         return next((t for t in self.terms if not t.module.is_finite()), None)
 
+    @property
+    def bias_shape(self) -> Optional[tuple[int, ...]]:
+        """The shape of the summed bias delta, None when no input carries one."""
+        return next((tuple(t.module.diff_b.shape) for t in self.terms if t.module.diff_b is not None), None)
+
     def bias(self, device: torch.device) -> Optional[torch.Tensor]:
         """Σ cᵢ·diff_bᵢ over the inputs that carry a bias delta."""
         parts = [t.coeff * t.module.diff_b.to(device=device, dtype=torch.float32)

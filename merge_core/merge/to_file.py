@@ -15,12 +15,11 @@ from .. import peft_layout
 from ..errors import MergeCoreError
 from ..files.atomic import atomic_write
 from ..files.stream_writer import Entry
-from ..lora_file import dtype_of
-from ..lora_stream import LoraStream, file_tensors, header_reserve, lora_entries
+from ..lora_file import dtype_of, module_state
+from ..lora_stream import LoraStream, header_reserve, lora_entries
 from ..report import Progress, Report
 from .engine import MergePlan, run_merge
 from .outcome import Outcome
-from .targets import ModuleTarget
 
 DIGEST_PLACEHOLDER = "0" * 64  # a sha256's length, to size the header before the inputs' hashes are known
 
@@ -31,20 +30,11 @@ def streams_to(path: Union[str, os.PathLike], plan: MergePlan) -> bool:
     return suffix == ".safetensors" or (plan.layout[1] == "peft" and suffix not in (".pt", ".pth", ".ckpt"))
 
 
-def has_bias(target: ModuleTarget) -> bool:
-    return any(x.module.diff_b is not None for x in target.terms)
-
-
-def peft_embeddings(plan: MergePlan) -> frozenset[str]:
-    return frozenset().union(*(s.peft_embeddings for s in plan.sets))
-
-
 def bound_entries(plan: MergePlan, dtype: torch.dtype) -> list[Entry]:
     """Every tensor a merged module may be written with (a superset): LoRA factors up to full rank, and alpha,
     an exact vector sum's diff and the bias delta (kohya names), or PEFT's names."""
     out: list[Entry] = []
-    peft, embeddings = plan.layout[1] == "peft", peft_embeddings(plan)
-    biases = peft and any(has_bias(t) for t in plan.targets())
+    peft, embeddings, biases = plan.layout[1] == "peft", plan.peft_embeddings(), plan.peft_biases()
     for t in plan.targets():
         shape = t.weight_shape
         if not t.vector_only:
@@ -53,9 +43,8 @@ def bound_entries(plan: MergePlan, dtype: torch.dtype) -> list[Entry]:
                     if peft else kohya)
         elif shape and not peft:
             out.append((t.name + ".diff", dtype, shape))
-        if has_bias(t) and not peft:
-            out.append((t.name + ".diff_b", dtype, tuple(next(x.module.diff_b.shape for x in t.terms
-                                                              if x.module.diff_b is not None))))
+        if t.bias_shape is not None and not peft:
+            out.append((t.name + ".diff_b", dtype, t.bias_shape))
     return out
 
 
@@ -77,8 +66,7 @@ def merge_to_file(plan: MergePlan, output: Union[str, os.PathLike], dtype: str =
     arch, profile, peft_config = plan.layout
     carried = plan.carried()
     reserve = header_reserve_for(plan, dtype, path.stem)
-    embeddings = peft_embeddings(plan)
-    biases = profile == "peft" and any(has_bias(t) for t in plan.targets())
+    embeddings, biases = plan.peft_embeddings(), plan.peft_biases()
     ranks: dict[str, int] = {}
     report: Optional[Report] = None
 
@@ -86,7 +74,7 @@ def merge_to_file(plan: MergePlan, output: Union[str, os.PathLike], dtype: str =
         if out.module is None:
             return None
         if profile != "peft":
-            return file_tensors(name, out.module, dt)
+            return module_state(name, out.module, dt)
         ranks.update(peft_layout.ranks_of({name: out.module}))  # refuses what PEFT cannot hold
         return peft_layout.module_tensors(name, out.module, dt, embeddings, biases)
 
