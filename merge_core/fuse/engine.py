@@ -88,14 +88,19 @@ def finite_result(name: str, sets: Sequence[LoraSet], present: Sequence[int],
                   fuse: Callable[[], tuple[Built, list[float]]]) -> tuple[Built, list[float]]:
     """fuse(), or a NonFiniteError naming the input whose module `name` holds NaN/inf when the fusion failed on
     it or came out non-finite."""
+    def damaged() -> Optional[int]:
+        return next((i for i in present if not sets[i].modules[name].is_finite()), None)
+
     try:
         built, coeffs = fuse()
-        if built.module is None or built.module.is_finite():
-            return built, coeffs
     except (torch.linalg.LinAlgError, NonFiniteError):
-        if all(sets[i].modules[name].is_finite() for i in present):
+        bad = damaged()
+        if bad is None:
             raise
-    bad = next((i for i in present if not sets[i].modules[name].is_finite()), None)
+        raise damaged_module_error(name, sets[bad], bad) from None
+    if built.module is None or built.module.is_finite():
+        return built, coeffs
+    bad = damaged()
     if bad is None:
         raise NonFiniteError(f"module '{name}': the fused sum of finite inputs is beyond fp32's range")
     raise damaged_module_error(name, sets[bad], bad)
