@@ -5,7 +5,7 @@ from __future__ import annotations
 from merge_core.errors import MergeCoreError
 from merge_core.extract import DEFAULT_RANK, extract_lora
 
-from .inputs import CATEGORY, device_input, rank_inputs, rank_rule, seed_input, target_size_input
+from .inputs import CATEGORY, budget_bytes, device_input, rank_inputs, rank_rule, seed_input, target_size_input
 from .model_weights import model_weights
 from .pack_lora import LORA_TYPE, PackLora, summary_line
 from .runtime import file_signature, filename_list, model_file, run_job, torch_device
@@ -32,8 +32,8 @@ def extraction_inputs() -> dict:
 def extract(base, tuned, label: str, rank: int, energy: float, min_rank: int, max_rank: int, conv_rank: int,
             diff_only: bool, min_diff: float, device: str, seed: int, text_encoders: bool = True,
             target_size_mb: float = 0.0) -> dict:
-    size = int(target_size_mb * 2**20) if target_size_mb > 0 else None
-    rule = rank_rule(0 if size else rank, energy, min_rank, max_rank)  # a budget chooses the ranks
+    size = budget_bytes(target_size_mb)
+    rule = rank_rule(rank, energy, min_rank, max_rank, size)
     result = run_job(lambda progress: extract_lora(
         base, tuned, rule=rule, conv_rank=conv_rank or None, diff_only=diff_only, min_diff=min_diff,
         text_encoders=text_encoders, device=torch_device(device), seed=seed, progress=progress, target_size=size))

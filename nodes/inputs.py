@@ -2,6 +2,8 @@
 them back from a node's keyword arguments."""
 from __future__ import annotations
 
+from typing import Optional
+
 from merge_core.lowrank import RankRule
 
 from .pack_lora import LORA_TYPE, PackLora
@@ -48,8 +50,14 @@ def rank_inputs(energy: float = 0.99, min_rank: int = 4, max_rank: int = 32, ran
     }
 
 
-def rank_rule(rank: int, energy: float, min_rank: int, max_rank: int) -> RankRule:
-    return RankRule(rank if rank > 0 else None, energy, min_rank, max_rank)
+def rank_rule(rank: int, energy: float, min_rank: int, max_rank: int, budget: Optional[int] = None) -> RankRule:
+    """The rule the rank widgets describe; under a size budget only their bounds (the budget picks the ranks)."""
+    return RankRule(rank if rank > 0 and budget is None else None, energy, min_rank, max_rank)
+
+
+def budget_bytes(target_size_mb: float) -> Optional[int]:
+    """target_size_mb in bytes (MB of 2²⁰ bytes); None when 0 (no size budget)."""
+    return int(target_size_mb * 2**20) if target_size_mb > 0 else None
 
 
 def device_input() -> dict:

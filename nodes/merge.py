@@ -7,8 +7,8 @@ from typing import Optional
 
 from merge_core.merge import METHODS, merge_loras, parse_block_weights
 
-from .inputs import (CATEGORY, connected_loras, device_input, dora_input, lora_slots, rank_inputs, rank_rule,
-                     seed_input, target_size_input)
+from .inputs import (CATEGORY, budget_bytes, connected_loras, device_input, dora_input, lora_slots, rank_inputs,
+                     rank_rule, seed_input, target_size_input)
 from .pack_lora import LORA_TYPE, PackLora, summary_line
 from .runtime import run_job, torch_device
 
@@ -30,8 +30,8 @@ def run_merge(method: str, slots: dict, rank: int, energy: float, min_rank: int,
               device: str, dora: str, density: float = 0.5, block_weights: str = "",
               target_size_mb: float = 0.0) -> dict:
     inputs = connected_loras(slots)
-    size = int(target_size_mb * 2**20) if target_size_mb > 0 else None
-    rule = rank_rule(0 if size else rank, energy, min_rank, max_rank)  # a budget chooses the ranks
+    size = budget_bytes(target_size_mb)
+    rule = rank_rule(rank, energy, min_rank, max_rank, size)
     bw = block_weight_lines(block_weights, [i for i, _, _ in inputs])
     result = run_job(lambda progress: merge_loras(
         [lora.lora for _, lora, _ in inputs], method=method, weights=[w for _, _, w in inputs], rule=rule,

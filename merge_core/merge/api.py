@@ -19,7 +19,7 @@ def merge_loras(sets: Sequence[LoraSet], method: str = "rsvd", weights: Sequence
     method's defaults: weights 1/N (rsvd, weighted_avg) or 1.0 (others); rule dynamic 4..32 at 0.99 energy
     (rsvd, ties, dare) or the largest input rank fixed (svd, weighted_avg); solver rsvd or exact.
     `block_weights`: per input, None or 20/12 SDXL block values.  `dora`: error (refuse DoRA inputs) or
-    ignore (drop the magnitude).  `target_size` (bytes; rsvd, svd, weighted_avg): ranks chosen so that the
+    ignore (drop the magnitude).  `target_size` (bytes; every method that chooses ranks): ranks chosen so that the
     result saved as fp16 .safetensors takes at most that (budget.fit_to_size; the rule gives the bounds)."""
     if target_size is not None and rule is None:
         rule = RankRule()
