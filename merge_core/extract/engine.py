@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import torch
 
@@ -22,18 +22,38 @@ from .piece import extract_piece
 from .plan import Plan, Task, make_plan
 
 Source = Union[str, os.PathLike, WeightSource]
+Make = Callable[[Target, torch.Tensor, ExtractOptions], object]  # what is made of one target's part of ΔW
+TaskResult = tuple[Task, Optional[list[tuple[Target, object]]]]
 
 
-def iter_pieces(base: WeightSource, tuned: WeightSource, plan: Plan, opts: ExtractOptions, device: torch.device,
-                report: Report, progress: Progress = None) -> Iterator[tuple[Target, AdapterModule]]:
-    """(target, entry) for every changed delta, in base order; report rows and skips recorded as it goes."""
+def task_results(base: WeightSource, tuned: WeightSource, plan: Plan, opts: ExtractOptions, device: torch.device,
+                 make: Make = extract_piece, progress: Progress = None) -> Iterator[TaskResult]:
+    """(task, [(target, make(target, its part of ΔW, opts))], or None for non-float tensors) for every task, one
+    delta at a time; a delta holding NaN/inf is one error naming its tensor."""
     total = len(plan.tasks)
     for done, task in enumerate(plan.tasks, 1):
         try:
-            pieces = with_cpu_fallback(lambda dev, task=task: _task_pieces(base, tuned, task, opts, dev), device)
+            made = with_cpu_fallback(lambda dev, task=task: _task_made(base, tuned, task, opts, dev, make), device)
         except NonFiniteError:
             raise NonFiniteError(f"tensor '{task.key}': the difference of the two models holds NaN or infinite values "
                                  "(a damaged checkpoint?); nothing was written") from None
+        yield task, made
+        if progress is not None:
+            progress(done, total, task.key)
+
+
+def _task_made(base: WeightSource, tuned: WeightSource, task: Task, opts: ExtractOptions, dev: torch.device,
+               make: Make) -> Optional[list[tuple[Target, object]]]:
+    delta = task_delta(base, tuned, task, dev)
+    if delta is None:
+        return None
+    return [(tg, make(tg, tg.take(delta).contiguous(), opts)) for tg in task.targets]
+
+
+def iter_pieces(results: Iterable[TaskResult], plan: Plan, report: Report) -> Iterator[tuple[Target, AdapterModule]]:
+    """(target, entry) for every changed delta of `results` (entries or None), in base order; report rows and
+    skips recorded as it goes."""
+    for task, pieces in results:
         if pieces is None:
             plan.skip("not_floating_point", task.key)
         for target, piece in pieces or []:
@@ -43,16 +63,6 @@ def iter_pieces(base: WeightSource, tuned: WeightSource, plan: Plan, opts: Extra
             module, row = piece
             report.add(row)
             yield target, module
-        if progress is not None:
-            progress(done, total, task.key)
-
-
-def _task_pieces(base: WeightSource, tuned: WeightSource, task: Task, opts: ExtractOptions, dev: torch.device):
-    """Entries of one key's delta, or None for non-float tensors."""
-    delta = task_delta(base, tuned, task, dev)
-    if delta is None:
-        return None
-    return [(tg, extract_piece(tg, tg.take(delta).contiguous(), opts)) for tg in task.targets]
 
 
 def task_delta(base: WeightSource, tuned: WeightSource, task: Task, dev: torch.device) -> Optional[torch.Tensor]:
@@ -98,10 +108,13 @@ class Run:
     recipe: dict
     labels: tuple[str, str]
     began: float = field(default_factory=time.perf_counter)
+    prepared: Optional[Iterable[TaskResult]] = None  # every task's entries, made already (a size budget's)
 
     def pieces(self, device: Union[str, torch.device], progress: Progress) -> Iterator[tuple[Target, AdapterModule]]:
-        return iter_pieces(self.base, self.tuned, self.plan, self.opts, resolve_device(device), self.report,
-                           progress)
+        """(target, entry) of every changed delta: the prepared ones, else made now, reading both models."""
+        results = self.prepared if self.prepared is not None else \
+            task_results(self.base, self.tuned, self.plan, self.opts, resolve_device(device), progress=progress)
+        return iter_pieces(results, self.plan, self.report)
 
     def finish(self, written: int) -> None:
         """Totals into the report; an error when nothing changed."""

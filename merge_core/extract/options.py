@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Optional
 
 from ..errors import MergeCoreError
 from ..lowrank.rank_select import RankRule
@@ -26,7 +26,6 @@ class ExtractOptions:
     min_diff: float = 0.0
     text_encoders: bool = True
     seed: int = 0
-    ranks: Optional[Mapping[str, int]] = None  # per-module fixed ranks (a size budget's allocation)
 
     def __post_init__(self) -> None:
         if self.conv_rank is not None and self.conv_rank < 1:
@@ -43,11 +42,8 @@ class ExtractOptions:
             return RankRule(rank=c)
         return RankRule(None, r.energy, min(r.min_rank, c), c)
 
-    def rule_for(self, weight_shape: tuple[int, ...], name: Optional[str] = None) -> RankRule:
-        """The rule of a weight of this shape (LoCon kernels: conv_rule); its allocated rank under a budget."""
-        k = self.ranks.get(name) if self.ranks is not None and name is not None else None
-        if k:
-            return RankRule(rank=k, min_rank=1, max_rank=max(k, self.rule.max_rank))
+    def rule_for(self, weight_shape: tuple[int, ...]) -> RankRule:
+        """The rule of a weight of this shape (LoCon kernels: conv_rule)."""
         kernel = 1
         for d in weight_shape[2:]:
             kernel *= d

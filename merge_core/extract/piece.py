@@ -16,6 +16,7 @@ from ..adapters import FullDiff, LoRA, parameter_count
 from ..adapters.base import matrix_shape
 from ..checkpoint.lora_names import BIAS, Target
 from ..lowrank import Dense, low_rank
+from ..lowrank.quality import Quality
 from ..report import ModuleReport
 from .options import OVERSAMPLE, POWER_ITERS, ExtractOptions
 
@@ -48,13 +49,18 @@ def extract_piece(target: Target, delta: torch.Tensor, opts: ExtractOptions) -> 
         return full_piece(target, delta)
     shape = tuple(delta.shape)
     out, n = matrix_shape(shape)
-    rule = opts.rule_for(shape, target.name)
-    lr = low_rank(Dense(delta.reshape(out, n)), rule, "rsvd", seed=opts.seed_for(target.name),
+    lr = low_rank(Dense(delta.reshape(out, n)), opts.rule_for(shape), "rsvd", seed=opts.seed_for(target.name),
                   oversample=OVERSAMPLE, power_iters=POWER_ITERS)
     k = lr.rank
     if k * (out + n) >= out * n:
         return full_piece(target, delta, f"full diff: rank {k} would not be smaller")
-    module = LoRA.from_factors(lr.up.to("cpu"), lr.down.to("cpu"), shape)
+    return lora_piece(target, shape, lr.up, lr.down, lr.quality)
+
+
+def lora_piece(target: Target, shape: tuple[int, ...], up: torch.Tensor, down: torch.Tensor,
+               quality: Quality) -> tuple[Module, ModuleReport]:
+    """The LoRA/LoCon entry of factors up (out×k) and down (k×in·kh·kw) of a weight of `shape`, and its row."""
+    module = LoRA.from_factors(up.to("cpu"), down.to("cpu"), shape)
     note = "locon" if math.prod(shape[2:]) > 1 else ""
-    return module, ModuleReport(target.name, "lora", k, parameter_count(module), lr.quality.rel_error,
-                                lr.quality.energy_kept, note)
+    return module, ModuleReport(target.name, "lora", module.rank, parameter_count(module), quality.rel_error,
+                                quality.energy_kept, note)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from .operators import Operator, frob2, inner
 
 
@@ -33,3 +35,12 @@ def measure(target: Operator, approx: Operator | None, target_norm2: float | Non
     err2 = max(0.0, t2 - 2.0 * inner(target, approx) + frob2(approx))
     rel = math.sqrt(err2 / t2)
     return Quality(rel, 1.0 - rel * rel)
+
+
+def truncated(S: torch.Tensor, k: int, total: float) -> Quality:
+    """Quality of the rank-k truncation of an SVD of P·T (P an orthogonal projection, as rSVD's QQᵀ; or I), from
+    σ alone: ‖T − Â_k‖² = ‖T‖² − Σ_{i≤k} σᵢ², since Â_k = P_k T with P_k an orthogonal projection."""
+    if total <= 0.0:
+        return Quality(0.0, 1.0)
+    kept = min(1.0, float(S[:k].double().square().sum()) / total)
+    return Quality(math.sqrt(1.0 - kept), kept)
