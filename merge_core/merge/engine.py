@@ -24,13 +24,14 @@ from ..errors import MergeCoreError, NonFiniteError
 from ..files.metadata import carried_metadata, make_recipe
 from ..lora_file import LoraSet, check_dora, damaged_module_error, input_label
 from ..lowrank import RankRule
+from ..memory import available_memory
 from ..report import ModuleReport, Progress, Report
 from ..result import MergeResult
 from .heap import HeapTrimmer
 from .methods import Method, describe, method_named, resolve_options, resolve_weights
 from .options import MergeOptions
 from .outcome import Outcome, exact_sum_outcome
-from .scheduler import DENSE_COPIES, available_memory, run_work, worker_cap
+from .scheduler import DENSE_COPIES, run_work, worker_cap
 from .targets import ModuleTarget, plan_targets
 
 log = logging.getLogger(__name__)

@@ -36,18 +36,6 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def available_memory() -> Optional[int]:
-    """Bytes the system can still hand out without swapping (Linux MemAvailable); None where unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def worker_cap(module_bytes: int, available: Optional[int]) -> Optional[int]:
     """Workers that fit DENSE_COPIES dense modules of `module_bytes` each in MEMORY_SHARE of `available` (at
     least 1); None (no cap) when the available memory is unknown."""

@@ -1,6 +1,7 @@
 """Worker threads for a merge: at most the cap, and dense methods capped by the memory their modules need."""
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import deque
@@ -8,8 +9,9 @@ from pathlib import Path
 
 import torch
 
+from merge_core import memory
 from merge_core.merge import engine, plan_merge
-from merge_core.merge.scheduler import available_memory, run_work, torch_threads, worker_cap
+from merge_core.merge.scheduler import run_work, torch_threads, worker_cap
 from merge_testlib import one_torch_thread  # noqa: F401  (autouse)
 from merge_testlib import NAMES, lora_set, random_lora, shape_of
 
@@ -23,9 +25,14 @@ def test_worker_cap_fits_two_dense_modules_per_worker_in_half_the_memory():
     assert worker_cap(100 << 20, None) is None  # unknown: no cap
 
 
-def test_available_memory_comes_from_the_system():
-    if Path("/proc/meminfo").exists():
-        assert available_memory() > 0
+def test_available_memory_comes_from_the_system(monkeypatch, tmp_path):
+    """Linux's MemAvailable; without /proc the POSIX page counts; Windows' GlobalMemoryStatusEx (not here)."""
+    if Path(memory.MEMINFO).exists():
+        meminfo = memory.available_memory()
+        assert meminfo > 0
+        monkeypatch.setattr(memory, "MEMINFO", str(tmp_path / "no_such_file"))
+        assert 0 < memory.available_memory() <= 2 * meminfo  # the free pages, without the page cache
+    assert memory._windows() is None or sys.platform == "win32"
 
 
 def run_threads(max_workers):
