@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 
 from ..files.atomic import atomic_write, refuse_existing
-from ..fuse import DORA_CHOICES, OUTPUT_FORMATS, STRATEGIES, fuse_models, fusion_metadata, verify_written
-from ..fuse.engine import DEFAULT_RULE, resolve_weights
+from ..fuse import DORA_CHOICES, OUTPUT_FORMATS, STRATEGIES, fusion_metadata, verify_written
+from ..fuse.engine import DEFAULT_RULE, collect, plan_fuse, resolve_weights
+from ..fuse.to_file import fuse_to_file
 from ..lora_file import load_lora
 from .common import (add_device, add_dtype, add_output, add_rank_rule, add_report, finite_float, rank_rule,
                      write_report)
@@ -54,25 +55,29 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     refuse_existing(out, args.overwrite)
     sets = [load_lora(m) for m in args.models]
+    plan = plan_fuse(sets, args.weights, args.strategy, args.norm_threshold, args.output_format, rank_rule(args),
+                     args.dora)
+    plan.dtype = args.dtype
     with ProgressLine("fuse") as progress:
-        result = fuse_models(sets, args.weights, args.strategy, args.norm_threshold, args.output_format,
-                             rank_rule(args), args.device, args.dora, progress)
-    result.recipe["parameters"]["dtype"] = args.dtype
-    path = result.save(out, dtype=args.dtype, overwrite=args.overwrite)
-    print(result.report.table())
-    print(f"wrote {path} ({', '.join(f'{k}: {v}' for k, v in sorted(result.report.extra['kinds'].items()))})")
+        if out.suffix.lower() == ".safetensors":  # written as the modules are fused
+            path, report = out, fuse_to_file(plan, out, args.dtype, args.overwrite, args.device, progress)
+        else:
+            result = collect(plan, args.device, progress)
+            path, report = result.save(out, dtype=args.dtype, overwrite=args.overwrite), result.report
+    print(report.table())
+    print(f"wrote {path} ({', '.join(f'{k}: {v}' for k, v in sorted(report.extra['kinds'].items()))})")
     errors = None
     if args.verify:
         start = time.perf_counter()
-        errors = verify_written(path, sets, result, args.device)
+        errors = verify_written(path, sets, report, args.device)
         worst = max(errors, key=errors.get) if errors else None
         print(f"verify: {len(errors)} modules re-read, max rel error {errors[worst] if worst else 0.0:.3e}"
               + (f" ({worst})" if worst else "") + f", {time.perf_counter() - start:.1f} s")
     if args.metadata:
-        text = json.dumps(fusion_metadata(result, errors), indent=2)
+        text = json.dumps(fusion_metadata(report, plan.recipe(), errors), indent=2)
         atomic_write(Path(args.metadata), lambda tmp: tmp.write_text(text), overwrite=True)
-    report = result.report.as_dict()
+    as_dict = report.as_dict()
     if errors is not None:
-        report["verify"] = errors
-    write_report(args.report, report)
+        as_dict["verify"] = errors
+    write_report(args.report, as_dict)
     return 0

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
 RECIPE_KEY = "lora_rsvd_merge.recipe"
+DIGEST_PLACEHOLDER = "0" * 64  # a sha256's length, to size a header before the inputs' hashes are known
 TAG_FREQUENCY, TRIGGER_PHRASE = "ss_tag_frequency", "modelspec.trigger_phrase"  # what a merge carries over
 NETWORK_MODULE = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya", "full": "lycoris.kohya"}
 BASE_MODEL = {"sdxl": "sdxl_base_v1-0", "sd15": "sd_v1"}

@@ -15,7 +15,7 @@ import torch
 from ..device import resolve_device
 from ..lora_file import LoraSet, load_lora
 from ..lowrank import Dense, Operator, measure, weighted_sum
-from ..result import MergeResult
+from ..report import Report
 from .terms import Term, dense_sum
 
 F64 = torch.float64
@@ -33,13 +33,14 @@ def module_error(terms: Sequence[Term], coeffs: Sequence[float], written: Option
     return diff / norm if norm > 0.0 else (0.0 if diff == 0.0 else math.inf)
 
 
-def verify_written(path: Union[str, os.PathLike], sets: Sequence[LoraSet], result: MergeResult,
+def verify_written(path: Union[str, os.PathLike], sets: Sequence[LoraSet], report: Report,
                    device: str = "auto") -> dict[str, float]:
-    """Per-module relative error of the file at `path` against the exact fused target."""
+    """Per-module relative error of the file at `path` against the exact fused target (the coefficients are the
+    fusion's report's)."""
     dev = resolve_device(device)
     written = load_lora(path)
     errors = {}
-    for name, cs in result.report.extra["coefficients"].items():
+    for name, cs in report.extra["coefficients"].items():
         present = [(c, Term(i, sets[i].modules[name], dev)) for i, c in enumerate(cs) if name in sets[i].modules]
         pairs = [(c, t) for c, t in present if c != 0.0 and t.has_weight]
         module = written.modules.get(name)
@@ -48,17 +49,17 @@ def verify_written(path: Union[str, os.PathLike], sets: Sequence[LoraSet], resul
     return errors
 
 
-def fusion_metadata(result: MergeResult, verify: Optional[dict[str, float]] = None) -> dict:
+def fusion_metadata(report: Report, recipe: dict, verify: Optional[dict[str, float]] = None) -> dict:
     """The --metadata JSON: recipe (inputs with sha256, weights, strategy, …) and per-module results."""
-    coeffs = result.report.extra.get("coefficients", {})
+    coeffs = report.extra.get("coefficients", {})
     rows = []
-    for m in result.report.modules:
+    for m in report.modules:
         row = {"name": m.name, "kind": m.kind, "rank": m.rank, "params": m.params, "rel_error": m.rel_error,
                "energy_kept": m.energy_kept, "coefficients": coeffs.get(m.name), "note": m.note}
         if verify is not None:
             row["verify_rel_error"] = verify.get(m.name)
         rows.append(row)
-    summary = {k: v for k, v in result.report.as_dict().items() if k not in ("modules", "coefficients")}
+    summary = {k: v for k, v in report.as_dict().items() if k not in ("modules", "coefficients")}
     if verify:
         summary["verify_max_rel_error"] = max(verify.values())
-    return {"recipe": result.recipe, "summary": summary, "modules": rows}
+    return {"recipe": recipe, "summary": summary, "modules": rows}

@@ -14,7 +14,7 @@ from ..errors import NonFiniteError
 from .dense_svd import dense_svd
 from .exact_svd import factored_svd
 from .operators import Dense, Factored, Operator, frob2
-from .quality import Quality, measure
+from .quality import Quality, measure, truncated
 from .rank_select import RankRule, choose_rank
 from .rsvd import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, randomized_svd
 from .svd_result import SVD
@@ -52,19 +52,37 @@ def finite_total(op: Operator) -> float:
 
 def svd_of(op: Operator, solver: Solver, rule: RankRule, seed: int = 0,
            oversample: int = DEFAULT_OVERSAMPLE, power_iters: int = DEFAULT_POWER_ITERS) -> SVD:
-    """Singular triplets of `op` by `solver`; exact QR-core needs factored input (dense input -> full SVD)."""
+    """Singular triplets of `op` by `solver`; exact QR-core needs factored input (dense input -> full SVD) and
+    forms only the vectors the rule can keep."""
     if solver == "dense":
         return dense_svd(op)
     if solver == "exact":
-        return factored_svd(op) if isinstance(op, Factored) else dense_svd(op)
+        return factored_svd(op, rule.sketch_rank) if isinstance(op, Factored) else dense_svd(op)
     if solver == "rsvd":
         return randomized_svd(op, rule.sketch_rank, oversample=oversample, power_iters=power_iters, seed=seed)
     raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
 
 
+def truncate(svd: SVD, total: float, rule: RankRule, shape: tuple[int, int]) -> LowRank:
+    """The rank-k truncation of `svd` (k from `rule` on ‖T‖² = total) with its exact error from σ: every solver
+    here returns up·down = P·T with P an orthogonal projector (quality.truncated)."""
+    k = choose_rank(svd.S, total, rule, shape)
+    if k == 0:
+        return LowRank.zero(total, svd.S)
+    up, down = svd.split_factors(k)
+    return LowRank(up, down, k, truncated(svd.S, k, total), svd.S)
+
+
 def low_rank(op: Operator, rule: RankRule, solver: Solver = "rsvd", seed: int = 0,
              oversample: int = DEFAULT_OVERSAMPLE, power_iters: int = DEFAULT_POWER_ITERS) -> LowRank:
-    """Best rank-k factors of `op` (k from `rule` on the exact ‖T‖²) with their exact quality."""
+    """Best rank-k factors of `op` (k from `rule` on the exact ‖T‖²) with their exact quality: for the complete
+    SVDs (exact, dense) ‖T‖² = Σσᵢ² and the error is the tail of σ; for rsvd, ‖T‖² and the error from traces."""
+    if solver != "rsvd":
+        svd = svd_of(op, solver, rule, seed)
+        total = float(svd.S.double().square().sum())
+        if not math.isfinite(total):
+            raise NonFiniteError("the matrix to factor holds NaN or infinite values")
+        return truncate(svd, total, rule, op.shape)
     total = finite_total(op)
     svd = svd_of(op, solver, rule, seed, oversample, power_iters)
     k = choose_rank(svd.S, total, rule, op.shape)
@@ -74,4 +92,4 @@ def low_rank(op: Operator, rule: RankRule, solver: Solver = "rsvd", seed: int = 
     return LowRank(up, down, k, measure(op, Factored(up, down), total), svd.S)
 
 
-__all__ = ["LowRank", "Solver", "SOLVERS", "finite_total", "low_rank", "svd_of", "Dense", "Factored"]
+__all__ = ["LowRank", "Solver", "SOLVERS", "finite_total", "low_rank", "svd_of", "truncate", "Dense", "Factored"]

@@ -1,21 +1,26 @@
 """Exact SVD of a factored T = U V without forming it: QR of both factors, SVD of the R×R core.
 
 U = Q_U R_U, Vᵀ = Q_V R_V  =>  T = Q_U (R_U R_Vᵀ) Q_Vᵀ;  SVD(R_U R_Vᵀ) = A S Bᵀ  =>  T = (Q_U A) S (Q_V B)ᵀ.
-Cost O((out+N)R²); the core SVD runs in fp64 (it is tiny).
+Cost O((out+N)R²); the core SVD runs in fp64 (it is R×R).  Only the top `keep` singular vectors are formed
+(all R singular values are returned: they give ‖T‖² = Σσᵢ² and every truncation's exact error).
 """
 from __future__ import annotations
 
 import torch
 
+from typing import Optional
+
 from .operators import Factored
 from .svd_result import SVD
 
 
-def factored_svd(op: Factored) -> SVD:
-    """All min(out, N, R) singular triplets of U V, exact up to fp32 round-off."""
+def factored_svd(op: Factored, keep: Optional[int] = None) -> SVD:
+    """All min(out, N, R) singular values of U V, exact up to fp32 round-off, with the top `keep` (default all)
+    singular vectors."""
     Qu, Ru = torch.linalg.qr(op.U, mode="reduced")
     Qv, Rv = torch.linalg.qr(op.V.T, mode="reduced")
     core = Ru.to(torch.float64) @ Rv.to(torch.float64).T
     A, S, Bh = torch.linalg.svd(core, full_matrices=False)
+    A, Bh = A[:, :keep], Bh[:keep]
     dtype = op.U.dtype
     return SVD(Qu @ A.to(dtype), S.to(dtype), (Qv @ Bh.T.to(dtype)).T)

@@ -8,7 +8,8 @@ import torch
 
 @dataclass(frozen=True)
 class SVD:
-    """T ≈ U diag(S) Vh, singular values descending; U (out×k), S (k), Vh (k×N)."""
+    """T ≈ U diag(S) Vh, singular values descending; U (out×k), S (≥ k: an exact SVD keeps every value even
+    when it forms only the top k vectors), Vh (k×N)."""
 
     U: torch.Tensor
     S: torch.Tensor

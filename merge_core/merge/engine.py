@@ -31,7 +31,7 @@ from .heap import HeapTrimmer
 from .methods import Method, describe, method_named, resolve_options, resolve_weights
 from .options import MergeOptions
 from .outcome import Outcome, exact_sum_outcome
-from .scheduler import DENSE_COPIES, run_work, worker_cap
+from .scheduler import DENSE_COPIES, run_in_order, worker_cap
 from .targets import ModuleTarget, plan_targets
 
 log = logging.getLogger(__name__)
@@ -171,28 +171,23 @@ def run_merge(plan: MergePlan, sink: Sink, device: str = "auto", progress: Progr
         return [(o, prepare(t.name, o) if prepare is not None else None) for t, o in zip(batch, outs)]
 
     rows: dict[str, ModuleReport] = {}
-    waiting: dict[int, list[tuple[str, Outcome, Any]]] = {}
-    next_index = 0
     # dense methods churn whole modules: hand freed heap pages back as they go (the factored ones stay small)
     trim = HeapTrimmer(step=8 << 20) if spec.dense else None
 
-    def record(item: tuple[int, list[ModuleTarget]], results: list[tuple[Outcome, Any]]) -> None:
-        nonlocal next_index
-        index, batch = item
-        waiting[index] = [(t.name, out, ready) for t, (out, ready) in zip(batch, results)]
-        for t, (out, _) in zip(batch, results):
+    def finished(item: tuple[int, list[ModuleTarget]], results: list[tuple[Outcome, Any]]) -> None:
+        for t, (out, _) in zip(item[1], results):
             rows[t.name] = _row(t.name, out)
             if progress is not None:
                 progress(len(rows), len(plan.names), t.name)
-        while next_index in waiting:
-            for name, out, ready in waiting.pop(next_index):
-                sink(name, out, ready)
-            next_index += 1
+
+    def emit(item: tuple[int, list[ModuleTarget]], results: list[tuple[Outcome, Any]]) -> None:
+        for t, (out, ready) in zip(item[1], results):
+            sink(t.name, out, ready)
         if trim is not None:
             trim()
 
     start = time.perf_counter()
-    run_work(work, run, record, dev, dense_worker_cap(plan) if dev.type == "cpu" else None)
+    run_in_order(work, run, emit, dev, dense_worker_cap(plan) if dev.type == "cpu" else None, finished)
     report = Report("merge")
     for name in plan.names:
         report.add(rows[name])

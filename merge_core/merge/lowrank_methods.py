@@ -10,16 +10,13 @@ Quality is exact: from all singular values (exact), the Grams (gram core), or tr
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
 
 from ..adapters import LoRA
 from ..adapters.base import tucker_right
-from ..lowrank import (SVD, Dense, Factored, LowRank, Operator, Quality, RankRule, choose_rank, finite_total,
-                       low_rank, svd_of)
-from ..lowrank.exact_svd import factored_svd
+from ..lowrank import Dense, Factored, LowRank, Operator, RankRule, finite_total, low_rank, svd_of, truncate
 from ..lowrank.rsvd import DEFAULT_OVERSAMPLE
 from .gram_core import Stacked, gram_core, gram_low_rank, gram_low_rank_batch
 from .options import MergeOptions
@@ -32,27 +29,10 @@ def gram_core_limit(rule: RankRule) -> int:
     return 2 * (rule.sketch_rank + DEFAULT_OVERSAMPLE)
 
 
-def truncated(svd: SVD, total: float, rule: RankRule, shape: tuple[int, int]) -> LowRank:
-    """The rank-k truncation of `svd` (k from `rule` on ‖T‖² = total) with its exact error
-    √((‖T‖² − Σ_{i≤k} σᵢ²)/‖T‖²): every solver here returns up·down = P·T with P an orthogonal projector."""
-    k = choose_rank(svd.S, total, rule, shape)
-    if k == 0:
-        return LowRank.zero(total, svd.S)
-    up, down = svd.split_factors(k)
-    rel = math.sqrt(max(0.0, total - float((svd.S[:k].to(torch.float64) ** 2).sum())) / total)
-    return LowRank(up, down, k, Quality(rel, 1.0 - rel * rel), svd.S)
-
-
-def exact_low_rank(op: Factored, rule: RankRule) -> LowRank:
-    """Truncated QR-core SVD; it has all singular values, so ‖T‖² = Σ σᵢ²."""
-    svd = factored_svd(op)
-    return truncated(svd, float((svd.S.to(torch.float64) ** 2).sum()), rule, op.shape)
-
-
 def dense_low_rank(W: torch.Tensor, rule: RankRule, solver: str, seed: int) -> LowRank:
     """Best rank-k factors of a dense matrix (ties/dare results, full diffs), ‖W‖² accumulated in fp64."""
     total = finite_total(Dense(W))  # first: no SVD of NaN/inf
-    return truncated(svd_of(Dense(W), solver, rule, seed), total, rule, tuple(W.shape))
+    return truncate(svd_of(Dense(W), solver, rule, seed), total, rule, tuple(W.shape))
 
 
 def uses_gram_core(op: Operator, rule: RankRule, solver: str) -> bool:
@@ -64,8 +44,6 @@ def approximate(op: Operator, rule: RankRule, solver: str, seed: int) -> LowRank
     """Best rank-k factors of `op` by `solver` (see the module docstring), k from `rule`."""
     if isinstance(op, Dense):
         return dense_low_rank(op.W, rule, solver, seed)
-    if isinstance(op, Factored) and solver == "exact":
-        return exact_low_rank(op, rule)
     if uses_gram_core(op, rule, solver):
         return gram_low_rank(op, rule)
     return low_rank(op, rule, solver, seed)

@@ -75,3 +75,23 @@ def run_work(work: deque[B], run: Callable[[B, torch.device], R], record: Callab
                     record(running.pop(future), future.result())
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_in_order(work: deque[tuple[int, B]], run: Callable[[tuple[int, B], torch.device], R],
+                 emit: Callable[[tuple[int, B], R], None], device: torch.device, max_workers: Optional[int] = None,
+                 finished: Optional[Callable[[tuple[int, B], R], None]] = None) -> None:
+    """run_work over batches numbered 0, 1, 2, … in `work`: finished(item, result) as each is done (progress),
+    emit(item, result) in number order, each as soon as it and every batch before it are done (a writer)."""
+    waiting: dict[int, tuple[tuple[int, B], R]] = {}
+    next_index = 0
+
+    def record(item: tuple[int, B], result: R) -> None:
+        nonlocal next_index
+        if finished is not None:
+            finished(item, result)
+        waiting[item[0]] = (item, result)
+        while next_index in waiting:
+            emit(*waiting.pop(next_index))
+            next_index += 1
+
+    run_work(work, run, record, device, max_workers)

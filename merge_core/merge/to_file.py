@@ -14,14 +14,13 @@ import torch
 from .. import peft_layout
 from ..errors import MergeCoreError
 from ..files.atomic import atomic_write
+from ..files.metadata import DIGEST_PLACEHOLDER
 from ..files.stream_writer import Entry
 from ..lora_file import dtype_of, module_state
 from ..lora_stream import LoraStream, header_reserve, lora_entries
 from ..report import Progress, Report
 from .engine import MergePlan, run_merge
 from .outcome import Outcome
-
-DIGEST_PLACEHOLDER = "0" * 64  # a sha256's length, to size the header before the inputs' hashes are known
 
 
 def streams_to(path: Union[str, os.PathLike], plan: MergePlan) -> bool:

@@ -2,6 +2,7 @@
 when truncated, lokr = the dense Van Loan–Pitsianis solution, auto's choice, fallbacks, --verify on files."""
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -168,7 +169,7 @@ def test_written_file_verifies(tmp_path, form, suffix, dtype, tol):
     res = fuse_models(sets, [0.6, 0.4], "smart_fusion", output_format=form,
                       rule=RankRule(energy=1.0, min_rank=1, max_rank=99), device="cpu")
     path = res.save(tmp_path / f"out{suffix}", dtype=dtype)
-    errors = verify_written(path, sets, res, "cpu")
+    errors = verify_written(path, sets, res.report, "cpu")
     row = res.report.modules[0]
     assert errors["mod"] == pytest.approx(row.rel_error, abs=tol)
     back = load_lora(path).modules["mod"]
@@ -191,3 +192,35 @@ def test_conv_lokr_keeps_its_4d_layout(form):
             assert out.w2.shape == (4, 3, 3, 3)
         if form != "lokr" or inputs is shared:
             assert rel(out.delta(), target) < 1e-5
+
+
+@pytest.mark.parametrize("form", ["auto", "lokr", "lora", "full"])
+def test_streamed_file_equals_the_held_result_saved(tmp_path, form):
+    """fuse_to_file (what the CLI writes .safetensors with: module by module, on worker threads) writes the
+    tensors and metadata fuse_models + save writes; a module only some inputs have, and a bias, included."""
+    from safetensors import safe_open
+
+    from merge_core.fuse.engine import plan_fuse
+    from merge_core.fuse.to_file import fuse_to_file
+
+    naming = Naming("kohya", "other", {"mod": "mod", "other": "other"})
+    with_bias = lokr(5)
+    with_bias.diff_b = rnd(A * C, seed=9)
+    sets = [LoraSet({"mod": lokr(1), "other": loha(3)}, naming), LoraSet({"mod": with_bias}, naming)]
+    rule = RankRule(energy=0.99, min_rank=1, max_rank=6)
+    held = fuse_models(sets, [0.7, 0.5], "smart_fusion", 1.0, form, rule, device="cpu")
+    held.recipe["parameters"]["dtype"] = "fp16"
+    held.save(tmp_path / "held.safetensors", dtype="fp16")
+    plan = plan_fuse(sets, [0.7, 0.5], "smart_fusion", 1.0, form, rule)
+    report = fuse_to_file(plan, tmp_path / "streamed.safetensors", "fp16", device="cpu")
+    assert report.modules == held.report.modules
+    files = [safe_open(str(tmp_path / f"{n}.safetensors"), "pt") for n in ("held", "streamed")]
+    assert sorted(files[0].keys()) == sorted(files[1].keys()) and files[0].keys()
+    for key in files[0].keys():
+        assert torch.equal(files[0].get_tensor(key), files[1].get_tensor(key)), key
+    meta = [f.metadata() for f in files]
+    for m in meta:
+        m["lora_rsvd_merge.recipe"] = json.loads(m["lora_rsvd_merge.recipe"])
+        m["lora_rsvd_merge.recipe"].pop("created")
+        m.pop("ss_output_name", None), m.pop("modelspec.title", None), m.pop("modelspec.date", None)
+    assert meta[0] == meta[1]
