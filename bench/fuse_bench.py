@@ -13,8 +13,8 @@ Table 1, all 986 modules, smart_fusion (the default): LoKr pair as lokr, lora, a
 equal up to scale (w2 full: the nearest Kronecker product is exact) as lokr and auto; LoHa pair as lora (LoHa
 has no Kronecker form, so its lokr/auto runs fall back to lora per module: the same work, shown in table 2).
 Table 2, every --stride-th module (50 of 986 by default, same factor sizes), so the 40 runs fit in minutes and
-the dense `full` form fits in memory (all 986 modules as full diffs are 2.9 G entries: 5.9 GB in fp16, twice
-that in fp32 while held): every strategy × every output form, both pairs.
+the dense `full` files stay small (all 986 modules as full diffs are 2.9 G entries: a 5.9 GB fp16 file): every
+strategy × every output form, both pairs.
 --quick: 30 modules at rank 4 for both tables, for a smoke run.
 """
 from __future__ import annotations

@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 from typing import Optional, Union
 
+import torch
+
 from ..errors import MergeCoreError, NonFiniteError, finite_numbers
 from ..files.atomic import atomic_write
 from ..lowrank.rank_select import RankRule
@@ -28,6 +30,20 @@ def add_output(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def add_device(p: argparse.ArgumentParser, default: str = "auto") -> None:
     p.add_argument("--device", default=default, help="auto (CUDA when present), cpu, cuda, cuda:N")
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads: modules are computed this many side by side (default: torch's own, one per "
+                        "core; 1 is faster on a busy machine)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """torch's thread count from --threads (the worker threads of a merge or fuse on the CPU)."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise MergeCoreError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
 
 
 def add_dtype(p: argparse.ArgumentParser, default: str = "fp16", flag: str = "--dtype") -> None:

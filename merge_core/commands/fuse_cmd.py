@@ -12,8 +12,8 @@ from ..fuse import DORA_CHOICES, OUTPUT_FORMATS, STRATEGIES, fusion_metadata, ve
 from ..fuse.engine import DEFAULT_RULE, collect, plan_fuse, resolve_weights
 from ..fuse.to_file import fuse_to_file
 from ..lora_file import load_lora
-from .common import (add_device, add_dtype, add_output, add_rank_rule, add_report, finite_float, rank_rule,
-                     write_report)
+from .common import (add_device, add_dtype, add_output, add_rank_rule, add_report, add_threads, apply_threads,
+                     finite_float, rank_rule, write_report)
 from .progress_line import ProgressLine
 
 STRATEGY_HELP = ("weighted_sum: Σ wᵢΔWᵢ; weighted_average: Σ wᵢΔWᵢ/Σ wᵢ; layer_adaptive: wᵢ scaled by the "
@@ -37,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="min_max_norm's τ (default 1.0)")
     p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="auto", help=FORMAT_HELP)
     add_rank_rule(p, energy=DEFAULT_RULE.energy, min_rank=DEFAULT_RULE.min_rank, max_rank=DEFAULT_RULE.max_rank)
+    add_threads(p)
     add_device(p)
     add_dtype(p)
     p.add_argument("--dora", choices=DORA_CHOICES, default="error",
@@ -52,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     resolve_weights(args.weights, len(args.models))  # count mismatch fails before any file is read
+    apply_threads(args)
     out = Path(args.output)
     refuse_existing(out, args.overwrite)
     sets = [load_lora(m) for m in args.models]

@@ -8,8 +8,6 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-
 from ..errors import MergeCoreError
 from ..files.atomic import refuse_existing
 from ..keys.profiles import PROFILES
@@ -20,8 +18,8 @@ from ..merge.budget import fit_to_size
 from ..merge.engine import collect, plan_merge
 from ..merge.methods import method_named, resolve_weights
 from ..merge.to_file import merge_to_file, streams_to
-from .common import (add_device, add_dtype, add_output, add_rank_rule, add_report, budget_line, finite_float,
-                     parse_size, write_report)
+from .common import (add_device, add_dtype, add_output, add_rank_rule, add_report, add_threads, apply_threads,
+                     budget_line, finite_float, parse_size, write_report)
 from .progress_line import ProgressLine
 
 log = logging.getLogger(__name__)
@@ -64,8 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how to read the inputs' names (default auto)")
     p.add_argument("--dora", choices=DORA_CHOICES, default="error",
                    help="DoRA inputs: error (default) or ignore (merge the low-rank part, drop the magnitude)")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="CPU threads for torch (default: torch's own; 1 is faster on a busy machine)")
+    add_threads(p)
     add_device(p)
     add_dtype(p)
     add_output(p)
@@ -104,10 +101,7 @@ def run(args: argparse.Namespace) -> int:
         log.warning("rank options do not apply to %s (its rank follows from the inputs); ignored", method.name)
     if args.target_size is not None and args.energy is not None:
         log.warning("--energy does not apply with --target-size (the budget chooses the ranks); ignored")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise MergeCoreError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     out = Path(args.output)
     refuse_existing(out, args.overwrite)
     # each file's sha256 (for the recipe) is hashed on a spare core from now on, beside the parsing and the merge
