@@ -11,6 +11,7 @@ from .pack_lora import LORA_TYPE, PackLora, summary_line
 from .runtime import file_signature, filename_list, model_file, run_job, torch_device
 
 SEED_TOOLTIP = "seed of the randomized SVD sketches: same seed, same file"
+MAX_RANK_NOTE = "; every layer is factored at max_rank first, then cut to its rank (one read of the models)"
 
 
 def extraction_inputs() -> dict:
@@ -61,7 +62,7 @@ class ExtractFromModels:
         }, "optional": {
             "base_clip": ("CLIP", {"tooltip": "the base text encoders (connect both CLIPs to extract them too)"}),
             "tuned_clip": ("CLIP", {"tooltip": "the fine-tuned text encoders"}),
-            **target_size_input("; the models are read twice"),
+            **target_size_input(MAX_RANK_NOTE),
         }}
 
     def extract(self, base_model, tuned_model, device: str, base_clip=None, tuned_clip=None, **options) -> dict:
@@ -93,7 +94,7 @@ class ExtractFromCheckpoints:
             "tuned_ckpt": (names, {"tooltip": "the fine-tuned checkpoint (same architecture)"}),
             "text_encoders": ("BOOLEAN", {"default": True, "tooltip": "extract the text encoders too"}),
             **extraction_inputs(),
-        }, "optional": target_size_input("; the checkpoints are read twice")}
+        }, "optional": target_size_input(MAX_RANK_NOTE)}
 
     @classmethod
     def IS_CHANGED(cls, base_ckpt: str, tuned_ckpt: str, **_: object) -> str:

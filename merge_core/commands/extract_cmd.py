@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..errors import MergeCoreError
 from ..checkpoint.sources import KINDS, output_path
 from ..extract import DEFAULT_RANK, extract_to_file
 from ..lowrank.rank_select import RankRule
@@ -34,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                            f"is fixed (--rank, default {DEFAULT_RANK})")
     p.add_argument("--target-size", metavar="SIZE",
                    help="choose each layer's rank (within --min-rank/--max-rank) to keep the most of the model's "
-                        "‖ΔW‖² in a .safetensors file of at most SIZE (e.g. 128MB, 64MiB); reads the models twice")
+                        "‖ΔW‖² in a .safetensors file of at most SIZE (e.g. 128MB, 64MiB); the models are read once, "
+                        "every layer factored at --max-rank first")
     p.add_argument("--conv-rank", type=int, help="rank of 3×3 conv layers (LoCon); default: as --rank "
                    "(under --energy: their max rank)")
     p.add_argument("--diff-only", action="store_true", help="store every changed tensor as a full .diff (no SVD)")
@@ -55,9 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def rule_of(args: argparse.Namespace) -> RankRule:
     """--rank N fixed; --energy T dynamic within [--min-rank, --max-rank]; neither: fixed rank 32 (with
     --target-size: the bounds [--min-rank, --max-rank], the ranks come from the budget)."""
-    if args.target_size is not None:
-        if args.rank is not None:
-            raise MergeCoreError("--target-size chooses the ranks: it cannot be combined with a fixed --rank")
+    if args.target_size is not None and args.rank is None:  # with a --rank, extract_to_file refuses the pair
         return RankRule(None, ENERGY_DEFAULT, args.min_rank, args.max_rank)
     if args.rank is not None:
         if args.energy is not None:

@@ -41,8 +41,8 @@ def extract_to_file(base: Source, tuned: Source, output: Union[str, os.PathLike]
     dtype = dtype_of(output_dtype)
     run = open_run(base, tuned, base_kind=base_kind, tuned_kind=tuned_kind, **args)
     if target_size is not None:
-        run.report.extra["size_budget"] = fit_extraction(run, int(target_size), dtype, path.stem, device,
-                                                             progress, hold=dtype)
+        run.report.extra["size_budget"] = fit_extraction(run, int(target_size), dtype, path.stem, device, progress,
+                                                         hold=dtype)
     reserve = header_reserve(bound_entries(run.plan, run.opts, dtype), run.plan.arch, run.recipe, path.stem)
 
     def write(tmp: Path) -> None:

@@ -44,7 +44,10 @@ class LowRank:
 
 def finite_total(op: Operator) -> float:
     """‖T‖² (fp64), or a NonFiniteError when T holds NaN/inf: before any SVD, which would fail on it (noisily)."""
-    total = frob2(op)
+    return _finite(frob2(op))
+
+
+def _finite(total: float) -> float:
     if not math.isfinite(total):
         raise NonFiniteError("the matrix to factor holds NaN or infinite values")
     return total
@@ -63,14 +66,17 @@ def svd_of(op: Operator, solver: Solver, rule: RankRule, seed: int = 0,
     raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
 
 
-def truncate(svd: SVD, total: float, rule: RankRule, shape: tuple[int, int]) -> LowRank:
-    """The rank-k truncation of `svd` (k from `rule` on ‖T‖² = total) with its exact error from σ: every solver
-    here returns up·down = P·T with P an orthogonal projector (quality.truncated)."""
+def truncate(svd: SVD, total: float, rule: RankRule, shape: tuple[int, int],
+             measured: Optional[Operator] = None) -> LowRank:
+    """The rank-k truncation of `svd` (k from `rule` on ‖T‖² = total) with its exact error: from σ (every solver
+    here returns up·down = P·T with P an orthogonal projector; quality.truncated), or by traces against
+    `measured` (T itself) when given."""
     k = choose_rank(svd.S, total, rule, shape)
     if k == 0:
         return LowRank.zero(total, svd.S)
     up, down = svd.split_factors(k)
-    return LowRank(up, down, k, truncated(svd.S, k, total), svd.S)
+    quality = truncated(svd.S, k, total) if measured is None else measure(measured, Factored(up, down), total)
+    return LowRank(up, down, k, quality, svd.S)
 
 
 def low_rank(op: Operator, rule: RankRule, solver: Solver = "rsvd", seed: int = 0,
@@ -79,17 +85,9 @@ def low_rank(op: Operator, rule: RankRule, solver: Solver = "rsvd", seed: int = 
     SVDs (exact, dense) ‖T‖² = Σσᵢ² and the error is the tail of σ; for rsvd, ‖T‖² and the error from traces."""
     if solver != "rsvd":
         svd = svd_of(op, solver, rule, seed)
-        total = float(svd.S.double().square().sum())
-        if not math.isfinite(total):
-            raise NonFiniteError("the matrix to factor holds NaN or infinite values")
-        return truncate(svd, total, rule, op.shape)
-    total = finite_total(op)
-    svd = svd_of(op, solver, rule, seed, oversample, power_iters)
-    k = choose_rank(svd.S, total, rule, op.shape)
-    if k == 0:
-        return LowRank.zero(total, svd.S)
-    up, down = svd.split_factors(k)
-    return LowRank(up, down, k, measure(op, Factored(up, down), total), svd.S)
+        return truncate(svd, _finite(float(svd.S.double().square().sum())), rule, op.shape)
+    total = finite_total(op)  # first: no sketch of NaN/inf
+    return truncate(svd_of(op, solver, rule, seed, oversample, power_iters), total, rule, op.shape, measured=op)
 
 
 __all__ = ["LowRank", "Solver", "SOLVERS", "finite_total", "low_rank", "svd_of", "truncate", "Dense", "Factored"]

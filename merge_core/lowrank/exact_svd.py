@@ -6,9 +6,9 @@ Cost O((out+N)R²); the core SVD runs in fp64 (it is R×R).  Only the top `keep`
 """
 from __future__ import annotations
 
-import torch
-
 from typing import Optional
+
+import torch
 
 from .operators import Factored
 from .svd_result import SVD

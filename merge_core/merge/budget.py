@@ -14,10 +14,10 @@ import torch
 
 from ..device import resolve_device
 from ..errors import MergeCoreError
-from ..lora_file import dtype_of
-from ..lowrank import Dense
 from ..files.stream_writer import data_offset
+from ..lora_file import dtype_of
 from ..lora_stream import ALPHA_BYTES
+from ..lowrank import Dense
 from ..lowrank.size_budget import Spectrum, check_room, fit, spectrum
 from ..report import Progress
 from .engine import MergePlan, dense_worker_cap

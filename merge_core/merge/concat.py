@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from ..adapters.base import finite_sum
 from .factors import signed_split
 from .options import MergeOptions
 from .outcome import EXACT, NOT_FINITE, Outcome, combine_notes, lora_outcome
-from ..adapters.base import finite_sum
 from .targets import ModuleTarget
 
 
