@@ -2,7 +2,7 @@
 
 - full: `.diff` = T, dense and exact (large).
 - lora: T's exact factored form (LoHa via face-splitting, LoKr via kron(w1, w2a)·kron(I, w2b)) truncated by
-  exact SVD under the rank rule; α = rank (scale 1).
+  exact SVD under the rank rule (the Gram core with fp64 Grams; a dense T by full SVD); α = rank (scale 1).
 - lokr: the nearest Kronecker product kron(w1, w2) (needs LoKr inputs of one factor shape); w2 truncated to
   the inputs' largest w2 rank when all inputs factorised w2, else stored full.  α = w2's rank, so ComfyUI's
   scale α/dim is 1 (and 1 by rule when w2 is full: both factors full).
@@ -17,7 +17,8 @@ import torch
 
 from ..adapters import AdapterModule, FullDiff, LoKr, LoRA, parameter_count
 from ..errors import MergeCoreError
-from ..lowrank import RankRule, low_rank, weighted_sum
+from ..lowrank import Factored, RankRule, low_rank, weighted_sum
+from ..lowrank.gram_core import gram_low_rank
 from ..report import ModuleReport
 from .kron_nearest import KronFit, nearest_kron
 from .terms import Term, dense_sum, kron_compatible
@@ -110,7 +111,8 @@ def _full(name: str, cs, ts, shape, bias, notes) -> Built:
 
 
 def _lora(name: str, cs, ts, shape, bias, rule: RankRule, notes) -> Built:
-    lr = low_rank(weighted_sum([(c, t.op) for c, t in zip(cs, ts)]), rule, solver="exact")
+    op = weighted_sum([(c, t.op) for c, t in zip(cs, ts)])
+    lr = gram_low_rank(op, rule, torch.float64) if isinstance(op, Factored) else low_rank(op, rule, solver="exact")
     if lr.rank == 0:
         return _row(name, None, 0.0, 1.0, notes + ["all-zero delta: left out"])
     module = LoRA.from_factors(lr.up.cpu(), lr.down.cpu(), shape, diff_b=bias)

@@ -44,10 +44,11 @@ class LowRank:
 
 def finite_total(op: Operator) -> float:
     """‖T‖² (fp64), or a NonFiniteError when T holds NaN/inf: before any SVD, which would fail on it (noisily)."""
-    return _finite(frob2(op))
+    return finite(frob2(op))
 
 
-def _finite(total: float) -> float:
+def finite(total: float) -> float:
+    """`total` (a ‖T‖²), or a NonFiniteError when it is NaN/inf: T holds NaN/inf."""
     if not math.isfinite(total):
         raise NonFiniteError("the matrix to factor holds NaN or infinite values")
     return total
@@ -85,7 +86,7 @@ def low_rank(op: Operator, rule: RankRule, solver: Solver = "rsvd", seed: int = 
     SVDs (exact, dense) ‖T‖² = Σσᵢ² and the error is the tail of σ; for rsvd, ‖T‖² and the error from traces."""
     if solver != "rsvd":
         svd = svd_of(op, solver, rule, seed)
-        return truncate(svd, _finite(float(svd.S.double().square().sum())), rule, op.shape)
+        return truncate(svd, finite(float(svd.S.double().square().sum())), rule, op.shape)
     total = finite_total(op)  # first: no sketch of NaN/inf
     return truncate(svd_of(op, solver, rule, seed, oversample, power_iters), total, rule, op.shape, measured=op)
 

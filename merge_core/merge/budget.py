@@ -18,10 +18,10 @@ from ..files.stream_writer import data_offset
 from ..lora_file import dtype_of
 from ..lora_stream import ALPHA_BYTES
 from ..lowrank import Dense
+from ..lowrank.gram_core import gram_core
 from ..lowrank.size_budget import Spectrum, check_room, fit, spectrum
 from ..report import Progress
 from .engine import MergePlan, dense_worker_cap
-from .gram_core import gram_core
 from .lowrank_methods import spectrum_of, stacked_factors
 from .scheduler import run_work
 from .targets import ModuleTarget

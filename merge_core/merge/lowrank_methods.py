@@ -3,7 +3,7 @@
 Solvers (`--solver`):
 - rsvd (default of `rsvd`): randomized SVD of the factored operator (seeded Gaussian sketch, k+p columns,
   q power iterations).  When the stacked rank R ≤ 2(k+p) a sketch costs more than solving exactly, so
-  rsvd takes the exact Gram core (gram_core.py) — the answer a full-width sketch would give.
+  rsvd takes the exact Gram core (lowrank/gram_core.py) — the answer a full-width sketch would give.
 - exact (default of `svd`/`weighted_avg`): the QR-core SVD of the stacked factors (Householder QR of both).
 - dense: the kohya-style full SVD of the dense ΔW, for comparison.
 Quality is exact: from all singular values (exact), the Grams (gram core), or traces (merge_core.lowrank).
@@ -17,8 +17,8 @@ import torch
 from ..adapters import LoRA
 from ..adapters.base import tucker_right
 from ..lowrank import Dense, Factored, LowRank, Operator, RankRule, finite_total, low_rank, svd_of, truncate
+from ..lowrank.gram_core import Stacked, gram_core, gram_low_rank, gram_low_rank_batch
 from ..lowrank.rsvd import DEFAULT_OVERSAMPLE
-from .gram_core import Stacked, gram_core, gram_low_rank, gram_low_rank_batch
 from .options import MergeOptions
 from .outcome import Outcome, lora_outcome
 from .targets import ModuleTarget

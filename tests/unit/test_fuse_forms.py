@@ -71,7 +71,8 @@ def test_full_is_exact_to_round_off():
 
 
 @pytest.mark.parametrize("mods", [lambda: [lokr(1), lokr(9, rank=2)], lambda: [loha(1), loha(5, rank=2)],
-                                  lambda: [lokr(1), loha(5)]])
+                                  lambda: [lokr(1), loha(5)],
+                                  lambda: [loha(1, rank=6), loha(5, rank=6)]])  # stacked rank 72 > 30 rows
 def test_lora_at_full_rank_is_exact(mods):
     mods = mods()
     res = fuse(mods, [0.7, 0.4], "lora", RankRule(energy=1.0, min_rank=1, max_rank=10_000))

@@ -8,7 +8,7 @@ import torch
 
 from merge_core.lowrank import RankRule
 from merge_core.merge import merge_loras
-from merge_core.merge.gram_core import Stacked, gram_low_rank_batch
+from merge_core.lowrank.gram_core import Stacked, gram_low_rank_batch
 from merge_testlib import one_torch_thread  # noqa: F401  (autouse)
 from merge_testlib import (NAMES, decaying_lora, dense, energy_rank, lora_set, optimal_error, random_lora, rel,
                                 shape_of, target)

@@ -11,12 +11,12 @@ numbers:  ‖T − up·down‖² = Σ_{i>k} σᵢ² + (‖T‖² − tr M),  ‖
 in directions a singular G_U's root left out, zero to round-off otherwise).
 
 Cost: the Grams O((out+N)R²) and the factor products O((out+N)Rk), GEMMs on one module's factors at a time,
-cast to fp32 into a scratch matrix twice (once per pass) so they stay in cache instead of a batch of them
-crossing memory three times; the R×R work batched over the modules (the roots in fp64, M and its
-eigenproblem in fp32, then one triangular solve and one product) — several times cheaper than Householder
-QR of both factors (the QR-core path) and than a sketch with power iterations once R ≤ 2(k+p).  The Grams
-are fp32 products, so singular values below ~1e-3·σ₁ carry their round-off; the kept ones and the reported
-quality are unaffected at usual energies.
+cast into a scratch matrix twice (once per pass) so they stay in cache instead of a batch of them crossing
+memory three times; the R×R work batched over the modules (the roots in fp64, M and its eigenproblem in the
+work dtype, then one triangular solve and one product) — several times cheaper than Householder QR of both
+factors (the QR-core path) and than a sketch with power iterations once R ≤ 2(k+p).  Work dtype fp32 (the
+merges): singular values below ~1e-3·σ₁ carry the Grams' round-off; the kept ones and the reported quality
+are unaffected at usual energies.  fp64 (fuse's exact lora form): ~1e-8·σ₁, at twice the GEMM cost.
 """
 from __future__ import annotations
 
@@ -26,11 +26,14 @@ from typing import Sequence
 
 import torch
 
-from ..lowrank import Factored, LowRank, Quality, RankRule
-from ..lowrank.rank_select import choose_ranks
+from .decompose import LowRank, finite
+from .operators import Factored
+from .quality import Quality
+from .rank_select import RankRule, choose_ranks
 
 F64 = torch.float64
-ROOT_TOL = 1e-7  # relative size below which a direction of G_U is fp32 round-off (left out of its root)
+# relative size below which a direction of G_U is round-off of Grams formed in that dtype (left out of its root)
+ROOT_TOL = {torch.float32: 1e-7, F64: 1e-14}
 
 
 def _balance(gu: torch.Tensor, gv: torch.Tensor) -> torch.Tensor:
@@ -40,26 +43,26 @@ def _balance(gu: torch.Tensor, gv: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, (dv / torch.where(ok, du, 1.0)) ** 0.25, torch.ones_like(du))
 
 
-def _eigh_root(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(F, F⁺), R×R, FᵀF = g on the directions above round-off (zero rows/columns for the others)."""
+def _eigh_root(g: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F, F⁺), R×R, FᵀF = g on the directions above tol·λ_max (zero rows/columns for the others)."""
     lam, E = torch.linalg.eigh(g)
-    keep = (lam > ROOT_TOL * max(float(lam[-1]), 0.0)).to(g.dtype)
+    keep = (lam > tol * max(float(lam[-1]), 0.0)).to(g.dtype)
     root = lam.clamp_min(0).sqrt()
     F = (root * keep)[:, None] * E.T
     F_pinv = E * (keep / torch.where(keep > 0, root, 1.0))
     return F, F_pinv
 
 
-def _roots(g: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """Batched F with FᵀF = g: the upper-triangular Cholesky factor where g is well inside the PSD cone, and
-    eigh's root elsewhere — those modules' pseudo-inverses F⁺ returned by batch index."""
+def _roots(g: torch.Tensor, tol: float) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Batched F with FᵀF = g: the upper-triangular Cholesky factor where g is well inside the PSD cone (its
+    smallest pivot above tol), and eigh's root elsewhere — those modules' pseudo-inverses F⁺ by batch index."""
     L, info = torch.linalg.cholesky_ex(g)
     diag = L.diagonal(dim1=-2, dim2=-1)
-    ok = (info == 0) & (diag.amin(-1) ** 2 > ROOT_TOL * g.diagonal(dim1=-2, dim2=-1).amax(-1))
+    ok = (info == 0) & (diag.amin(-1) ** 2 > tol * g.diagonal(dim1=-2, dim2=-1).amax(-1))
     F = L.mT.contiguous()
     pinv = {}
     for i in torch.nonzero(~ok).flatten().tolist():
-        F[i], pinv[i] = _eigh_root(g[i])
+        F[i], pinv[i] = _eigh_root(g[i], tol)
     return F, pinv
 
 
@@ -131,15 +134,18 @@ class GramCore:
     d: torch.Tensor  # the balancing gauge
     c: torch.Tensor  # the column scales
     left_out: torch.Tensor  # ‖T‖² − tr M
+    dtype: torch.dtype  # of the Grams, M's eigenproblem and the factor products
 
 
-def gram_core(factors: Stacked) -> GramCore:
-    """Pass 1 over a batch (one shape and device): the Grams, each module cast once into a scratch matrix; then
-    the batched R×R work up to the singular values (c folded into the small matrices)."""
+def gram_core(factors: Stacked, dtype: torch.dtype = torch.float32) -> GramCore:
+    """Pass 1 over a batch (one shape and device): the Grams, each module cast once into a scratch matrix of
+    `dtype` (the work dtype, see above); then the batched R×R work up to the singular values (c folded into the
+    small matrices)."""
     out, n, R = factors.shape
     B, device, col_scale = len(factors.ups), factors.ups[0][0].device, factors.col_scale
-    su, sv = torch.empty(out, R, device=device), torch.empty(R, n, device=device)
-    gu, gv = torch.empty(B, R, R, device=device), torch.empty(B, R, R, device=device)
+    work = dict(dtype=dtype, device=device)
+    su, sv = torch.empty(out, R, **work), torch.empty(R, n, **work)
+    gu, gv = torch.empty(B, R, R, **work), torch.empty(B, R, R, **work)
     for b in range(B):
         U, V = factors.u(b, su), factors.v(b, sv)
         torch.mm(U.T, U, out=gu[b])
@@ -148,17 +154,18 @@ def gram_core(factors: Stacked) -> GramCore:
     c = col_scale.to(device=device, dtype=F64)
     gu = gu * (c[:, :, None] * c[:, None, :])
     totals = (gu * gv).sum((-2, -1))
+    listed = [finite(t) for t in totals.tolist()]  # before any factorisation of NaN/inf
     d = _balance(gu, gv)
     dd = d[:, :, None] * d[:, None, :]
-    F, pinv = _roots(gu * dd)
+    F, pinv = _roots(gu * dd, ROOT_TOL[dtype])
     gv_d = gv / dd
-    # fp32 (eigh reads M's lower triangle): as accurate as the fp32 Grams behind it
-    lam, A = torch.linalg.eigh(F.float() @ gv_d.float() @ F.mT.float())
+    # eigh reads M's lower triangle; in the Grams' dtype, as accurate as they are
+    lam, A = torch.linalg.eigh(F.to(dtype) @ gv_d.to(dtype) @ F.mT.to(dtype))
     S = lam.to(F64).flip(-1).clamp_min(0.0).sqrt()
     left_out = torch.zeros_like(totals)  # ‖T‖² − tr M: zero to round-off where the root is a Cholesky factor
     for i in pinv:
         left_out[i] = (totals[i] - (F[i] @ gv_d[i] * F[i]).sum()).clamp_min(0.0)
-    return GramCore(S, totals.tolist(), A, F, pinv, d, c, left_out)
+    return GramCore(S, listed, A, F, pinv, d, c, left_out, dtype)
 
 
 def gram_factors(core: GramCore, factors: Stacked, rules: Sequence[RankRule]) -> list[LowRank]:
@@ -177,8 +184,9 @@ def gram_factors(core: GramCore, factors: Stacked, rules: Sequence[RankRule]) ->
     X = d[:, :, None] * _left_solve(F, core.pinv, Ak * half[:, None, :])
     Y = (torch.where(kept, 1.0 / torch.where(kept, half, 1.0), 0.0)[:, :, None] * (Ak.mT @ F)) / d[:, None, :]
     errors = (tail + core.left_out).tolist()
-    X, Y = (c[:, :, None] * X).float(), Y.float()  # up = U diag(c) X, down = Y V
-    su, sv = torch.empty(out, R, device=device), torch.empty(R, n, device=device)
+    X, Y = (c[:, :, None] * X).to(core.dtype), Y.to(core.dtype)  # up = U diag(c) X, down = Y V
+    work = dict(dtype=core.dtype, device=device)
+    su, sv = torch.empty(out, R, **work), torch.empty(R, n, **work)
     results = []
     for b, k in enumerate(ks):
         total = totals[b]
@@ -187,15 +195,17 @@ def gram_factors(core: GramCore, factors: Stacked, rules: Sequence[RankRule]) ->
             continue
         rel = math.sqrt(min(1.0, errors[b] / total))
         up, down = factors.u(b, su) @ X[b, :, :k], Y[b, :k] @ factors.v(b, sv)  # fresh, exactly k wide
+        up, down = up.float(), down.float()  # no-ops for fp32
         results.append(LowRank(up, down, k, Quality(rel, 1.0 - rel * rel), S[b].float()))
     return results
 
 
-def gram_low_rank_batch(factors: Stacked, rules: Sequence[RankRule]) -> list[LowRank]:
-    """Best rank-k factors of each T_b = U_b diag(c_b) V_b of `factors`, k from rules[b]."""
-    return gram_factors(gram_core(factors), factors, rules)
+def gram_low_rank_batch(factors: Stacked, rules: Sequence[RankRule],
+                        dtype: torch.dtype = torch.float32) -> list[LowRank]:
+    """Best rank-k factors of each T_b = U_b diag(c_b) V_b of `factors`, k from rules[b] (dtype: gram_core's)."""
+    return gram_factors(gram_core(factors, dtype), factors, rules)
 
 
-def gram_low_rank(op: Factored, rule: RankRule) -> LowRank:
+def gram_low_rank(op: Factored, rule: RankRule, dtype: torch.dtype = torch.float32) -> LowRank:
     """The Gram core for one factored operator."""
-    return gram_low_rank_batch(Stacked.of(op), [rule])[0]
+    return gram_low_rank_batch(Stacked.of(op), [rule], dtype)[0]
