@@ -12,14 +12,27 @@ from .commands import COMMANDS
 from .errors import MergeCoreError
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (`error: …`, exit 2), not argparse's usage block; sub-commands inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+VERBOSE_HELP = "log progress per module"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m merge_core",
-                                     description="Merge, fuse, extract and inspect LoRA / LyCORIS files exactly.")
+    parser = OneLineParser(prog="python -m merge_core",
+                           description="Merge, fuse, extract and inspect LoRA / LyCORIS files exactly.")
     parser.add_argument("--version", action="version", version=f"lora-rsvd-merge {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress per module")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in COMMANDS:
         command.register(sub)
+    for command_parser in sub.choices.values():  # -v also after the command (unset there: the top level's stands)
+        command_parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                    help=VERBOSE_HELP)
     return parser
 
 

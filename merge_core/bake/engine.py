@@ -143,7 +143,7 @@ def bake_lora(base_path: Union[str, os.PathLike, WeightSource], lora: Union[Lora
     refuse_existing(path, overwrite)  # fail before reading anything
     base = open_weights(base_path, base_kind, "--source-model")
     lset = _open_lora(lora, lora_kind)
-    lset.require_no_dora("baked")
+    lset.require_no_dora("baked", "bake takes no DoRA files")
     damaged = next((name for name, m in lset.modules.items() if not m.is_finite()), None)
     if damaged is not None:  # one fp32 sum per tensor: a NaN baked in would ruin the whole layer
         raise damaged_module_error(damaged, lset, 0)

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="default: pytorch for -o *.pt/.pth/.ckpt, else safetensors (suffix appended if missing)")
     add_device(p)
     add_report(p)
-    add_output(p)
+    add_output(p, "output checkpoint (.safetensors, or .pt/.pth/.ckpt; a missing suffix is added per --output-format)")
     p.set_defaults(run=run)
 
 

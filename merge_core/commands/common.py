@@ -23,8 +23,9 @@ def finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a finite number: {text!r}") from None
 
 
-def add_output(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("-o", "--output", required=required, help="output file (.safetensors or .pt) or PEFT folder")
+def add_output(p: argparse.ArgumentParser, what: str, required: bool = True) -> None:
+    """-o (`what` the output may be, for its help) and --overwrite."""
+    p.add_argument("-o", "--output", required=required, help=what)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (never by default)")
 
 

@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD sketches (default 0)")
     add_device(p)
     add_report(p)
-    add_output(p)
+    add_output(p, "output file (.safetensors, or .pt/.pth/.ckpt; a missing suffix is added per --output-format)")
     p.set_defaults(run=run)
 
 

@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_threads(p)
     add_device(p)
     add_dtype(p)
-    add_output(p)
+    add_output(p, "output: a .safetensors or .pt file, or a folder for PEFT inputs (written as a PEFT adapter)")
     add_report(p)
     p.set_defaults(run=run)
 
@@ -120,7 +120,6 @@ def run(args: argparse.Namespace) -> int:
         def progress(done: int, total: int, name: str) -> None:
             for s in sets:  # a merged module's inputs are not needed again: free them as the outputs grow
                 s.modules.pop(name, None)
-            log.info("%d/%d %s", done, total, name)
             line(done, total, name)
 
         if streams_to(out, plan):

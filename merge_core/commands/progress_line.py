@@ -1,6 +1,6 @@
 """A one-line progress display for the CLI: `merge 412/986 (42 %), 12 s, about 17 s left`, redrawn in place on
-stderr when stderr is a terminal (never in pipes, logs or CI), and only when -v is not already logging each
-module."""
+stderr when stderr is a terminal (never in pipes, logs or CI); under -v each module is logged instead
+(`merge (rsvd) 412/986 lora_unet_…`)."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +9,7 @@ import time
 from typing import Optional, TextIO
 
 REDRAW = 0.2  # seconds between redraws
+log = logging.getLogger(__name__)
 
 
 class ProgressLine:
@@ -18,12 +19,15 @@ class ProgressLine:
     def __init__(self, what: str, stream: Optional[TextIO] = None):
         self.what = what
         self.stream = stream if stream is not None else sys.stderr
-        self.enabled = self.stream.isatty() and not logging.getLogger().isEnabledFor(logging.INFO)
+        self.verbose = logging.getLogger().isEnabledFor(logging.INFO)
+        self.enabled = self.stream.isatty() and not self.verbose
         self.start = time.perf_counter()
         self.last = 0.0
         self.width = 0
 
     def __call__(self, done: int, total: int, name: str) -> None:
+        if self.verbose:
+            log.info("%s %d/%d %s", self.what, done, total, name)
         now = time.perf_counter()
         if not self.enabled or (now - self.last < REDRAW and done < total):
             return

@@ -22,7 +22,8 @@ def _errnos(*names: str) -> frozenset:
 
 # what write() itself raises, with no file name attached (the only errors taken as the output's when unnamed)
 UNNAMED_WRITE_ERRNOS = _errnos("ENOSPC", "EDQUOT", "EFBIG")
-WRITE_ERRNOS = UNNAMED_WRITE_ERRNOS | _errnos("EROFS", "EACCES", "EPERM")
+WRITE_ERRNOS = UNNAMED_WRITE_ERRNOS | _errnos("EROFS", "EACCES", "EPERM", "ENOENT", "EISDIR")
+NOT_A_FOLDER_ERRNOS = _errnos("EEXIST", "ENOTDIR")  # making the output's folder, where a file stands on the way
 
 
 def inside(root: PathLike, relative: PathLike) -> Path:
@@ -47,7 +48,8 @@ def _temp_beside(path: Path, suffix: str) -> Path:
 @contextmanager
 def write_errors(path: Path, *own: Path) -> Iterator[None]:
     """OSErrors of writing `path` — on it, on the temp paths `own` or what is in them, or on a folder above
-    it — as one-line OutputWriteErrors (disk full, read-only, no permission, in use); others as they are."""
+    it — as one-line OutputWriteErrors (disk full, read-only, no permission, in use, no such folder, a file
+    where a folder should be); others as they are."""
     try:
         yield
     except OSError as exc:
@@ -56,9 +58,12 @@ def write_errors(path: Path, *own: Path) -> Iterator[None]:
         else:
             culprit = Path(os.fspath(exc.filename))
             ours = culprit in path.parents or any(culprit == p or p in culprit.parents for p in (path, *own))
-        if exc.errno not in WRITE_ERRNOS or not ours:
+        not_a_folder = exc.errno in NOT_A_FOLDER_ERRNOS and exc.filename is not None and culprit in path.parents
+        if not ours or not (exc.errno in WRITE_ERRNOS or not_a_folder):
             raise
-        if os.name == "nt" and exc.filename2 is not None and exc.errno == errno.EACCES:
+        if not_a_folder:
+            why = "a folder on its path is a file"
+        elif os.name == "nt" and exc.filename2 is not None and exc.errno == errno.EACCES:
             why = ("it is in use (Windows cannot replace an open file, such as the checkpoint a bake reads); "
                    "write to a new name")
         else:

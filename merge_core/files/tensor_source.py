@@ -80,7 +80,8 @@ def _read_header(path: Path) -> tuple[dict, dict, int]:
         if not 0 <= start <= end:
             raise InputFileError(f"corrupt safetensors header: '{key}' has data offsets {start}..{end}: {path}")
         if end > data_len:
-            raise InputFileError(f"truncated file: tensor '{key}' ends at byte {end} of {data_len}: {path}")
+            raise InputFileError(f"truncated file: tensor '{key}' needs {end - data_len:,} bytes more than the "
+                                 f"file holds ({size:,} bytes): {path}")
         if end - start != count * width:
             raise InputFileError(f"corrupt safetensors header: '{key}' size does not match its shape: {path}")
     return header, metadata, 8 + n

@@ -40,8 +40,8 @@ def allocate(spectra: Sequence[Spectrum], budget: int) -> dict[str, int]:
     spent = sum(s.low * s.cost for s in spectra)
     if spent > budget:
         raise MergeCoreError(f"the budget is too small: every module at its minimum rank already takes "
-                             f"{spent / 2**20:.1f} MiB of tensors, {budget / 2**20:.1f} MiB are left after the "
-                             "header and fixed tensors; lower --min-rank or raise --target-size")
+                             f"{spent:,} bytes of tensors, {budget:,} bytes are left after the header and fixed "
+                             "tensors; lower --min-rank or raise --target-size")
     heap = [(-s.sq[s.low] / s.cost, i) for i, s in enumerate(spectra) if s.low < s.high]
     heapq.heapify(heap)
     while heap:
@@ -86,7 +86,7 @@ def check_room(target_bytes: int, fixed: int) -> None:
     """A one-line error when the bytes that do not depend on rank (`fixed`) leave no room in the target."""
     if fixed >= target_bytes:
         raise MergeCoreError(f"the budget is too small: the header and the tensors that do not depend on rank "
-                             f"already take {fixed / 2**20:.2f} MiB; raise --target-size")
+                             f"already take {fixed:,} bytes; raise --target-size")
 
 
 def fit(spectra: Sequence[Spectrum], target_bytes: int, fixed: int, energy_of: str) -> tuple[dict[str, int], dict]:

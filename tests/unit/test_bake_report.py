@@ -60,7 +60,7 @@ def test_refusals(tmp_path, base_file):
     lora = lora_file(tmp_path / "dora.safetensors", {
         f"{NAME}.lora_up.weight": torch.ones(8, 1), f"{NAME}.lora_down.weight": torch.ones(1, 8),
         f"{NAME}.dora_scale": torch.ones(1, 8)})
-    with pytest.raises(DoraError):
+    with pytest.raises(DoraError, match="baked linearly — bake takes no DoRA files$"):
         bake_lora(path, lora, tmp_path / "o.safetensors", device="cpu")
     (tmp_path / "exists.safetensors").write_bytes(b"x")
     with pytest.raises(OutputExistsError):

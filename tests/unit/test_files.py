@@ -61,6 +61,16 @@ def test_a_refused_replace_is_one_line_and_the_old_file_stays(tmp_path, monkeypa
     assert p.read_text() == "original" and len(list(tmp_path.iterdir())) == 1
 
 
+@pytest.mark.parametrize("below", ["out.safetensors", "sub/out.safetensors"])
+def test_a_file_where_the_output_folder_should_be_is_one_line(tmp_path, below):
+    blocker = tmp_path / "a.safetensors"
+    blocker.write_text("an input")
+    called = []
+    with pytest.raises(OutputWriteError, match=r"cannot write .*: a folder on its path is a file\. Nothing was"):
+        atomic_write(blocker / below, called.append)
+    assert not called and blocker.read_text() == "an input" and len(list(tmp_path.iterdir())) == 1
+
+
 def test_errors_on_other_files_are_not_called_write_errors(tmp_path):
     """An input that cannot be opened inside the write callback is the input's error, not the output's."""
     def reads_input(tmp):

@@ -53,6 +53,20 @@ def inputs(tmp_path_factory):
     return write_lokr(d / "a.safetensors", 1), write_lokr(d / "b.safetensors", 2), write_loha(d / "c.safetensors", 3)
 
 
+def test_usage_errors_are_one_line(inputs, tmp_path):
+    r = cli(*inputs, "--norm-threshold", "nan", "-o", tmp_path / "out.safetensors")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: argument --norm-threshold: not a finite number: 'nan' (see python -m merge_core fuse --help)"]
+
+
+def test_verbose_after_the_command_logs_every_module(inputs, tmp_path):
+    r = cli(*inputs[:2], "-v", "-o", tmp_path / "out.safetensors")
+    assert r.returncode == 0, r.stderr
+    logged = sorted(line.split()[-1] for line in r.stderr.splitlines() if line.startswith("fuse "))
+    assert logged == sorted(NAMES)
+
+
 def test_weight_count_mismatch_is_one_line(inputs, tmp_path):
     r = cli(*inputs, "--weights", "0.5", "0.5", "-o", tmp_path / "out.safetensors")
     assert r.returncode != 0

@@ -137,7 +137,8 @@ def test_non_finite_options_are_refused_by_the_parser(inputs, tmp_path):
         r = cli(*inputs, *option, "-o", tmp_path / "x.safetensors")
         assert r.returncode == 2
         flag = option[0].split("=")[0]
-        assert r.stderr.strip().splitlines()[-1].endswith(f"argument {flag}: not a finite number: '{value}'")
+        assert r.stderr.strip().splitlines() == [
+            f"error: argument {flag}: not a finite number: '{value}' (see python -m merge_core merge --help)"]
     assert not (tmp_path / "x.safetensors").exists()
 
 

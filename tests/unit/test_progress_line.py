@@ -29,18 +29,15 @@ def test_draws_in_place_with_estimate_and_ends_the_line(monkeypatch):
     assert out.getvalue().endswith("\n")
 
 
-def test_silent_in_pipes_and_under_verbose_logging():
+def test_silent_in_pipes_and_logs_each_module_under_verbose(caplog):
     piped = io.StringIO()
     with ProgressLine("fuse", piped) as line:
         line(1, 1, "a")
     assert piped.getvalue() == ""
-    root = logging.getLogger()
-    before = root.level
-    root.setLevel(logging.INFO)  # -v: every module is logged already
-    try:
-        out = Terminal()
-        with ProgressLine("fuse", out) as line:
-            line(1, 1, "a")
-        assert out.getvalue() == ""
-    finally:
-        root.setLevel(before)
+    caplog.set_level(logging.INFO)  # -v: every module is logged, and no line is drawn
+    out = Terminal()
+    with ProgressLine("fuse", out) as line:
+        line(1, 2, "a")
+        line(2, 2, "b")
+    assert out.getvalue() == ""
+    assert [r.getMessage() for r in caplog.records] == ["fuse 1/2 a", "fuse 2/2 b"]
