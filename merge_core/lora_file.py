@@ -267,7 +267,8 @@ def save_lora(modules: dict[str, AdapterModule], path: PathLike, arch: str = "sd
 
 
 def summary(lset: LoraSet) -> dict:
-    """What `inspect` prints: format, architecture, counts by kind and part, ranks, alphas, dtypes."""
+    """What `inspect` prints: format, architecture, counts by kind and part, ranks, alphas, dtypes, and the
+    modules holding NaN/inf (every tensor is read for that)."""
     parts: dict[str, int] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, int] = {}
@@ -287,4 +288,5 @@ def summary(lset: LoraSet) -> dict:
     return {"path": str(lset.source), "profile": lset.profile, "architecture": lset.arch,
             "modules": len(lset.modules), "kinds": lset.kinds(), "parts": parts, "ranks": ranks, "alphas": alphas,
             "dtypes": dtypes, "parameters": params, "dora_modules": len(lset.dora_modules()),
+            "non_finite_modules": [name for name, m in lset.modules.items() if not m.is_finite()],
             "metadata": lset.metadata}

@@ -1,5 +1,5 @@
 """`inspect FILE [--json]`: format, architecture, modules by kind and by UNet/TE1/TE2, ranks, alphas,
-dtypes, metadata."""
+dtypes, modules holding NaN/inf, metadata."""
 from __future__ import annotations
 
 import argparse
@@ -37,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"parameters:    {info['parameters']:,}")
     if info["dora_modules"]:
         print(f"DoRA:          {info['dora_modules']} modules carry dora_scale (cannot be merged linearly)")
+    damaged = info["non_finite_modules"]
+    if damaged:
+        print(f"NaN/inf:       {len(damaged)} modules hold NaN or infinite values, e.g. '{damaged[0]}' (a damaged "
+              "file; merge, fuse and bake refuse it)")
     meta = info["metadata"]
     if meta:
         print(f"metadata:      {len(meta)} entries")

@@ -51,6 +51,19 @@ def test_inspect_describes_an_sdxl_lora(tmp_path, cli):
     assert info["ranks"] == {"4": 12} and info["dtypes"] == {"float16": 24}
 
 
+def test_inspect_names_modules_holding_nan_or_inf(tmp_path, cli):
+    modules = sdxl_lora(sdxl_specs(per_group=2), rank=4)
+    names = list(modules)
+    modules[names[1]].up[0, 0] = float("nan")
+    modules[names[3]].down[1, 2] = float("-inf")
+    save_lora(modules, tmp_path / "a.safetensors")
+    res = cli("inspect", tmp_path / "a.safetensors")
+    assert res.returncode == 0, res.stderr
+    assert f"NaN/inf:       2 modules hold NaN or infinite values, e.g. '{names[1]}'" in res.stdout
+    info = json.loads(cli("inspect", tmp_path / "a.safetensors", "--json").stdout)
+    assert info["non_finite_modules"] == [names[1], names[3]]
+
+
 def test_missing_file(tmp_path, cli):
     assert_one_line_error(cli("inspect", tmp_path / "nope.safetensors"), "file not found")
 
