@@ -1,5 +1,6 @@
-"""Bake a LoRA into a model: W' = W + s·ΔW for every module (LoRA, LoCon, LoHa, LoKr, .diff/.diff_b),
-streaming one base tensor at a time into the output file, which keeps the base's keys, order and metadata.
+"""Bake a LoRA into a model: W' = W + s·ΔW for every module (LoRA, LoCon, LoHa, LoKr, .diff/.diff_b), and
+DoRA's rescaled weight as ComfyUI applies it where a module has a magnitude (adapters/dora.py), streaming one
+base tensor at a time into the output file, which keeps the base's keys, order and metadata.
 
 ΔW is each module's exact delta as ComfyUI applies it (module.delta(): α/r folded in, Tucker/LoKr rules);
 s is the bake strength.  A module whose shape does not fit its base layer is reported and left out, never
@@ -16,6 +17,7 @@ from typing import Optional, Union
 import torch
 
 from ..adapters import AdapterModule, FullDiff
+from ..adapters.dora import dora_weight
 from ..checkpoint.lora_names import BIAS, WEIGHT
 from ..checkpoint.sources import WeightSource, check_kind, label_of, open_weights
 from ..device import COMPUTE_DTYPE, resolve_device, with_cpu_fallback
@@ -80,11 +82,16 @@ def plan_patches(lset: LoraSet, index: BakeIndex) -> tuple[dict[str, list[Patch]
 
 
 def apply(tensor: torch.Tensor, patches: list[Patch], alpha: float, dev: torch.device) -> torch.Tensor:
-    """W + alpha·ΔW in fp32 (row blocks / transposes via each slot's target); in-memory bases are not modified."""
+    """W + alpha·ΔW in fp32 (row blocks / transposes via each slot's target), or DoRA's rescaled weight for a
+    module with a magnitude (adapters/dora.py); in-memory bases are not modified."""
     W = tensor.to(dev, COMPUTE_DTYPE, copy=True)
     for slot, module, role in patches:
         d = delta_of(module, role).to(dev, COMPUTE_DTYPE).reshape(slot.shape)
-        slot.target.take(W).add_(d, alpha=alpha)
+        view = slot.target.take(W)
+        if role == WEIGHT and module.dora_scale is not None:
+            view.copy_(dora_weight(view, d, module.dora_scale.to(dev, COMPUTE_DTYPE), alpha))
+        else:
+            view.add_(d, alpha=alpha)
     return W.to("cpu")
 
 
@@ -143,7 +150,6 @@ def bake_lora(base_path: Union[str, os.PathLike, WeightSource], lora: Union[Lora
     refuse_existing(path, overwrite)  # fail before reading anything
     base = open_weights(base_path, base_kind, "--source-model")
     lset = _open_lora(lora, lora_kind)
-    lset.require_no_dora("baked", "bake takes no DoRA files")
     damaged = next((name for name, m in lset.modules.items() if not m.is_finite()), None)
     if damaged is not None:  # one fp32 sum per tensor: a NaN baked in would ruin the whole layer
         raise damaged_module_error(damaged, lset, 0)
@@ -161,5 +167,6 @@ def bake_lora(base_path: Union[str, os.PathLike, WeightSource], lora: Union[Lora
     write_checkpoint(path, base, tensors, metadata, overwrite)
     return {"operation": "bake", "base": str(base_label), "lora": str(lset.source), "output": str(path),
             "alpha": alpha, "output_dtype": output_dtype or "as base", "base_keys": len(base.keys()),
-            "patched_keys": len(patches), "matched": matched, "skipped": skipped,
+            "patched_keys": len(patches), "matched": matched, "dora_modules": len(lset.dora_modules()),
+            "skipped": skipped,
             "seconds": time.perf_counter() - began}

@@ -105,3 +105,49 @@ def test_every_adapter_kind_bakes_to_its_dense_delta(setup):
         expect = base[key] + S * ref[key] if key in ref else base[key]
         torch.testing.assert_close(out[key], expect, rtol=1e-5, atol=1e-5, msg=key)
     assert torch.equal(out[U + "time_embed.0.weight"], base[U + "time_embed.0.weight"])
+
+
+def column_norms(W: torch.Tensor) -> torch.Tensor:
+    """‖W[:, j, …]‖ for each input column j, written out per column."""
+    return torch.stack([W[:, j].norm() for j in range(W.shape[1])])
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_dora_modules_bake_as_comfyui_decomposes_them(tmp_path, strength):
+    """kohya DoRA (dora_scale 1×in) on a Linear and a 3×3 LoCon: m·W_c/‖W_c‖ per input column; PEFT-style (out×1):
+    m·W_c/‖W‖ per output row, the base's norms (ComfyUI 0.3.75's rule); then W + s·(that − W)."""
+    gen = torch.Generator().manual_seed(3)
+    q = U + "input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
+    conv, proj = U + "input_blocks.1.0.in_layers.2.weight", U + "input_blocks.4.1.proj_out.weight"
+    base = {k: rnd(gen, *BASE_SHAPES[k]) for k in (q, conv, proj)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    lora, expect = {}, {}
+
+    n = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    up, down, m = rnd(gen, 12, 2), rnd(gen, 2, 10), rnd(gen, 1, 10).abs()
+    lora |= {f"{n}.lora_up.weight": up, f"{n}.lora_down.weight": down, f"{n}.alpha": torch.tensor(1.0),
+             f"{n}.dora_scale": m}
+    Wc = base[q] + 0.5 * up @ down
+    expect[q] = Wc * (m[0] / (column_norms(Wc) + torch.finfo(torch.float32).eps))
+
+    n = "lora_unet_input_blocks_1_0_in_layers_2"
+    up, down, m = rnd(gen, 8, 2, 1, 1), rnd(gen, 2, 6, 3, 3), rnd(gen, 1, 6, 1, 1).abs()
+    lora |= {f"{n}.lora_up.weight": up, f"{n}.lora_down.weight": down, f"{n}.dora_scale": m}
+    Wc = base[conv] + (up.flatten(1) @ down.flatten(1)).reshape(8, 6, 3, 3)
+    expect[conv] = Wc * (m.flatten() / (column_norms(Wc) + torch.finfo(torch.float32).eps))[None, :, None, None]
+
+    n = "lora_unet_input_blocks_4_1_proj_out"
+    up, down, m = rnd(gen, 12, 3), rnd(gen, 3, 12), rnd(gen, 12, 1).abs()
+    lora |= {f"{n}.lora_up.weight": up, f"{n}.lora_down.weight": down, f"{n}.dora_scale": m}
+    Wc = base[proj] + up @ down
+    row_norms = torch.stack([base[proj][i].norm() for i in range(12)])
+    expect[proj] = Wc * (m[:, 0] / (row_norms + torch.finfo(torch.float32).eps))[:, None]
+
+    save_file(lora, str(tmp_path / "dora.safetensors"))
+    report = bake_lora(tmp_path / "base.safetensors", tmp_path / "dora.safetensors", tmp_path / "out.safetensors",
+                       alpha=strength, device="cpu")
+    out = load_file(str(tmp_path / "out.safetensors"))
+    assert report["skipped"] == [] and report["dora_modules"] == 3
+    for key, want in expect.items():
+        torch.testing.assert_close(out[key], base[key] + strength * (want - base[key]), rtol=1e-5, atol=1e-6,
+                                   msg=key)

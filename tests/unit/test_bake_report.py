@@ -1,5 +1,5 @@
 """What bake reports and refuses: shape mismatches and unknown modules are skipped (the base tensor is written
-unchanged), DoRA is refused, an existing output is refused before any work; .pt in/out, output dtype, a generic
+unchanged), an existing output is refused before any work; .pt in/out, output dtype, a generic
 (LLM-style) model baked back from its own extraction, and the CLI."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from extract_bake_fixtures import decaying
 from merge_core.bake import bake_lora
 from merge_core.cli import main
-from merge_core.errors import DoraError, MergeCoreError, OutputExistsError
+from merge_core.errors import MergeCoreError, OutputExistsError
 from merge_core.extract import DictSource, extract_lora
 from merge_core.lowrank import RankRule
 
@@ -57,11 +57,6 @@ def test_mismatch_and_unknown_modules_are_reported_and_skipped(tmp_path, base_fi
 
 def test_refusals(tmp_path, base_file):
     path, _ = base_file
-    lora = lora_file(tmp_path / "dora.safetensors", {
-        f"{NAME}.lora_up.weight": torch.ones(8, 1), f"{NAME}.lora_down.weight": torch.ones(1, 8),
-        f"{NAME}.dora_scale": torch.ones(1, 8)})
-    with pytest.raises(DoraError, match="baked linearly — bake takes no DoRA files$"):
-        bake_lora(path, lora, tmp_path / "o.safetensors", device="cpu")
     (tmp_path / "exists.safetensors").write_bytes(b"x")
     with pytest.raises(OutputExistsError):
         bake_lora(path, tmp_path / "missing.safetensors", tmp_path / "exists.safetensors")
