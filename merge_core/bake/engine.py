@@ -1,6 +1,7 @@
 """Bake a LoRA into a model: W' = W + s·ΔW for every module (LoRA, LoCon, LoHa, LoKr, .diff/.diff_b), and
-DoRA's rescaled weight as ComfyUI applies it where a module has a magnitude (adapters/dora.py), streaming one
-base tensor at a time into the output file, which keeps the base's keys, order and metadata.
+DoRA's rescaled weight where a module has a magnitude (adapters/dora.py: as ComfyUI applies it, or as PEFT
+merges it for a PEFT adapter), streaming one base tensor at a time into the output file, which keeps the
+base's keys, order and metadata.
 
 ΔW is each module's exact delta as ComfyUI applies it (module.delta(): α/r folded in, Tucker/LoKr rules);
 s is the bake strength.  A module whose shape does not fit its base layer is reported and left out, never
@@ -81,15 +82,17 @@ def plan_patches(lset: LoraSet, index: BakeIndex) -> tuple[dict[str, list[Patch]
     return patches, matched, skipped
 
 
-def apply(tensor: torch.Tensor, patches: list[Patch], alpha: float, dev: torch.device) -> torch.Tensor:
+def apply(tensor: torch.Tensor, patches: list[Patch], alpha: float, dev: torch.device,
+          peft: bool = False) -> torch.Tensor:
     """W + alpha·ΔW in fp32 (row blocks / transposes via each slot's target), or DoRA's rescaled weight for a
-    module with a magnitude (adapters/dora.py); in-memory bases are not modified."""
+    module with a magnitude (adapters/dora.py; PEFT's convention for a PEFT adapter, else ComfyUI's); in-memory
+    bases are not modified."""
     W = tensor.to(dev, COMPUTE_DTYPE, copy=True)
     for slot, module, role in patches:
         d = delta_of(module, role).to(dev, COMPUTE_DTYPE).reshape(slot.shape)
         view = slot.target.take(W)
         if role == WEIGHT and module.dora_scale is not None:
-            view.copy_(dora_weight(view, d, module.dora_scale.to(dev, COMPUTE_DTYPE), alpha))
+            view.copy_(dora_weight(view, d, module.dora_scale.to(dev, COMPUTE_DTYPE), alpha, peft))
         else:
             view.add_(d, alpha=alpha)
     return W.to("cpu")
@@ -105,8 +108,9 @@ def _open_lora(lora: Union[LoraSet, str, os.PathLike], kind: str) -> LoraSet:
 
 
 def baked_tensors(base: WeightSource, patches: dict[str, list[Patch]], alpha: float,
-                  out_dtype: Optional[torch.dtype], dev: torch.device, progress: Progress = None):
-    """(key, tensor) of the output in the base's order, one base tensor read and patched at a time."""
+                  out_dtype: Optional[torch.dtype], dev: torch.device, progress: Progress = None, peft: bool = False):
+    """(key, tensor) of the output in the base's order, one base tensor read and patched at a time (`peft`: the
+    LoRA is a PEFT adapter, for DoRA's convention)."""
     keys = base.keys()
     for done, key in enumerate(keys, 1):
         t = base.get(key)
@@ -114,7 +118,7 @@ def baked_tensors(base: WeightSource, patches: dict[str, list[Patch]], alpha: fl
         if key in patches:
             if not t.is_floating_point():
                 raise MergeCoreError(f"base tensor '{key}' is {t.dtype}, cannot add a LoRA delta to it")
-            t = with_cpu_fallback(lambda d, t=t, key=key: apply(t, patches[key], alpha, d), dev)
+            t = with_cpu_fallback(lambda d, t=t, key=key: apply(t, patches[key], alpha, d, peft), dev)
         yield key, t.to(dtype)
         if progress is not None:
             progress(done, len(keys), key)
@@ -163,7 +167,7 @@ def bake_lora(base_path: Union[str, os.PathLike, WeightSource], lora: Union[Lora
     recipe = make_recipe("bake", [base_label, lset.source or "lora (in memory)"],
                          {"alpha": alpha, "output_dtype": output_dtype}, digests=[None, lset.sha256()])
     metadata = {**getattr(base, "metadata", {}), RECIPE_KEY: json.dumps(recipe, sort_keys=True)}
-    tensors = baked_tensors(base, patches, alpha, out_dtype, resolve_device(device), progress)
+    tensors = baked_tensors(base, patches, alpha, out_dtype, resolve_device(device), progress, lset.profile == "peft")
     write_checkpoint(path, base, tensors, metadata, overwrite)
     return {"operation": "bake", "base": str(base_label), "lora": str(lset.source), "output": str(path),
             "alpha": alpha, "output_dtype": output_dtype or "as base", "base_keys": len(base.keys()),

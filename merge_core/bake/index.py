@@ -4,8 +4,9 @@ Built from the base's own keys (so it works for SDXL/SD1.x checkpoints, ComfyUI-
 state dicts alike): every (module name, role) the extractor would write for a key points back at that key,
 with the row block (TE2 q/k/v inside `in_proj_weight`) or transpose (`text_projection`) to apply.  Other
 spellings of the same module are accepted too: ComfyUI's generic `diffusion_model.…` / `text_encoders.…`
-names, the checkpoint key path itself, the original extractor's `diffusion_model.<checkpoint key>`, and every
-SDXL alias merge_core.keys knows (diffusers, PEFT-diffusers, …).
+names, the checkpoint key path itself, the original extractor's `diffusion_model.<checkpoint key>`, a PEFT
+adapter's `base_model.model.<key path>` (an LLM's state dict), and every SDXL alias merge_core.keys knows
+(diffusers, PEFT-diffusers, …).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ..checkpoint.layout import UNET, is_checkpoint
 from ..checkpoint.lora_names import Target, split_role, targets_of
 from ..checkpoint.sources import WeightSource
 from ..keys.sdxl_table import sdxl_aliases
+from ..peft_layout import PREFIX as PEFT_PREFIX
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class BakeIndex:
             names.append("text_encoders." + comfy_stem)
         if t.placement.rows is None and not t.placement.transpose:
             stem = split_role(key)[0]
-            names += [stem, "diffusion_model." + stem]
+            names += [stem, "diffusion_model." + stem, PEFT_PREFIX + stem]
         return names
 
     def resolve(self, name: str) -> Optional[str]:

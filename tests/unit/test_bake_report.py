@@ -1,6 +1,7 @@
 """What bake reports and refuses: shape mismatches and unknown modules are skipped (the base tensor is written
 unchanged), an existing output is refused before any work; .pt in/out, output dtype, a generic
-(LLM-style) model baked back from its own extraction, and the CLI."""
+(LLM-style) model baked back from its own extraction, a PEFT adapter (with DoRA) baked into its model, and the
+CLI."""
 from __future__ import annotations
 
 import json
@@ -92,6 +93,38 @@ def test_generic_model_bakes_back_from_its_own_extraction(tmp_path):
     out = load_file(str(tmp_path / "o.safetensors"))
     for k in shapes:
         torch.testing.assert_close(out[k], tuned[k], rtol=0, atol=1e-5)
+
+
+def test_peft_adapter_bakes_into_its_model_as_peft_merges_it(tmp_path):
+    """A PEFT folder (r 4, lora_alpha 8) on an LLM-style state dict: plain modules W + s·2·BA; a DoRA module
+    (lora_magnitude_vector) m ⊙ W_c / ‖W_c‖ per output row, W_c = W + 2·BA (PEFT's merge), then W + s·(that − W)."""
+    gen = torch.Generator().manual_seed(4)
+    q, o = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"
+    base = {q: torch.randn(24, 16, generator=gen), o: torch.randn(16, 24, generator=gen),
+            "model.norm.weight": torch.randn(16, generator=gen)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    (tmp_path / "adapter").mkdir()
+    sd, deltas = {}, {}
+    for key in (q, o):
+        name = "base_model.model." + key[:-len(".weight")]
+        B, A = torch.randn(base[key].shape[0], 4, generator=gen), torch.randn(4, base[key].shape[1], generator=gen)
+        sd |= {f"{name}.lora_B.weight": B, f"{name}.lora_A.weight": A}
+        deltas[key] = 2.0 * B @ A
+    m = torch.rand(24, generator=gen) + 0.5
+    sd["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"] = m
+    save_file(sd, str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": True, "target_modules": ["q_proj", "o_proj"]}))
+    s = 0.8
+    report = bake_lora(tmp_path / "base.safetensors", tmp_path / "adapter", tmp_path / "o.safetensors", alpha=s,
+                       device="cpu")
+    assert report["skipped"] == [] and report["patched_keys"] == 2 and report["dora_modules"] == 1
+    out = load_file(str(tmp_path / "o.safetensors"))
+    torch.testing.assert_close(out[o], base[o] + s * deltas[o], rtol=1e-5, atol=1e-5)
+    Wc = base[q] + deltas[q]
+    merged = (m / torch.stack([row.norm() for row in Wc]))[:, None] * Wc
+    torch.testing.assert_close(out[q], base[q] + s * (merged - base[q]), rtol=1e-5, atol=1e-5)
+    assert torch.equal(out["model.norm.weight"], base["model.norm.weight"])
 
 
 def test_cli_bake(tmp_path, base_file, capsys):
