@@ -29,6 +29,12 @@ def add_output(p: argparse.ArgumentParser, what: str, required: bool = True) -> 
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (never by default)")
 
 
+def suffixed(path: Path) -> Path:
+    """`path`, with .safetensors appended when it has no suffix (what LoraLoader lists; extract and bake do
+    the same through --output-format)."""
+    return path if path.suffix else path.with_name(path.name + ".safetensors")
+
+
 def add_device(p: argparse.ArgumentParser, default: str = "auto") -> None:
     p.add_argument("--device", default=default, help="auto (CUDA when present), cpu, cuda, cuda:N")
 

@@ -13,7 +13,7 @@ from ..fuse.engine import DEFAULT_RULE, collect, plan_fuse, resolve_weights
 from ..fuse.to_file import fuse_to_file
 from ..lora_file import load_lora
 from .common import (add_device, add_dtype, add_output, add_rank_rule, add_report, add_threads, apply_threads,
-                     finite_float, rank_rule, write_report)
+                     finite_float, rank_rule, suffixed, write_report)
 from .progress_line import ProgressLine
 
 STRATEGY_HELP = ("weighted_sum: Σ wᵢΔWᵢ; weighted_average: Σ wᵢΔWᵢ/Σ wᵢ; layer_adaptive: wᵢ scaled by the "
@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     resolve_weights(args.weights, len(args.models))  # count mismatch fails before any file is read
     apply_threads(args)
-    out = Path(args.output)
+    out = suffixed(Path(args.output))
     refuse_existing(out, args.overwrite)
     sets = [load_lora(m) for m in args.models]
     plan = plan_fuse(sets, args.weights, args.strategy, args.norm_threshold, args.output_format, rank_rule(args),

@@ -19,7 +19,7 @@ from ..merge.engine import collect, plan_merge
 from ..merge.methods import method_named, resolve_weights
 from ..merge.to_file import merge_to_file, streams_to
 from .common import (add_device, add_dtype, add_output, add_rank_rule, add_report, add_threads, apply_threads,
-                     budget_line, finite_float, parse_size, write_report)
+                     budget_line, finite_float, parse_size, suffixed, write_report)
 from .progress_line import ProgressLine
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
     if args.target_size is not None and rule is None:
         rule = RankRule()  # the ranks come from the budget, within the default bounds
     plan = plan_merge(sets, args.method, args.weights, rule, args.solver, args.seed, args.density, blocks, args.dora)
+    if plan.layout[1] != "peft":  # a bare name is a file (a PEFT merge writes a folder of that name)
+        out = suffixed(out)
+        refuse_existing(out, args.overwrite)
     budget = None
     if args.target_size is not None:
         if not streams_to(out, plan):

@@ -116,3 +116,9 @@ def test_nan_input_is_named_and_nothing_is_written(inputs, tmp_path, output_form
     assert r.stderr.strip().splitlines() == [f"error: module '{name}' of {bad} holds NaN or infinite values (a damaged "
                                              "file, e.g. an fp16 overflow in training); nothing was written"]
     assert not out.exists()
+
+
+def test_a_bare_output_name_gets_the_safetensors_suffix(inputs, tmp_path):
+    r = cli(*inputs, "-o", tmp_path / "fused")
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["fused.safetensors"]

@@ -170,3 +170,11 @@ def test_trigger_words_and_tags_are_carried_over(inputs, tmp_path, capsys):
         assert meta["modelspec.trigger_phrase"] == "alice, bob"
         assert "ss_seed" not in meta  # training details of one input do not describe the merge
         assert meta["ss_network_module"] == "networks.lora"
+
+
+def test_a_bare_output_name_gets_the_safetensors_suffix(inputs, tmp_path):
+    r = cli(*inputs, "-o", tmp_path / "merged")
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["merged.safetensors"]
+    r = cli(*inputs, "-o", tmp_path / "merged")  # and that file is not replaced without --overwrite
+    assert r.returncode == 2 and "output exists" in r.stderr
