@@ -2,7 +2,13 @@
 import gc
 import sys
 
-from .cli import main
+from .errors import INTERRUPTED
+
+try:
+    from .cli import main
+except KeyboardInterrupt:  # Ctrl-C while torch is imported (a second or two)
+    print(INTERRUPTED, file=sys.stderr)
+    sys.exit(130)
 
 # Everything imported so far (torch's ~170k objects) lives until exit: freezing it keeps the collector from
 # walking it again, in each full collection during the run and in the collections of interpreter shutdown

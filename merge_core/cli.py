@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
-from typing import Optional, Sequence
+import threading
+from typing import Iterator, Optional, Sequence
 
 from . import __version__
 from .commands import COMMANDS
-from .errors import MergeCoreError
+from .errors import INTERRUPTED, MergeCoreError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -36,15 +39,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def noting_interrupts() -> Iterator[list]:
+    """Ctrl-C raises KeyboardInterrupt as usual and is also noted in the yielded list: an interrupt that lands
+    inside a native call (safetensors' reader) can come out of it as another exception."""
+    noted: list = []
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
+
+    def interrupt(signum, frame):
+        noted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    try:
-        return int(args.run(args) or 0)
-    except MergeCoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; no output was written", file=sys.stderr)
-        return 130
+    with noting_interrupts() as interrupted:
+        try:
+            return int(args.run(args) or 0)
+        except MergeCoreError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except (Exception, KeyboardInterrupt) as exc:
+            if not (interrupted or isinstance(exc, KeyboardInterrupt)):
+                raise
+            print(INTERRUPTED, file=sys.stderr)
+            return 130

@@ -2,6 +2,8 @@
 import math
 from typing import Iterable
 
+INTERRUPTED = "error: interrupted; no output was written"  # the CLI's line for Ctrl-C (exit 130)
+
 
 class MergeCoreError(Exception):
     """Base class; the CLI prints `error: <message>` and exits 2."""

@@ -1,9 +1,12 @@
 """`python -m merge_core inspect`: a useful description of good files, one clear line and a non-zero exit
 for bad ones — including a pickle that would run code (and the proof that it did not)."""
 import json
+import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -116,3 +119,22 @@ def test_pickle_that_would_run_code_is_refused_and_the_code_did_not_run(tmp_path
 def test_non_tensor_payload(tmp_path, cli):
     torch.save([1, 2, 3], tmp_path / "list.pt")
     assert_one_line_error(cli("inspect", tmp_path / "list.pt"), "non-tensor payload")
+
+
+def test_ctrl_c_is_one_line_even_when_a_native_call_turns_it_into_another_error(tmp_path, cli, monkeypatch):
+    """safetensors' reader, interrupted, can raise ValueError instead of KeyboardInterrupt: still exit 130."""
+    from merge_core.commands import inspect_cmd
+
+    def interrupted_read(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises here
+        except KeyboardInterrupt:
+            raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'")
+
+    monkeypatch.setattr(inspect_cmd, "run", interrupted_read)
+    res = cli("inspect", tmp_path / "a.safetensors")
+    assert res.returncode == 130 and res.stderr.strip() == "error: interrupted; no output was written"
+    monkeypatch.setattr(inspect_cmd, "run", lambda args: int("not a number"))  # no interrupt: raised as it is
+    with pytest.raises(ValueError):
+        cli("inspect", tmp_path / "a.safetensors")
