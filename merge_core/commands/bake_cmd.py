@@ -6,7 +6,7 @@ import argparse
 
 from ..bake import bake_lora
 from ..checkpoint.sources import KINDS, output_path
-from .common import add_device, add_output, add_report, finite_float, write_report
+from .common import add_device, add_output, add_report, check_side_files, finite_float, write_report
 from .progress_line import ProgressLine
 
 DTYPES = ["fp16", "float16", "bf16", "bfloat16", "fp32", "float32"]
@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = output_path(args.output, args.output_format)
+    check_side_files(args, out, [args.source_model, args.lora_model])
     with ProgressLine("bake") as progress:
         report = bake_lora(args.source_model, args.lora_model, out, alpha=args.alpha, output_dtype=args.output_dtype,
                            overwrite=args.overwrite, device=args.device, progress=progress,
@@ -45,5 +46,5 @@ def run(args: argparse.Namespace) -> int:
     if len(report["skipped"]) > 20:
         print(f"  ... {len(report['skipped']) - 20} more skipped (see --report)")
     print(f"wrote {out}")
-    write_report(args.report, report)
+    write_report(args.report, report, args.overwrite)
     return 0

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
 from ..errors import MergeCoreError, NonFiniteError, finite_numbers
-from ..files.atomic import atomic_write
+from ..files.atomic import atomic_write, refuse_existing
 from ..lowrank.rank_select import RankRule
 from ..report import Report
 
@@ -76,7 +77,28 @@ def rank_rule(args: argparse.Namespace) -> RankRule:
     return RankRule(args.rank, args.energy, args.min_rank, args.max_rank)
 
 
-def write_report(path: Optional[str], report: Union[dict, Report], overwrite: bool = True) -> None:
+SIDE_FILES = ("report", "metadata")  # JSON written beside the output, after the work
+
+
+def check_side_files(args: argparse.Namespace, output: Path, inputs: Sequence[str]) -> None:
+    """Before any work: refuse a --report/--metadata path that is the output or an input, that exists without
+    --overwrite, or whose folder cannot be written (the output would be written, then the JSON lost)."""
+    taken = {Path(p).resolve() for p in (output, *inputs)}
+    for flag in SIDE_FILES:
+        path = getattr(args, flag, None)
+        if not path or not isinstance(path, str):
+            continue
+        where = Path(path).resolve()
+        if where in taken:
+            raise MergeCoreError(f"--{flag} {path} is the output or an input; give it a file of its own")
+        refuse_existing(where, args.overwrite)
+        folder = next((p for p in where.parents if p.exists()), None)
+        if folder is not None and not (folder.is_dir() and os.access(folder, os.W_OK)):
+            raise MergeCoreError(f"--{flag} {path}: cannot write in {folder}")
+        taken.add(where)
+
+
+def write_report(path: Optional[str], report: Union[dict, Report], overwrite: bool) -> None:
     """The report as JSON at `path` (nothing without one: a Report is turned into a dict only when written)."""
     if path:
         text = json.dumps(report.as_dict() if isinstance(report, Report) else report, indent=2, sort_keys=False)

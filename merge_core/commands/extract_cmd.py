@@ -8,8 +8,8 @@ import logging
 from ..checkpoint.sources import KINDS, output_path
 from ..extract import DEFAULT_RANK, extract_to_file
 from ..lowrank.rank_select import RankRule
-from .common import (add_device, add_dtype, add_output, add_rank_rule, add_report, budget_line, finite_float,
-                     parse_size, write_report)
+from .common import (add_device, add_dtype, add_output, add_rank_rule, add_report, budget_line, check_side_files,
+                     finite_float, parse_size, write_report)
 from .progress_line import ProgressLine
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ def rule_of(args: argparse.Namespace) -> RankRule:
 
 def run(args: argparse.Namespace) -> int:
     out = output_path(args.output, args.output_format)
+    check_side_files(args, out, [args.source_model, args.target_model])
     with ProgressLine("extract") as progress:
         report = extract_to_file(args.source_model, args.target_model, out, output_dtype=args.output_dtype,
                                  overwrite=args.overwrite, rule=rule_of(args), conv_rank=args.conv_rank,
@@ -82,5 +83,5 @@ def run(args: argparse.Namespace) -> int:
     if "size_budget" in report.extra:
         print(budget_line(report.extra["size_budget"], out))
     print(f"wrote {out}")
-    write_report(args.report, report)
+    write_report(args.report, report, args.overwrite)
     return 0

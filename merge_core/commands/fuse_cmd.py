@@ -13,7 +13,7 @@ from ..fuse.engine import DEFAULT_RULE, collect, plan_fuse, resolve_weights
 from ..fuse.to_file import fuse_to_file
 from ..lora_file import load_lora
 from .common import (add_device, add_dtype, add_output, add_rank_rule, add_report, add_threads, apply_threads,
-                     finite_float, rank_rule, suffixed, write_report)
+                     check_side_files, finite_float, rank_rule, suffixed, write_report)
 from .progress_line import ProgressLine
 
 STRATEGY_HELP = ("weighted_sum: Σ wᵢΔWᵢ; weighted_average: Σ wᵢΔWᵢ/Σ wᵢ; layer_adaptive: wᵢ scaled by the "
@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args)
     out = suffixed(Path(args.output))
     refuse_existing(out, args.overwrite)
+    check_side_files(args, out, args.models)
     sets = [load_lora(m) for m in args.models]
     plan = plan_fuse(sets, args.weights, args.strategy, args.norm_threshold, args.output_format, rank_rule(args),
                      args.dora)
@@ -77,9 +78,9 @@ def run(args: argparse.Namespace) -> int:
               + (f" ({worst})" if worst else "") + f", {time.perf_counter() - start:.1f} s")
     if args.metadata:
         text = json.dumps(fusion_metadata(report, plan.recipe(), errors), indent=2)
-        atomic_write(Path(args.metadata), lambda tmp: tmp.write_text(text), overwrite=True)
+        atomic_write(Path(args.metadata), lambda tmp: tmp.write_text(text), overwrite=args.overwrite)
     as_dict = report.as_dict()
     if errors is not None:
         as_dict["verify"] = errors
-    write_report(args.report, as_dict)
+    write_report(args.report, as_dict, args.overwrite)
     return 0

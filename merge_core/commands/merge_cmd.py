@@ -19,7 +19,7 @@ from ..merge.engine import collect, plan_merge
 from ..merge.methods import method_named, resolve_weights
 from ..merge.to_file import merge_to_file, streams_to
 from .common import (add_device, add_dtype, add_output, add_rank_rule, add_report, add_threads, apply_threads,
-                     budget_line, finite_float, parse_size, suffixed, write_report)
+                     budget_line, check_side_files, finite_float, parse_size, suffixed, write_report)
 from .progress_line import ProgressLine
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     if plan.layout[1] != "peft":  # a bare name is a file (a PEFT merge writes a folder of that name)
         out = suffixed(out)
         refuse_existing(out, args.overwrite)
+    check_side_files(args, out, args.inputs)
     budget = None
     if args.target_size is not None:
         if not streams_to(out, plan):
@@ -139,5 +140,5 @@ def run(args: argparse.Namespace) -> int:
         print(budget_line(budget, out))
     print(f"wrote {out} ({sum(m.kind != 'none' for m in report.modules)} modules, "
           f"method {args.method})")
-    write_report(args.report, report)
+    write_report(args.report, report, args.overwrite)
     return 0

@@ -178,3 +178,21 @@ def test_a_bare_output_name_gets_the_safetensors_suffix(inputs, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["merged.safetensors"]
     r = cli(*inputs, "-o", tmp_path / "merged")  # and that file is not replaced without --overwrite
     assert r.returncode == 2 and "output exists" in r.stderr
+
+
+def test_report_path_that_would_lose_a_file_is_refused_before_any_work(inputs, tmp_path):
+    """--report onto an input or the output is refused even with --overwrite; onto an existing file without it."""
+    a = tmp_path / "a.safetensors"
+    a.write_bytes(inputs[0].read_bytes())
+    before = a.read_bytes()
+    r = cli(a, inputs[1], "-o", tmp_path / "m.safetensors", "--report", a, "--overwrite")
+    assert r.returncode == 2 and "--report" in r.stderr and "is the output or an input" in r.stderr
+    r = cli(*inputs, "-o", tmp_path / "m.safetensors", "--report", tmp_path / "m.safetensors")
+    assert r.returncode == 2 and "is the output or an input" in r.stderr
+    (tmp_path / "old.json").write_text("keep")
+    r = cli(*inputs, "-o", tmp_path / "m.safetensors", "--report", tmp_path / "old.json")
+    assert r.returncode == 2 and "output exists" in r.stderr
+    assert a.read_bytes() == before and (tmp_path / "old.json").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "old.json"]  # no merge was written
+    r = cli(*inputs, "-o", tmp_path / "m.safetensors", "--report", tmp_path / "old.json", "--overwrite")
+    assert r.returncode == 0 and json.loads((tmp_path / "old.json").read_text())["modules"]
