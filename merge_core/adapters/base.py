@@ -32,7 +32,11 @@ def tucker_right(core: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
 
 
 def alpha_value(t: Optional[torch.Tensor]) -> Optional[float]:
-    return None if t is None else float(t.reshape(-1)[0])
+    if t is None:
+        return None
+    if t.numel() != 1:
+        raise FormatError(f"alpha holds {t.numel()} values, not one")
+    return float(t.reshape(-1)[0])
 
 
 def scale_of(alpha: Optional[float], rank: int) -> float:
@@ -49,6 +53,23 @@ def need(roles: dict[str, torch.Tensor], name: str, kind: str) -> torch.Tensor:
     if name not in roles:
         raise FormatError(f"{kind} module is missing its '{name}' tensor (has: {', '.join(sorted(roles))})")
     return roles[name]
+
+
+def factor(roles: dict[str, torch.Tensor], name: str, kind: str) -> torch.Tensor:
+    """need(), for a factor: a floating-point tensor of ≥ 2 dimensions, none of them empty (rank ≥ 1)."""
+    t = need(roles, name, kind)
+    if not t.is_floating_point() or t.dim() < 2 or 0 in t.shape:
+        raise FormatError(f"{kind} factor '{name}' is {str(t.dtype).replace('torch.', '')} of shape "
+                          f"{tuple(t.shape)}: a factor is a float matrix (or conv kernel) of rank ≥ 1")
+    return t
+
+
+def check_chain(kind: str, *pairs: tuple[str, torch.Tensor]) -> None:
+    """Each named factor's rank side (its dim 1) meets the next one's (its dim 0): left @ right is defined."""
+    for (a, left), (b, right) in zip(pairs, pairs[1:]):
+        if left.shape[1] != right.shape[0]:
+            raise FormatError(f"{kind} factors do not chain: '{a}' {tuple(left.shape)} with '{b}' "
+                              f"{tuple(right.shape)}")
 
 
 @dataclass

@@ -10,7 +10,8 @@ from typing import Optional
 
 import torch
 
-from .base import Extras, Factored, alpha_value, f32, need, scale_of, tucker_right
+from ..errors import FormatError
+from .base import Extras, Factored, alpha_value, check_chain, f32, factor, scale_of, tucker_right
 
 
 def face_split(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -32,9 +33,15 @@ class LoHa(Extras):
 
     @classmethod
     def from_roles(cls, roles: dict[str, torch.Tensor]) -> "LoHa":
-        return cls(*(need(roles, f"hada_{n}", "LoHa") for n in ("w1_a", "w1_b", "w2_a", "w2_b")),
-                   alpha=alpha_value(roles.get("alpha")), t1=roles.get("hada_t1"), t2=roles.get("hada_t2"),
-                   **cls.extras_from(roles))
+        w = {n: factor(roles, n, "LoHa") for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+        if "hada_t1" not in roles:  # (Tucker factors are stored rank-first)
+            check_chain("LoHa", *list(w.items())[:2])
+            check_chain("LoHa", *list(w.items())[2:])
+            shapes = [(w[f"hada_w{i}_a"].shape[0], w[f"hada_w{i}_b"][0].numel()) for i in (1, 2)]
+            if shapes[0] != shapes[1]:
+                raise FormatError(f"LoHa branches differ in shape: {shapes[0]} and {shapes[1]}")
+        return cls(*w.values(), alpha=alpha_value(roles.get("alpha")), t1=roles.get("hada_t1"),
+                   t2=roles.get("hada_t2"), **cls.extras_from(roles))
 
     @property
     def rank(self) -> int:

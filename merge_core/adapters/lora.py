@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .base import Extras, Factored, alpha_value, f32, need, scale_of, tucker_right
+from .base import Extras, Factored, alpha_value, check_chain, f32, factor, scale_of, tucker_right
 
 
 @dataclass
@@ -24,8 +24,11 @@ class LoRA(Extras):
 
     @classmethod
     def from_roles(cls, roles: dict[str, torch.Tensor]) -> "LoRA":
-        return cls(need(roles, "lora_up.weight", "LoRA"), need(roles, "lora_down.weight", "LoRA"),
-                   alpha_value(roles.get("alpha")), roles.get("lora_mid.weight"), **cls.extras_from(roles))
+        names = ["lora_up.weight"] + (["lora_mid.weight"] if "lora_mid.weight" in roles else []) + ["lora_down.weight"]
+        parts = {n: factor(roles, n, "LoRA") for n in names}
+        check_chain("LoRA", *parts.items())
+        return cls(parts["lora_up.weight"], parts["lora_down.weight"], alpha_value(roles.get("alpha")),
+                   parts.get("lora_mid.weight"), **cls.extras_from(roles))
 
     @classmethod
     def from_factors(cls, up: torch.Tensor, down: torch.Tensor, weight_shape: tuple[int, ...], **extras) -> "LoRA":

@@ -120,3 +120,21 @@ def test_roles_pick_the_kind_and_report_missing_tensors():
         module_from_roles("x", {"lora_up.weight": randn(2, 1)})
     with pytest.raises(FormatError, match="lokr_w2"):
         module_from_roles("y", {"lokr_w1": randn(2, 2)})
+
+
+@pytest.mark.parametrize("roles, message", [
+    ({"lora_up.weight": randn(8, 4), "lora_down.weight": randn(5, 8)},
+     "LoRA factors do not chain: 'lora_up.weight' (8, 4) with 'lora_down.weight' (5, 8)"),
+    ({"lora_up.weight": randn(8, 0), "lora_down.weight": randn(0, 8)}, "'lora_up.weight' is float32 of shape (8, 0)"),
+    ({"lora_up.weight": torch.tensor(1.0), "lora_down.weight": torch.tensor(1.0)}, "of shape ()"),
+    ({"lora_up.weight": torch.ones(8, 4, dtype=torch.int32), "lora_down.weight": randn(4, 8)}, "is int32"),
+    ({"lora_up.weight": randn(8, 4), "lora_down.weight": randn(4, 8), "alpha": torch.tensor([2.0, 3.0])},
+     "alpha holds 2 values, not one"),
+    ({"hada_w1_a": randn(8, 2), "hada_w1_b": randn(3, 8), "hada_w2_a": randn(8, 2), "hada_w2_b": randn(2, 8)},
+     "LoHa factors do not chain"),
+    ({"hada_w1_a": randn(8, 2), "hada_w1_b": randn(2, 8), "hada_w2_a": randn(6, 2), "hada_w2_b": randn(2, 8)},
+     "LoHa branches differ in shape: (8, 8) and (6, 8)"),
+])
+def test_malformed_factors_are_one_clear_error_naming_the_module(roles, message):
+    with pytest.raises(FormatError, match=r"^module 'm': .*" + message.replace("(", r"\(").replace(")", r"\)")):
+        module_from_roles("m", roles)
