@@ -39,10 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+STOPS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
+
+
 @contextlib.contextmanager
 def noting_interrupts() -> Iterator[list]:
-    """Ctrl-C raises KeyboardInterrupt as usual and is also noted in the yielded list: an interrupt that lands
-    inside a native call (safetensors' reader) can come out of it as another exception."""
+    """Ctrl-C (and a kill's SIGTERM) raise KeyboardInterrupt, so every temp file is removed on the way out, and
+    are noted in the yielded list: an interrupt that lands inside a native call (safetensors' reader) can come
+    out of it as another exception."""
     noted: list = []
     if threading.current_thread() is not threading.main_thread():
         yield noted
@@ -52,11 +56,12 @@ def noting_interrupts() -> Iterator[list]:
         noted.append(signum)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in STOPS}
     try:
         yield noted
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -73,4 +78,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if not (interrupted or isinstance(exc, KeyboardInterrupt)):
                 raise
             print(INTERRUPTED, file=sys.stderr)
-            return 130
+            return 128 + (interrupted[0] if interrupted else signal.SIGINT)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Optional, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ..errors import InputFileError
 from .stream_writer import ST_DTYPE
@@ -222,7 +222,11 @@ class TensorSource:
         for key, (path, *_) in self._where.items():
             by_file.setdefault(path, []).append(key)
         for path, keys in by_file.items():
-            with safe_open(str(path), framework="pt", device="cpu") as fh:
+            try:
+                fh = safe_open(str(path), framework="pt", device="cpu")
+            except SafetensorError as exc:  # a header our own check passed but the library refuses
+                raise InputFileError(f"corrupt safetensors file ({exc}): {path}") from None
+            with fh:
                 for key in keys:
                     yield key, fh.get_tensor(key)
 

@@ -90,6 +90,15 @@ def test_corrupt_header(tmp_path, cli):
     assert_one_line_error(cli("inspect", p), "corrupt safetensors header")
 
 
+def test_header_the_safetensors_library_refuses_is_one_line(tmp_path, cli):
+    """Overlapping offsets pass the size checks made before reading; safetensors' own parser refuses them."""
+    header = json.dumps({"lora_unet_x.lora_up.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+                         "lora_unet_x.lora_down.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}})
+    p = tmp_path / "o.safetensors"
+    p.write_bytes(len(header).to_bytes(8, "little") + header.encode() + b"\x00" * 16)
+    assert_one_line_error(cli("inspect", p), "corrupt safetensors file")
+
+
 def test_unknown_key_layout(tmp_path, cli):
     from safetensors.torch import save_file
     save_file({"conv.weight": torch.zeros(2, 2)}, str(tmp_path / "k.safetensors"))
