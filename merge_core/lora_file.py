@@ -228,6 +228,13 @@ def module_state(name: str, module: AdapterModule, dtype: torch.dtype,
     return state_dict_of({name: module}, suffixes, dtype)
 
 
+def save_pickle(state: dict, path: Path) -> None:
+    """torch.save through a Python file: a full disk or a refused write is then an OSError with its errno (a
+    one-line write error), not torch's own writer's bare RuntimeError."""
+    with open(path, "wb") as fh:
+        torch.save(state, fh)
+
+
 def save_lora(modules: dict[str, AdapterModule], path: PathLike, arch: str = "sdxl", profile: str = "sdxl",
               dtype: Union[str, torch.dtype] = "fp16", overwrite: bool = False, recipe: Optional[dict] = None,
               suffixes: Optional[Suffixes] = None, peft_config: Optional[dict] = None,
@@ -251,7 +258,7 @@ def save_lora(modules: dict[str, AdapterModule], path: PathLike, arch: str = "sd
     else:
         suffixes = suffixes or KOHYA
         if path.suffix.lower() in (".pt", ".pth", ".ckpt"):
-            return atomic_write(path, lambda tmp: torch.save(state_dict_of(modules, suffixes, dt), tmp), overwrite)
+            return atomic_write(path, lambda tmp: save_pickle(state_dict_of(modules, suffixes, dt), tmp), overwrite)
         entries = [(key, _file_dtype(role, dt), tuple(t.shape)) for key, role, t in _file_tensors(modules, suffixes)]
         tensors_of = partial(module_state, dtype=dt, suffixes=suffixes)
 

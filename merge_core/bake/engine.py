@@ -26,7 +26,7 @@ from ..errors import MergeCoreError, finite_numbers
 from ..files.atomic import atomic_write, refuse_existing
 from ..files.metadata import RECIPE_KEY, make_recipe
 from ..files.stream_writer import header_bound, write_safetensors
-from ..lora_file import LoraSet, damaged_module_error, dtype_of, load_lora
+from ..lora_file import LoraSet, damaged_module_error, dtype_of, load_lora, save_pickle
 from ..report import Progress
 from .index import BakeIndex, Slot
 
@@ -134,7 +134,7 @@ def write_checkpoint(path: Path, base: WeightSource, tensors, metadata: dict, ov
 
     def write(tmp: Path) -> None:
         if pickled:
-            torch.save(dict(tensors), tmp)
+            save_pickle(dict(tensors), tmp)
         else:
             write_safetensors(tmp, tensors, reserve, metadata)
         if hasattr(base, "close"):

@@ -46,11 +46,14 @@ def add_threads(p: argparse.ArgumentParser) -> None:
                         "core; 1 is faster on a busy machine)")
 
 
+MAX_THREADS = 1024  # far past any CPU's cores; a huge count makes the OS refuse threads and torch crash
+
+
 def apply_threads(args: argparse.Namespace) -> None:
     """torch's thread count from --threads (the worker threads of a merge or fuse on the CPU)."""
     if args.threads is not None:
-        if args.threads < 1:
-            raise MergeCoreError(f"--threads must be >= 1, got {args.threads}")
+        if not 1 <= args.threads <= MAX_THREADS:
+            raise MergeCoreError(f"--threads must be between 1 and {MAX_THREADS}, got {args.threads}")
         torch.set_num_threads(args.threads)
 
 

@@ -181,3 +181,18 @@ def test_carried_metadata_sums_tags_joins_phrases_and_skips_damaged_json():
     assert json.loads(got.pop("ss_tag_frequency")) == {"1_a": {"x": 5, "y": 1}}
     assert got == {"modelspec.trigger_phrase": "cat ears, sks"}
     assert carried_metadata([{}, {"ss_seed": "1"}]) == {}
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_pickle_output_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    """torch.save is given a Python file, so the disk's ENOSPC reaches the one-line write error."""
+    import builtins
+
+    from merge_core import lora_file
+    from merge_core.adapters import LoRA
+
+    monkeypatch.setattr(lora_file, "open", lambda path, mode: builtins.open("/dev/full", mode), raising=False)
+    module = LoRA(torch.ones(4, 2), torch.ones(2, 4), 2.0)
+    with pytest.raises(OutputWriteError, match=r"cannot write .*m\.pt: No space left on device\. Nothing was changed"):
+        lora_file.save_lora({"lora_unet_x": module}, tmp_path / "m.pt")
+    assert list(tmp_path.iterdir()) == []
