@@ -74,9 +74,10 @@ def _read_header(path: Path) -> tuple[dict, dict, int]:
             count = 1
             for d in entry["shape"]:
                 count *= int(d)
-            width = SAFETENSORS_DTYPE_BYTES.get(entry["dtype"], 1)
+            width = SAFETENSORS_DTYPE_BYTES[entry["dtype"]]
         except (KeyError, TypeError, ValueError):
-            raise InputFileError(f"corrupt safetensors header entry for '{key}': {path}") from None
+            raise InputFileError(f"corrupt safetensors header entry for '{key}' (dtype, shape or data offsets): "
+                                 f"{path}") from None
         if not 0 <= start <= end:
             raise InputFileError(f"corrupt safetensors header: '{key}' has data offsets {start}..{end}: {path}")
         if end > data_len:
@@ -84,6 +85,10 @@ def _read_header(path: Path) -> tuple[dict, dict, int]:
                                  f"file holds ({size:,} bytes): {path}")
         if end - start != count * width:
             raise InputFileError(f"corrupt safetensors header: '{key}' size does not match its shape: {path}")
+    spans = sorted((entry["data_offsets"], key) for key, entry in header.items())
+    for ((_, end), key), ((start, _), other) in zip(spans, spans[1:]):
+        if start < end:  # each tensor reads its own bytes only
+            raise InputFileError(f"corrupt safetensors header: '{key}' and '{other}' overlap: {path}")
     return header, metadata, 8 + n
 
 

@@ -90,13 +90,17 @@ def test_corrupt_header(tmp_path, cli):
     assert_one_line_error(cli("inspect", p), "corrupt safetensors header")
 
 
-def test_header_the_safetensors_library_refuses_is_one_line(tmp_path, cli):
-    """Overlapping offsets pass the size checks made before reading; safetensors' own parser refuses them."""
+@pytest.mark.parametrize("down_offsets, data, needle", [
+    ([16, 32], 40, "corrupt safetensors file"),  # trailing bytes: safetensors' own parser refuses the file
+    ([8, 24], 32, "overlap"),  # two tensors over the same bytes: refused before any read
+])
+def test_headers_that_lie_about_the_data_are_one_line(tmp_path, cli, down_offsets, data, needle):
     header = json.dumps({"lora_unet_x.lora_up.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
-                         "lora_unet_x.lora_down.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}})
+                         "lora_unet_x.lora_down.weight": {"dtype": "F32", "shape": [2, 2],
+                                                          "data_offsets": down_offsets}})
     p = tmp_path / "o.safetensors"
-    p.write_bytes(len(header).to_bytes(8, "little") + header.encode() + b"\x00" * 16)
-    assert_one_line_error(cli("inspect", p), "corrupt safetensors file")
+    p.write_bytes(len(header).to_bytes(8, "little") + header.encode() + b"\x00" * data)
+    assert_one_line_error(cli("inspect", p), needle)
 
 
 def test_unknown_key_layout(tmp_path, cli):
