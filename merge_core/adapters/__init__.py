@@ -17,11 +17,17 @@ from .lokr import LoKr
 from .lora import LoRA
 
 AdapterModule = Union[LoRA, LoHa, LoKr, FullDiff]
+FAMILIES = {"lora": "lora_", "loha": "hada_", "lokr": "lokr_"}  # kind -> its roles' prefix (full: `diff`)
 KINDS = ("lora", "loha", "lokr", "full")
 
 
 def module_from_roles(name: str, roles: dict[str, torch.Tensor]) -> AdapterModule:
-    """The adapter for one module's tensors; a clear error naming the module if they fit no kind."""
+    """The adapter for one module's tensors; a clear error naming the module if they fit no kind, or several."""
+    kinds = sorted({kind for role in roles for kind, start in FAMILIES.items() if role.startswith(start)}
+                   | ({"full"} if "diff" in roles else set()))
+    if len(kinds) > 1:
+        raise FormatError(f"module '{name}' holds tensors of {len(kinds)} adapter kinds ({', '.join(kinds)}): "
+                          "one would be used and the others dropped")
     try:
         if "lora_up.weight" in roles or "lora_down.weight" in roles:
             return LoRA.from_roles(roles)

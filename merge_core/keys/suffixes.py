@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
+from ..errors import FormatError
+
 UP, DOWN, MID, ALPHA = "lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha"
 PEFT_EMBEDDING_A, PEFT_EMBEDDING_B = ".lora_embedding_A", ".lora_embedding_B"
 PEFT_BIAS = "lora_B.bias"  # PEFT's lora_bias=True: lora_B's bias b, a bias delta of (α/r)·b (the loader converts)
@@ -67,7 +69,8 @@ def split_key(key: str, table: list[tuple[str, str]]) -> Optional[tuple[str, str
 
 
 def group_keys(keys: Iterable[str], custom: Optional[Suffixes] = None) -> tuple[dict[str, dict[str, str]], list[str]]:
-    """{prefix: {role: tensor key}} and the keys no known suffix explains."""
+    """{prefix: {role: tensor key}} and the keys no known suffix explains; a FormatError when two keys give one
+    module the same role (e.g. kohya's lora_up and PEFT's lora_B side by side)."""
     table = suffix_table(custom)
     groups: dict[str, dict[str, str]] = {}
     unknown: list[str] = []
@@ -75,8 +78,11 @@ def group_keys(keys: Iterable[str], custom: Optional[Suffixes] = None) -> tuple[
         hit = split_key(key, table)
         if hit is None:
             unknown.append(key)
-        else:
-            groups.setdefault(hit[0], {})[hit[1]] = key
+            continue
+        roles = groups.setdefault(hit[0], {})
+        if hit[1] in roles:
+            raise FormatError(f"module '{hit[0]}' has two tensors for its {hit[1]}: '{roles[hit[1]]}' and '{key}'")
+        roles[hit[1]] = key
     return groups, unknown
 
 

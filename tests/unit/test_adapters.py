@@ -138,3 +138,12 @@ def test_roles_pick_the_kind_and_report_missing_tensors():
 def test_malformed_factors_are_one_clear_error_naming_the_module(roles, message):
     with pytest.raises(FormatError, match=r"^module 'm': .*" + message.replace("(", r"\(").replace(")", r"\)")):
         module_from_roles("m", roles)
+
+
+def test_a_module_with_tensors_of_two_kinds_is_refused():
+    roles = {"lora_up.weight": randn(8, 2), "lora_down.weight": randn(2, 8), "lokr_w1": randn(2, 2),
+             "lokr_w2": randn(4, 4), "diff_b": randn(8)}
+    with pytest.raises(FormatError, match=r"module 'm' holds tensors of 2 adapter kinds \(lokr, lora\)"):
+        module_from_roles("m", roles)
+    assert module_from_roles("m", {"lora_up.weight": randn(8, 2), "lora_down.weight": randn(2, 8),
+                                   "diff_b": randn(8)}).kind == "lora"  # a bias delta goes with any kind

@@ -248,3 +248,11 @@ def test_sdxl_extras_outside_the_table_keep_the_file_sdxl(tmp_path):
     assert (lset.profile, lset.arch) == ("sdxl", "sdxl")
     same_deltas(mods, lset.modules)
     assert load_lora(path, profile="sdxl").arch == "sdxl"
+
+
+def test_two_tensors_for_one_role_of_a_module_are_refused():
+    from merge_core.keys.suffixes import group_keys
+
+    name = "lora_unet_input_blocks_4_1_proj_in"
+    with pytest.raises(FormatError, match=f"module '{name}' has two tensors for its lora_up.weight"):
+        group_keys([f"{name}.lora_up.weight", f"{name}.lora_down.weight", f"{name}.lora_B.weight"])
