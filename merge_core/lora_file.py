@@ -134,7 +134,7 @@ def _open(path: Path) -> tuple[TensorSource, Optional[dict]]:
             config = json.loads((path / peft_layout.CONFIG).read_text())
         except ValueError as exc:
             raise FormatError(f"corrupt {peft_layout.CONFIG} in {path}: {exc}") from None
-        return TensorSource(weights), config
+        return TensorSource(weights), peft_layout.checked_config(config, path)
     return TensorSource(path), None
 
 

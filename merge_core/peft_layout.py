@@ -9,6 +9,7 @@ way for embeddings and biases.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Callable, Optional
@@ -29,6 +30,36 @@ PREFIX = "base_model.model."
 def config_path(module: str) -> str:
     """The module's name as adapter_config.json patterns see it (without PEFT's base_model.model. prefix)."""
     return module[len(PREFIX):] if module.startswith(PREFIX) else module
+
+
+def checked_config(config: object, where: Path) -> dict:
+    """adapter_config.json as read, its fields merge_core uses checked (r, lora_alpha, the patterns): a
+    FormatError naming the field, not a failure later."""
+    def bad(field: str, why: str) -> FormatError:
+        return FormatError(f"{CONFIG} in {where}: {field + ' ' if field else ''}{why}")
+
+    def number(field: str, value: object, whole: bool = False) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad(field, f"must be a number, got {value!r}")
+        if whole and (value != int(value) or value < 1):
+            raise bad(field, f"must be a whole number >= 1, got {value!r}")
+
+    if not isinstance(config, dict):
+        raise bad("", f"must be a JSON object, got {type(config).__name__}")
+    for field, whole in (("r", True), ("lora_alpha", False)):
+        if config.get(field) is not None:
+            number(field, config[field], whole)
+    for field, whole in (("rank_pattern", True), ("alpha_pattern", False)):
+        patterns = config.get(field) or {}
+        if not isinstance(patterns, dict):
+            raise bad(field, f"must be an object of pattern: number, got {patterns!r}")
+        for pattern, value in patterns.items():
+            number(f"{field}[{pattern!r}]", value, whole)
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise bad(f"{field} pattern {pattern!r}", f"is not a regular expression ({exc})") from None
+    return config
 
 
 def module_alpha(module: str, config: dict) -> Optional[float]:

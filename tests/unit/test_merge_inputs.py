@@ -257,3 +257,20 @@ def test_heap_trimmer_runs_when_the_heap_grew():
     trim()  # hands free pages back; must not disturb live tensors
     assert all(float(t.sum()) == 256 * 1024 for t in held)
     assert resident_bytes() > 0
+
+
+@pytest.mark.parametrize("config, needle", [
+    ([1, 2], "must be a JSON object, got list"),
+    ({"peft_type": "LORA", "r": 0, "lora_alpha": 8}, "r must be a whole number >= 1, got 0"),
+    ({"peft_type": "LORA", "r": "four", "lora_alpha": 8}, "r must be a number, got 'four'"),
+    ({"peft_type": "LORA", "r": 8, "lora_alpha": 8, "alpha_pattern": {"q_proj": "x"}},
+     "alpha_pattern['q_proj'] must be a number, got 'x'"),
+    ({"peft_type": "LORA", "r": 8, "lora_alpha": 8, "rank_pattern": {"(": 4}},
+     "rank_pattern pattern '(' is not a regular expression"),
+])
+def test_a_malformed_adapter_config_is_one_clear_error(tmp_path, config, needle):
+    peft_dora_folder(tmp_path / "a", 1)
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(MergeCoreError, match=r"adapter_config\.json in .*: " + needle.replace("[", r"\[").replace(
+            "(", r"\(").replace(")", r"\)")):
+        load_lora(tmp_path / "a")
