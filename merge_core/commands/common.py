@@ -24,16 +24,30 @@ def finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a finite number: {text!r}") from None
 
 
+def path_text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path")
+    return text
+
+
 def add_output(p: argparse.ArgumentParser, what: str, required: bool = True) -> None:
     """-o (`what` the output may be, for its help) and --overwrite."""
-    p.add_argument("-o", "--output", required=required, help=what)
+    p.add_argument("-o", "--output", required=required, type=path_text, help=what)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (never by default)")
+
+
+FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt")
 
 
 def suffixed(path: Path) -> Path:
     """`path`, with .safetensors appended when it has no suffix (what LoraLoader lists; extract and bake do
-    the same through --output-format)."""
-    return path if path.suffix else path.with_name(path.name + ".safetensors")
+    the same through --output-format); a suffix no writer has is refused."""
+    if not path.suffix:
+        return path.with_name(path.name + ".safetensors")
+    if path.suffix.lower() not in FILE_SUFFIXES:
+        raise MergeCoreError(f"cannot write a '{path.suffix}' file: name the output .safetensors (or .pt, .pth, "
+                             f".ckpt for a torch pickle), e.g. {path.name}.safetensors")
+    return path
 
 
 def add_device(p: argparse.ArgumentParser, default: str = "auto") -> None:
