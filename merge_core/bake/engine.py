@@ -18,11 +18,12 @@ from typing import Optional, Union
 import torch
 
 from ..adapters import AdapterModule, FullDiff
+from ..adapters.base import finite_sum
 from ..adapters.dora import dora_weight
 from ..checkpoint.lora_names import BIAS, WEIGHT
 from ..checkpoint.sources import WeightSource, check_kind, label_of, open_weights
 from ..device import COMPUTE_DTYPE, resolve_device, with_cpu_fallback
-from ..errors import MergeCoreError, finite_numbers
+from ..errors import MergeCoreError, NonFiniteError, finite_numbers
 from ..files.atomic import atomic_write, refuse_existing
 from ..files.metadata import RECIPE_KEY, make_recipe
 from ..files.stream_writer import header_bound, write_safetensors
@@ -118,7 +119,10 @@ def baked_tensors(base: WeightSource, patches: dict[str, list[Patch]], alpha: fl
         if key in patches:
             if not t.is_floating_point():
                 raise MergeCoreError(f"base tensor '{key}' is {t.dtype}, cannot add a LoRA delta to it")
-            t = with_cpu_fallback(lambda d, t=t, key=key: apply(t, patches[key], alpha, d, peft), dev)
+            t = with_cpu_fallback(lambda d, t=t, key=key: apply(t, patches[key], alpha, d, peft), dev).to(dtype)
+            if not finite_sum(t):  # finite inputs (checked): the strength took it past the dtype's range
+                raise NonFiniteError(f"base tensor '{key}' patched at strength {alpha:g} holds values beyond "
+                                     f"{str(dtype).replace('torch.', '')}'s range; nothing was written")
         yield key, t.to(dtype)
         if progress is not None:
             progress(done, len(keys), key)

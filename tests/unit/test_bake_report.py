@@ -143,3 +143,13 @@ def test_cli_bake(tmp_path, base_file, capsys):
     assert main(["bake", "--source-model", str(path), "--lora-model", str(lora), "--lora-type", "pytorch",
                  "-o", str(tmp_path / "x.safetensors")]) == 2
     assert "--lora-type pytorch" in capsys.readouterr().err
+
+
+def test_a_strength_that_overflows_the_checkpoint_dtype_is_refused(tmp_path, base_file):
+    path, _ = base_file  # fp16
+    lora = lora_file(tmp_path / "l.safetensors", {f"{NAME}.lora_up.weight": torch.ones(8, 1),
+                                                  f"{NAME}.lora_down.weight": torch.ones(1, 8)})
+    with pytest.raises(MergeCoreError, match=f"base tensor '{KEY}' patched at strength 1e\\+06 holds values beyond "
+                                             "float16's range; nothing was written"):
+        bake_lora(path, lora, tmp_path / "o.safetensors", alpha=1e6, device="cpu")
+    assert not (tmp_path / "o.safetensors").exists()
