@@ -1,5 +1,6 @@
 """`python -m merge_core …` from the repo root."""
 import gc
+import os
 import sys
 
 from .errors import INTERRUPTED
@@ -14,4 +15,9 @@ except KeyboardInterrupt:  # Ctrl-C while torch is imported (a second or two)
 # walking it again, in each full collection during the run and in the collections of interpreter shutdown
 # (0.35–0.5 s of a bare `import torch` process's exit on a 2-core machine).
 gc.freeze()
-sys.exit(main())
+code = main()
+if code >= 128:  # stopped by a signal: the temp files are gone; leave without joining worker threads, one of
+    sys.stdout.flush()  # which the interrupt may have caught half-registered (the exit would then wait forever)
+    sys.stderr.flush()
+    os._exit(code)
+sys.exit(code)
