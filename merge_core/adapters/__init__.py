@@ -17,13 +17,13 @@ from .lokr import LoKr
 from .lora import LoRA
 
 AdapterModule = Union[LoRA, LoHa, LoKr, FullDiff]
-FAMILIES = {"lora": "lora_", "loha": "hada_", "lokr": "lokr_"}  # kind -> its roles' prefix (full: `diff`)
+FAMILIES = {"lora": "lora", "hada": "loha", "lokr": "lokr"}  # a role's prefix (before "_") -> its kind
 KINDS = ("lora", "loha", "lokr", "full")
 
 
 def module_from_roles(name: str, roles: dict[str, torch.Tensor]) -> AdapterModule:
     """The adapter for one module's tensors; a clear error naming the module if they fit no kind, or several."""
-    kinds = sorted({kind for role in roles for kind, start in FAMILIES.items() if role.startswith(start)}
+    kinds = sorted({FAMILIES[p] for p in {role.partition("_")[0] for role in roles} if p in FAMILIES}
                    | ({"full"} if "diff" in roles else set()))
     if len(kinds) > 1:
         raise FormatError(f"module '{name}' holds tensors of {len(kinds)} adapter kinds ({', '.join(kinds)}): "
