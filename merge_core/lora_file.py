@@ -34,9 +34,6 @@ DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat1
           "fp32": torch.float32, "float32": torch.float32}
 
 
-DORA_IGNORE = "pass --dora ignore to use the low-rank part without its magnitude rescaling"
-
-
 @dataclass
 class LoraSet:
     """Modules by canonical name (kohya names for SDXL), with how the file named them."""
@@ -76,14 +73,14 @@ class LoraSet:
     def dora_modules(self) -> list[str]:
         return [n for n, m in self.modules.items() if m.dora_scale is not None]
 
-    def require_no_dora(self, what: str, remedy: str = DORA_IGNORE) -> None:
-        """DoRA rescales W₀+ΔW column-wise by a learnt magnitude: not a linear delta, so refuse (saying `remedy`,
-        what the operation offers instead)."""
+    def require_no_dora(self, what: str) -> None:
+        """DoRA rescales W₀+ΔW column-wise by a learnt magnitude: not a linear delta, so refuse."""
         dora = self.dora_modules()
         if dora:
             raise DoraError(f"{self.source or 'input'} is a DoRA file ({len(dora)} modules with a DoRA magnitude "
                             f"(dora_scale / PEFT lora_magnitude_vector), e.g. "
-                            f"'{dora[0]}'); DoRA cannot be {what} linearly — {remedy}")
+                            f"'{dora[0]}'); DoRA cannot be {what} linearly — pass --dora ignore to use the "
+                            "low-rank part without its magnitude rescaling")
 
     def drop_dora(self) -> None:
         for m in self.modules.values():

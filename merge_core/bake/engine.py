@@ -119,11 +119,12 @@ def baked_tensors(base: WeightSource, patches: dict[str, list[Patch]], alpha: fl
         if key in patches:
             if not t.is_floating_point():
                 raise MergeCoreError(f"base tensor '{key}' is {t.dtype}, cannot add a LoRA delta to it")
-            t = with_cpu_fallback(lambda d, t=t, key=key: apply(t, patches[key], alpha, d, peft), dev).to(dtype)
-            if not finite_sum(t):  # finite inputs (checked): the strength took it past the dtype's range
-                raise NonFiniteError(f"base tensor '{key}' patched at strength {alpha:g} holds values beyond "
-                                     f"{str(dtype).replace('torch.', '')}'s range; nothing was written")
-        yield key, t.to(dtype)
+            t = with_cpu_fallback(lambda d, t=t, key=key: apply(t, patches[key], alpha, d, peft), dev)
+        t = t.to(dtype)
+        if key in patches and not finite_sum(t):  # finite inputs (checked): the strength took it out of range
+            raise NonFiniteError(f"base tensor '{key}' patched at strength {alpha:g} holds values beyond "
+                                 f"{str(dtype).replace('torch.', '')}'s range; nothing was written")
+        yield key, t
         if progress is not None:
             progress(done, len(keys), key)
 

@@ -103,7 +103,7 @@ def check_side_files(args: argparse.Namespace, output: Path, inputs: Sequence[st
     taken = {Path(p).resolve() for p in (output, *inputs)}
     for flag in SIDE_FILES:
         path = getattr(args, flag, None)
-        if not path or not isinstance(path, str):
+        if not path:
             continue
         where = Path(path).resolve()
         if where in taken:
