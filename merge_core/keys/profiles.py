@@ -23,6 +23,7 @@ SD15_CONTEXT = 768  # cross-attention context width of SD1.x (SDXL: 2048)
 # names ComfyUI maps for every SDXL weight outside the LoRA table (conv_in, norms, embeddings, text_projection):
 # kept as they are, e.g. in extracted LoRAs and full diffs
 SDXL_EXTRA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "text_encoders.clip_l.", "text_encoders.clip_g.")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_transformer_")  # kohya module names
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,11 @@ def resolve(shapes: dict[str, Optional[tuple[int, int]]], profile: str = "auto",
     if profile not in PROFILES:
         raise FormatError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     keep = {p: p for p in shapes}
+    if profile == "peft" and style != "peft" and not peft_dir:
+        kohya = [p for p in shapes if p.startswith(KOHYA_PREFIXES)]
+        if kohya:
+            raise FormatError(f"profile peft reads PEFT adapters (lora_A/lora_B), but module '{kohya[0]}' has a "
+                              "kohya name; read it with profile auto or kohya")
     if profile in ("peft", "custom", "kohya"):
         return Naming(profile, "sd15" if looks_sd15(shapes) else "other", keep)
     names, unknown, mismatched = sdxl_names(shapes)

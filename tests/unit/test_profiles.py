@@ -256,3 +256,10 @@ def test_two_tensors_for_one_role_of_a_module_are_refused():
     name = "lora_unet_input_blocks_4_1_proj_in"
     with pytest.raises(FormatError, match=f"module '{name}' has two tensors for its lora_up.weight"):
         group_keys([f"{name}.lora_up.weight", f"{name}.lora_down.weight", f"{name}.lora_B.weight"])
+
+
+def test_peft_profile_refuses_a_kohya_file_instead_of_writing_peft_suffixes_on_kohya_names(tmp_path):
+    mods = sdxl_lora(sdxl_specs(per_group=1), rank=2)
+    path = save_lora(mods, tmp_path / "k.safetensors", dtype="fp32")
+    with pytest.raises(FormatError, match="profile peft reads PEFT adapters.*'lora_unet_.*kohya name"):
+        load_lora(path, profile="peft")
