@@ -23,6 +23,7 @@ from .adapters import AdapterModule, module_from_roles, parameter_count
 from .errors import DoraError, FormatError, MergeCoreError, NonFiniteError
 from .files.atomic import atomic_write
 from .files.metadata import lora_metadata, sha256_later
+from .files.narrow import narrowed
 from .files.stream_writer import header_bound, write_safetensors
 from .files.tensor_source import TensorSource
 from .keys.profiles import Naming, resolve
@@ -214,8 +215,9 @@ def _file_dtype(role: str, dtype: torch.dtype) -> torch.dtype:
 
 def state_dict_of(modules: dict[str, AdapterModule], suffixes: Suffixes,
                   dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """Flat tensors for a file: `<name><suffix>`; alpha kept in fp32, everything else cast to dtype."""
-    return {key: tensor.detach().to("cpu").to(_file_dtype(role, dtype)).contiguous()
+    """Flat tensors for a file: `<name><suffix>`; alpha kept in fp32, everything else cast to dtype (a
+    NonFiniteError when a value does not fit it)."""
+    return {key: narrowed(tensor.detach().to("cpu"), _file_dtype(role, dtype), f"'{key}'").contiguous()
             for key, role, tensor in _file_tensors(modules, suffixes)}
 
 

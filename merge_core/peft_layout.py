@@ -19,6 +19,7 @@ import torch
 from .adapters import AdapterModule, LoRA
 from .errors import FormatError
 from .files.atomic import atomic_folder
+from .files.narrow import narrowed
 from .files.stream_writer import Entry
 from .keys.suffixes import PEFT_EMBEDDING_A, PEFT_EMBEDDING_B
 
@@ -108,12 +109,13 @@ def module_tensors(name: str, m: LoRA, dtype: torch.dtype, embeddings: frozenset
     """One module's file tensors, α/r folded into lora_B; an embedding's transposed back, ΔW = (B·A)ᵀ:
     lora_embedding_B = downᵀ, lora_embedding_A = (up·α/r)ᵀ.  `biases` (lora_bias): lora_B.bias = the bias
     delta, zeros for a module without one."""
-    up = (m.up.float() * m.scale).to(dtype)
+    up, down = narrowed(m.up.float() * m.scale, dtype, f"'{name}' up"), narrowed(m.down, dtype, f"'{name}' down")
     if name in embeddings:
-        return {name + PEFT_EMBEDDING_B: m.down.T.to(dtype).contiguous(), name + PEFT_EMBEDDING_A: up.T.contiguous()}
-    out = {f"{name}.lora_B.weight": up.contiguous(), f"{name}.lora_A.weight": m.down.to(dtype).contiguous()}
+        return {name + PEFT_EMBEDDING_B: down.T.contiguous(), name + PEFT_EMBEDDING_A: up.T.contiguous()}
+    out = {f"{name}.lora_B.weight": up.contiguous(), f"{name}.lora_A.weight": down.contiguous()}
     if biases:
-        out[f"{name}.lora_B.bias"] = (m.diff_b if m.diff_b is not None else torch.zeros(m.up.shape[0])).to(dtype)
+        bias = m.diff_b if m.diff_b is not None else torch.zeros(m.up.shape[0])
+        out[f"{name}.lora_B.bias"] = narrowed(bias, dtype, f"'{name}' bias")
     return out
 
 

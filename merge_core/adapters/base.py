@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from ..errors import FormatError
+from ..files.narrow import narrowed
 from ..lowrank.operators import Dense, Factored, Operator
 
 F32 = torch.float32
@@ -93,9 +94,11 @@ class Extras:
     def matrix_shape(self) -> tuple[int, int]:
         return matrix_shape(self.weight_shape)
 
-    def to_dtype(self, dtype: torch.dtype) -> "Extras":
-        """A copy with every tensor cast to dtype (scalars such as alpha stay floats)."""
-        cast = {f.name: v.to(dtype) for f in fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)}
+    def to_dtype(self, dtype: torch.dtype, name: str = "module") -> "Extras":
+        """A copy with every tensor cast to dtype (scalars such as alpha stay floats); a NonFiniteError naming
+        module `name` when a value does not fit dtype."""
+        cast = {f.name: narrowed(v, dtype, f"'{name}' ({f.name})") for f in fields(self)
+                if isinstance(v := getattr(self, f.name), torch.Tensor)}
         return replace(self, **cast)
 
     def delta(self) -> torch.Tensor:

@@ -113,7 +113,7 @@ def plan_merge(sets: Sequence[LoraSet], method: str = "rsvd", weights: Sequence[
 
 def cast_to(dtype: torch.dtype) -> Prepare:
     """A Prepare that casts each merged module's tensors to `dtype` on its worker thread."""
-    return lambda name, out: out.module.to_dtype(dtype) if out.module is not None else None
+    return lambda name, out: out.module.to_dtype(dtype, name) if out.module is not None else None
 
 
 def dense_worker_cap(plan: MergePlan) -> Optional[int]:

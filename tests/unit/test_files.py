@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from merge_core.errors import OutputExistsError, OutputWriteError, UnsafePathError
+from merge_core.errors import NonFiniteError, OutputExistsError, OutputWriteError, UnsafePathError
 from merge_core.files import RECIPE_KEY, atomic_folder, atomic_write, inside, make_recipe
 from merge_core.files.metadata import carried_metadata
+from merge_core.files.narrow import narrowed
 from merge_core.lora_file import save_lora
 from synth import sdxl_lora, sdxl_specs
 
@@ -196,3 +197,18 @@ def test_a_pickle_output_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(OutputWriteError, match=r"cannot write .*m\.pt: No space left on device\. Nothing was changed"):
         lora_file.save_lora({"lora_unet_x": module}, tmp_path / "m.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype, fits, overflows", [(torch.float16, 65519.0, 65520.0),
+                                                    (torch.bfloat16, 3.3961e38, 3.3962e38)])
+def test_narrowing_refuses_exactly_the_finite_values_that_would_become_inf(dtype, fits, overflows):
+    for sign in (1, -1):
+        ok = torch.tensor([0.5, sign * fits])
+        assert torch.isfinite(narrowed(ok, dtype, "'k'")).all() and torch.isfinite(ok.to(dtype)).all()
+        bad = torch.tensor([0.5, sign * overflows])
+        assert not torch.isfinite(bad.to(dtype)).all()
+        with pytest.raises(NonFiniteError, match=r"^'k' holds values up to .*, beyond .*; nothing was written$"):
+            narrowed(bad, dtype, "'k'")
+    special = torch.tensor([float("nan"), float("inf"), 1.0])  # not the writer's to refuse: inputs are checked
+    assert narrowed(special, dtype, "'k'").isinf().sum() == 1
+    assert narrowed(torch.tensor([1e30]), torch.float32, "'k'").item() == pytest.approx(1e30)  # no narrowing

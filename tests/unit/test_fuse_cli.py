@@ -122,3 +122,18 @@ def test_a_bare_output_name_gets_the_safetensors_suffix(inputs, tmp_path):
     r = cli(*inputs, "-o", tmp_path / "fused")
     assert r.returncode == 0, r.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["fused.safetensors"]
+
+
+def test_values_beyond_fp16_are_refused_not_written_as_inf(inputs, tmp_path):
+    """(the full form: the lokr and lora forms balance their factors, ~‖ΔW‖^½ each)"""
+    big = tmp_path / "big.safetensors"
+    scale = {"lokr_w1": 1e7}  # ΔW entries ~1e5: finite in fp32, inf in fp16
+    sd = {k: v * scale.get(k.rsplit(".", 1)[1], 1.0) for k, v in load_file(str(inputs[0])).items()}
+    save_file(sd, str(big))
+    out = tmp_path / "out.safetensors"
+    r = cli(big, inputs[1], "--output-format", "full", "-o", out)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "beyond float16's range (±65504); save it as fp32 or bf16; nothing was written" in lines[0]
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["big.safetensors"]
+    assert cli(big, inputs[1], "--output-format", "full", "--dtype", "float32", "-o", out).returncode == 0

@@ -131,6 +131,35 @@ def test_nan_or_inf_input_is_named_and_nothing_is_written(inputs, damaged, tmp_p
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+@pytest.fixture(scope="module")
+def oversized(inputs, tmp_path_factory):
+    """b in fp32 with one up entry of 1e5: finite, but beyond fp16's ±65504 once concat copies it."""
+    with safe_open(str(inputs[1]), "pt") as f:
+        sd = {k: f.get_tensor(k).float() for k in f.keys()}
+    name = sorted(NAMES)[0]
+    sd[f"{name}.lora_up.weight"][0, 0] = 1e5
+    path = tmp_path_factory.mktemp("oversized") / "b_big.safetensors"
+    save_file(sd, str(path))
+    return path, name
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_values_beyond_fp16_are_refused_not_written_as_inf(inputs, oversized, tmp_path, capsys, suffix):
+    path, name = oversized
+    out = tmp_path / f"x{suffix}"
+    code, _, err = run_in_process(capsys, inputs[0], path, "--method", "concat", "-o", out)
+    assert code == 2
+    what = f"'{name}.lora_up.weight'" if suffix == ".safetensors" else f"'{name}' (up)"  # streamed | held
+    assert err.strip().splitlines() == [f"error: {what} holds values up to 100000, beyond float16's range (±65504); "
+                                        "save it as fp32 or bf16; nothing was written"]
+    assert not list(tmp_path.iterdir())
+    code, _, err = run_in_process(capsys, inputs[0], path, "--method", "concat", "--dtype", "bf16", "-o", out)
+    assert code == 0, err
+    assert load_lora(out).modules[name].up.abs().max() == 1e5
+    code, _, err = run_in_process(capsys, inputs[0], path, "-o", tmp_path / "r.safetensors")  # rsvd balances
+    assert code == 0, err
+
+
 def test_non_finite_options_are_refused_by_the_parser(inputs, tmp_path):
     for option, value in ((["--weights", "1", "nan"], "nan"), (["--energy", "inf"], "inf"),
                           (["--density=-inf"], "-inf")):

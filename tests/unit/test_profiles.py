@@ -8,7 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from merge_core.adapters import LoHa, LoKr
-from merge_core.errors import FormatError
+from merge_core.errors import FormatError, NonFiniteError
 from merge_core.keys import Suffixes
 from merge_core.keys.sdxl_table import sdxl_modules
 from merge_core.lora_file import load_lora, save_lora, state_dict_of
@@ -111,6 +111,16 @@ def test_peft_folder_round_trip_keeps_layout_and_scale(tmp_path):
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "tiny-llm"
     same_deltas(lset.modules, load_lora(out).modules)
+
+
+def test_peft_folder_refuses_values_beyond_fp16_and_writes_nothing(tmp_path):
+    name = "base_model.model.model.layers.0.self_attn.q_proj"
+    m = lora_for((16, 12), 2, 4.0)  # α/r = 2 is folded into lora_B: 6e4 becomes 1.2e5
+    m.up[0, 0] = 6e4
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+    with pytest.raises(NonFiniteError, match=rf"^'{name}' up holds values up to 120000, beyond float16's range"):
+        save_lora({name: m}, tmp_path / "out", arch="other", profile="peft", peft_config=config)
+    assert not list(tmp_path.iterdir())
 
 
 def peft_with_embedding(path, seed: int, r: int) -> dict:
