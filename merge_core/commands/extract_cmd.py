@@ -13,7 +13,7 @@ from .common import (add_device, add_dtype, add_output, add_rank_rule, add_repor
 from .progress_line import ProgressLine
 
 log = logging.getLogger(__name__)
-ENERGY_DEFAULT = 0.99
+ENERGY_DEFAULT, MIN_RANK, MAX_RANK = 0.99, 4, 32
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,11 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--source-type", default="auto", choices=KINDS, help="format of BASE (default: by file name)")
     p.add_argument("--target-model", required=True, metavar="TUNED", help="fine-tuned model, same formats")
     p.add_argument("--target-type", default="auto", choices=KINDS, help="format of TUNED (default: by file name)")
-    add_rank_rule(p, rank=None, energy=None)
+    add_rank_rule(p, rank=None, energy=None, min_rank=MIN_RANK, max_rank=MAX_RANK)
+    p.set_defaults(min_rank=None, max_rank=None)  # given: the bounds turn the dynamic rule on
     for action in p._actions:
         if "--energy" in action.option_strings:
-            action.help = (f"dynamic rank: keep this share of ‖ΔW‖² (e.g. {ENERGY_DEFAULT}); without it the rank "
-                           f"is fixed (--rank, default {DEFAULT_RANK})")
+            action.help = (f"dynamic rank: keep this share of ‖ΔW‖² (default {ENERGY_DEFAULT} when --min-rank or "
+                           f"--max-rank is given); without any of them the rank is fixed (--rank, default "
+                           f"{DEFAULT_RANK})")
     p.add_argument("--target-size", metavar="SIZE",
                    help="choose each layer's rank (within --min-rank/--max-rank) to keep the most of the model's "
                         "‖ΔW‖² in a .safetensors file of at most SIZE (e.g. 128MB, 64MiB); the models are read once, "
@@ -53,17 +55,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def rule_of(args: argparse.Namespace) -> RankRule:
-    """--rank N fixed; --energy T dynamic within [--min-rank, --max-rank]; neither: fixed rank 32 (with
-    --target-size: the bounds [--min-rank, --max-rank], the ranks come from the budget)."""
+    """--rank N fixed; --energy T dynamic within [--min-rank, --max-rank] (bounds alone: at energy 0.99, as
+    merge does); none of them: fixed rank 32.  With --target-size: the bounds, the ranks come from the budget."""
+    bounds = (MIN_RANK if args.min_rank is None else args.min_rank,
+              MAX_RANK if args.max_rank is None else args.max_rank)
+    bounded = args.min_rank is not None or args.max_rank is not None
+    dynamic = RankRule(None, ENERGY_DEFAULT if args.energy is None else args.energy, *bounds)  # checks them all
     if args.target_size is not None and args.rank is None:  # with a --rank, extract_to_file refuses the pair
-        return RankRule(None, ENERGY_DEFAULT, args.min_rank, args.max_rank)
+        return RankRule(None, ENERGY_DEFAULT, *bounds)
     if args.rank is not None:
-        if args.energy is not None:
-            log.warning("both --rank and --energy given: using the fixed rank %d", args.rank)
+        for given, what in ((args.energy is not None, "--energy"), (bounded, "--min-rank/--max-rank")):
+            if given:
+                log.warning("both --rank and %s given: using the fixed rank %d", what, args.rank)
         return RankRule(rank=args.rank)
-    if args.energy is None:
+    if args.energy is None and not bounded:
         return RankRule(rank=DEFAULT_RANK)
-    return RankRule(None, args.energy, args.min_rank, args.max_rank)
+    return dynamic
 
 
 def run(args: argparse.Namespace) -> int:

@@ -60,6 +60,20 @@ def test_energy_gives_the_dynamic_rule(models, tmp_path):
     assert 2 <= ranks[Q] <= 12 and ranks[Q] < 32 and ranks[CONV] <= 3
 
 
+def test_rank_bounds_alone_turn_the_energy_rule_on_and_bounds_out_of_order_are_refused(models, tmp_path, capsys):
+    report = tmp_path / "r.json"
+    assert run(models, tmp_path / "b.safetensors", "--max-rank", "6", "--report", str(report)) == 0
+    sd = load_file(str(tmp_path / "b.safetensors"))
+    assert max(v.shape[0] for k, v in sd.items() if k.endswith("lora_down.weight")) <= 6
+    assert json.loads(report.read_text())["parameters"]["energy"] == 0.99
+    capsys.readouterr()
+    for extra, got in ((("--min-rank", "40", "--max-rank", "8"), "40..8"),
+                       (("--rank", "8", "--min-rank", "40"), "40..32")):
+        assert run(models, tmp_path / "c.safetensors", *extra) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"error: need 1 <= min_rank <= max_rank, got {got}"]
+    assert not (tmp_path / "c.safetensors").exists()
+
+
 def test_diff_only_no_text_encoders_fp32(models, tmp_path):
     assert run(models, tmp_path / "d.safetensors", "--diff-only", "--no-text-encoders", "--output-dtype",
                "fp32") == 0
