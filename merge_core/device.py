@@ -32,6 +32,11 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
                              f"kernels that {dev.type} lacks; use cpu (or a CUDA/ROCm GPU)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MergeCoreError("device 'cuda' requested but no CUDA GPU is available (use --device cpu or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise MergeCoreError(f"device '{dev}' requested but this machine has {torch.cuda.device_count()} CUDA "
+                             f"GPU(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise MergeCoreError(f"device '{dev}': there is one CPU device; use cpu")
     return dev
 
 

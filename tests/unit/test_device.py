@@ -38,3 +38,14 @@ def test_the_nodes_default_device_keeps_cuda_and_falls_back_to_the_cpu_elsewhere
     assert host_compute_device(torch.device("cpu")) == torch.device("cpu")
     for other in ("mps", "xpu", "privateuseone"):  # DirectML shows as privateuseone
         assert host_compute_device(torch.device(other)) == torch.device("cpu")
+
+
+def test_a_device_index_that_does_not_exist_is_one_line(monkeypatch):
+    with pytest.raises(MergeCoreError, match="^device 'cpu:1': there is one CPU device; use cpu$"):
+        resolve_device("cpu:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a 2-GPU machine, as torch reports it
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(MergeCoreError, match=r"^device 'cuda:2' requested but this machine has 2 CUDA GPU\(s\): "
+                                             "cuda:0 to cuda:1$"):
+        resolve_device("cuda:2")
