@@ -121,6 +121,15 @@ def test_energy_one_keeps_every_nonzero_singular_value():
     assert res.rank == 7 and res.quality.rel_error < 1e-5
 
 
+@pytest.mark.parametrize("shape, r", [((640, 2048), 8), ((10240, 1280), 12)])
+def test_a_fixed_rank_above_the_true_rank_keeps_no_round_off_direction_with_any_solver(shape, r):
+    """(the dense fp32 SVD's round-off σ reach ~1e-6·σ₁ on SDXL shapes, above the null tolerance)"""
+    op = Factored(randn(shape[0], r, seed=1), randn(r, shape[1], seed=2))
+    for solver in ("dense", "exact", "rsvd"):
+        res = low_rank(op, RankRule(rank=32), solver)
+        assert res.rank == r and res.quality.rel_error < 1e-5, solver
+
+
 def test_rank_above_matrix_size_is_clamped():
     op = Factored(randn(6, 10, seed=1), randn(10, 40, seed=2))
     assert low_rank(op, RankRule(rank=32), "exact").rank == 6
