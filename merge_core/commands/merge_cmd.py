@@ -104,16 +104,17 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args)
     out = Path(args.output)
     refuse_existing(out, args.overwrite)
+    check_side_files(args, out, args.inputs)  # before reading (again below if a bare -o gains .safetensors)
     # each file's sha256 (for the recipe) is hashed on a spare core from now on, beside the parsing and the merge
     sets = [load_lora(p, profile=args.profile, digest=True) for p in args.inputs]
 
     if args.target_size is not None and rule is None:
         rule = RankRule()  # the ranks come from the budget, within the default bounds
     plan = plan_merge(sets, args.method, args.weights, rule, args.solver, args.seed, args.density, blocks, args.dora)
-    if plan.layout[1] != "peft":  # a bare name is a file (a PEFT merge writes a folder of that name)
+    if plan.layout[1] != "peft" and suffixed(out) != out:  # a bare name is a file (PEFT: a folder of that name)
         out = suffixed(out)
         refuse_existing(out, args.overwrite)
-    check_side_files(args, out, args.inputs)
+        check_side_files(args, out, args.inputs)
     budget = None
     if args.target_size is not None:
         if not streams_to(out, plan):

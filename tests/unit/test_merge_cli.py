@@ -225,6 +225,10 @@ def test_report_path_that_would_lose_a_file_is_refused_before_any_work(inputs, t
     assert r.returncode == 2 and "--report" in r.stderr and "is the output or an input" in r.stderr
     r = cli(*inputs, "-o", tmp_path / "m.safetensors", "--report", tmp_path / "m.safetensors")
     assert r.returncode == 2 and "is the output or an input" in r.stderr
+    r = cli(*inputs, "-o", tmp_path / "m", "--report", tmp_path / "m.safetensors")  # a bare -o gains the suffix
+    assert r.returncode == 2 and "is the output or an input" in r.stderr
+    r = cli(tmp_path / "missing.safetensors", inputs[1], "-o", tmp_path / "m.safetensors", "--report", a)
+    assert r.returncode == 2 and "output exists" in r.stderr  # refused before any input is read (not "not found")
     (tmp_path / "old.json").write_text("keep")
     r = cli(*inputs, "-o", tmp_path / "m.safetensors", "--report", tmp_path / "old.json")
     assert r.returncode == 2 and "output exists" in r.stderr
