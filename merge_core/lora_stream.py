@@ -6,11 +6,13 @@ files.stream_writer.header_bound) and filled in by `finish`, with the kohya/mode
 """
 from __future__ import annotations
 
-from typing import BinaryIO, Optional
+from pathlib import Path
+from typing import BinaryIO, Callable, Optional
 
 import torch
 
 from .adapters import AdapterModule
+from .errors import MergeCoreError
 from .files.metadata import lora_metadata
 from .files.stream_writer import Entry, SafetensorsStream, header_bound
 from .keys.suffixes import KOHYA
@@ -64,3 +66,22 @@ class LoraStream:
     def finish(self, arch: str, recipe: Optional[dict], title: Optional[str],
                carried: Optional[dict[str, str]] = None) -> None:
         self._stream.finish(lora_metadata(self._kinds, self._ranks, self._alphas, arch, recipe, title, carried))
+
+
+# adds the modules to the stream; returns what the header says: (arch, recipe, carried metadata)
+Fill = Callable[[LoraStream], tuple[str, Optional[dict], Optional[dict[str, str]]]]
+
+
+def stream_writer(reserve: int, dtype: torch.dtype, title: Optional[str], fill: Fill) -> Callable[[Path], None]:
+    """A writer for files.atomic_write: `fill` streams the modules into the temp file, then the header is
+    written from what it returns (a recipe made after the run, once the inputs' digests are in); nothing
+    added is an error."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            stream = LoraStream(fh, reserve, dtype)
+            arch, recipe, carried = fill(stream)
+            if stream.tensor_count == 0:
+                raise MergeCoreError("nothing to write: the result has no modules")
+            stream.finish(arch, recipe, title, carried)
+
+    return write

@@ -10,7 +10,7 @@ from typing import Optional, Union
 from ..errors import MergeCoreError
 from ..files.atomic import atomic_write, refuse_existing
 from ..lora_file import dtype_of
-from ..lora_stream import LoraStream, header_reserve
+from ..lora_stream import LoraStream, header_reserve, stream_writer
 from ..lowrank.rank_select import RankRule
 from ..report import Progress, Report
 from .api import extract_lora
@@ -45,13 +45,11 @@ def extract_to_file(base: Source, tuned: Source, output: Union[str, os.PathLike]
                                                          hold=dtype)
     reserve = header_reserve(bound_entries(run.plan, run.opts, dtype), run.plan.arch, run.recipe, path.stem)
 
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            stream = LoraStream(fh, reserve, dtype)
-            for target, module in run.pieces(device, progress):
-                stream.add(target.name, module)
-            run.finish(stream.tensor_count)
-            stream.finish(run.plan.arch, run.recipe, path.stem)
+    def fill(stream: LoraStream) -> tuple[str, dict, None]:
+        for target, module in run.pieces(device, progress):
+            stream.add(target.name, module)
+        run.finish(stream.tensor_count)
+        return run.plan.arch, run.recipe, None
 
-    atomic_write(path, write, overwrite)
+    atomic_write(path, stream_writer(reserve, dtype, path.stem, fill), overwrite)
     return run.report

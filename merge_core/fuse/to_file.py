@@ -15,7 +15,7 @@ from ..files.atomic import atomic_write
 from ..files.metadata import DIGEST_PLACEHOLDER
 from ..files.stream_writer import Entry
 from ..lora_file import dtype_of, module_state
-from ..lora_stream import LoraStream, header_reserve, lora_entries
+from ..lora_stream import LoraStream, header_reserve, lora_entries, stream_writer
 from ..report import Progress, Report
 from .engine import FusePlan, run_fuse
 
@@ -57,16 +57,12 @@ def fuse_to_file(plan: FusePlan, output: Union[str, os.PathLike], dtype: str = "
                              path.stem, carried)
     report = None
 
-    def write(tmp: Path) -> None:
+    def fill(stream: LoraStream) -> tuple[str, dict, dict]:
         nonlocal report
-        with open(tmp, "wb") as fh:
-            stream = LoraStream(fh, reserve, dt)
-            report = run_fuse(plan, lambda name, built, tensors: None if built.module is None else
-                              stream.add(name, built.module, tensors), device, progress,
-                              lambda name, built: module_state(name, built.module, dt))
-            if stream.tensor_count == 0:
-                raise MergeCoreError("nothing to write: the result has no modules")
-            stream.finish(plan.arch, plan.recipe(), path.stem, carried)
+        report = run_fuse(plan, lambda name, built, tensors: None if built.module is None else
+                          stream.add(name, built.module, tensors), device, progress,
+                          lambda name, built: module_state(name, built.module, dt))
+        return plan.arch, plan.recipe(), carried
 
-    atomic_write(path, write, overwrite)
+    atomic_write(path, stream_writer(reserve, dt, path.stem, fill), overwrite)
     return report

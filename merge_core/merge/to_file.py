@@ -17,7 +17,7 @@ from ..files.atomic import atomic_write
 from ..files.metadata import DIGEST_PLACEHOLDER
 from ..files.stream_writer import Entry
 from ..lora_file import dtype_of, module_state
-from ..lora_stream import LoraStream, header_reserve, lora_entries
+from ..lora_stream import LoraStream, header_reserve, lora_entries, stream_writer
 from ..report import Progress, Report
 from .engine import MergePlan, run_merge
 from .outcome import Outcome
@@ -77,20 +77,17 @@ def merge_to_file(plan: MergePlan, output: Union[str, os.PathLike], dtype: str =
         ranks.update(peft_layout.ranks_of({name: out.module}))  # refuses what PEFT cannot hold
         return peft_layout.module_tensors(name, out.module, dt, embeddings, biases)
 
-    def write_file(tmp: Path) -> None:
+    def fill(stream: LoraStream) -> tuple[str, dict, dict]:
         nonlocal report
-        with open(tmp, "wb") as fh:
-            stream = LoraStream(fh, reserve, dt)
 
-            def sink(name: str, out: Outcome, tensors: Optional[dict[str, torch.Tensor]]) -> None:
-                if out.module is not None:
-                    stream.add(name, out.module, tensors)
+        def sink(name: str, out: Outcome, tensors: Optional[dict[str, torch.Tensor]]) -> None:
+            if out.module is not None:
+                stream.add(name, out.module, tensors)
 
-            report = run_merge(plan, sink, device, progress, prepare)
-            if stream.tensor_count == 0:
-                raise MergeCoreError("nothing to write: the result has no modules")
-            stream.finish(arch, plan.recipe(), path.stem, carried)
+        report = run_merge(plan, sink, device, progress, prepare)
+        return arch, plan.recipe(), carried
 
+    write_file = stream_writer(reserve, dt, path.stem, fill)
     if profile == "peft" and path.suffix.lower() != ".safetensors":
         peft_layout.write_folder(path, write_file, lambda: peft_layout.config_for(ranks, peft_config, biases),
                                  overwrite)
