@@ -109,13 +109,15 @@ def module_tensors(name: str, m: LoRA, dtype: torch.dtype, embeddings: frozenset
     """One module's file tensors, α/r folded into lora_B; an embedding's transposed back, ΔW = (B·A)ᵀ:
     lora_embedding_B = downᵀ, lora_embedding_A = (up·α/r)ᵀ.  `biases` (lora_bias): lora_B.bias = the bias
     delta, zeros for a module without one."""
-    up, down = narrowed(m.up.float() * m.scale, dtype, f"'{name}' up"), narrowed(m.down, dtype, f"'{name}' down")
+    up_key, down_key = ((name + PEFT_EMBEDDING_A, name + PEFT_EMBEDDING_B) if name in embeddings
+                        else (f"{name}.lora_B.weight", f"{name}.lora_A.weight"))
+    up, down = narrowed(m.up.float() * m.scale, dtype, f"'{up_key}'"), narrowed(m.down, dtype, f"'{down_key}'")
     if name in embeddings:
-        return {name + PEFT_EMBEDDING_B: down.T.contiguous(), name + PEFT_EMBEDDING_A: up.T.contiguous()}
-    out = {f"{name}.lora_B.weight": up.contiguous(), f"{name}.lora_A.weight": down.contiguous()}
+        return {down_key: down.T.contiguous(), up_key: up.T.contiguous()}
+    out = {up_key: up.contiguous(), down_key: down.contiguous()}
     if biases:
         bias = m.diff_b if m.diff_b is not None else torch.zeros(m.up.shape[0])
-        out[f"{name}.lora_B.bias"] = narrowed(bias, dtype, f"'{name}' bias")
+        out[f"{name}.lora_B.bias"] = narrowed(bias, dtype, f"'{name}.lora_B.bias'")
     return out
 
 

@@ -118,7 +118,7 @@ def test_peft_folder_refuses_values_beyond_fp16_and_writes_nothing(tmp_path):
     m = lora_for((16, 12), 2, 4.0)  # α/r = 2 is folded into lora_B: 6e4 becomes 1.2e5
     m.up[0, 0] = 6e4
     config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
-    with pytest.raises(NonFiniteError, match=rf"^'{name}' up holds values up to 120000, beyond float16's range"):
+    with pytest.raises(NonFiniteError, match=rf"^'{name}.lora_B.weight' holds values up to 120000, beyond float16's range"):
         save_lora({name: m}, tmp_path / "out", arch="other", profile="peft", peft_config=config)
     assert not list(tmp_path.iterdir())
 
