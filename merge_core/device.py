@@ -31,7 +31,7 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         raise MergeCoreError(f"device '{dev}' is not supported: the exact merges need fp64 and linear-algebra "
                              f"kernels that {dev.type} lacks; use cpu (or a CUDA/ROCm GPU)")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MergeCoreError("device 'cuda' requested but no CUDA GPU is available (use --device cpu or auto)")
+        raise MergeCoreError(f"device '{dev}' requested but no CUDA GPU is available (use --device cpu or auto)")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise MergeCoreError(f"device '{dev}' requested but this machine has {torch.cuda.device_count()} CUDA "
                              f"GPU(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")

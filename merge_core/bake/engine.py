@@ -26,6 +26,7 @@ from ..device import COMPUTE_DTYPE, resolve_device, with_cpu_fallback
 from ..errors import MergeCoreError, NonFiniteError, finite_numbers
 from ..files.atomic import atomic_write, refuse_existing
 from ..files.metadata import RECIPE_KEY, make_recipe
+from ..files.narrow import narrowed
 from ..files.stream_writer import header_bound, write_safetensors
 from ..lora_file import LoraSet, damaged_module_error, dtype_of, load_lora, save_pickle
 from ..report import Progress
@@ -120,10 +121,10 @@ def baked_tensors(base: WeightSource, patches: dict[str, list[Patch]], alpha: fl
             if not t.is_floating_point():
                 raise MergeCoreError(f"base tensor '{key}' is {t.dtype}, cannot add a LoRA delta to it")
             t = with_cpu_fallback(lambda d, t=t, key=key: apply(t, patches[key], alpha, d, peft), dev)
-        t = t.to(dtype)
-        if key in patches and not finite_sum(t):  # finite inputs (checked): the strength took it out of range
-            raise NonFiniteError(f"base tensor '{key}' patched at strength {alpha:g} holds values beyond "
-                                 f"{str(dtype).replace('torch.', '')}'s range; nothing was written")
+        what = f"base tensor '{key}'" + (f" patched at strength {alpha:g}" if key in patches else "")
+        t = narrowed(t, dtype, what)  # a finite value beyond the output dtype, patched or not
+        if key in patches and not finite_sum(t):  # finite inputs (checked): the strength took it beyond fp32
+            raise NonFiniteError(f"{what} holds values beyond float32's range; nothing was written")
         yield key, t
         if progress is not None:
             progress(done, len(keys), key)

@@ -86,33 +86,51 @@ def add_rank_rule(p: argparse.ArgumentParser, rank: Optional[int] = None, energy
                                      "within [--min-rank, --max-rank]")
     g.add_argument("--rank", type=int, default=rank, help="fixed rank (overrides the energy rule)")
     g.add_argument("--energy", type=finite_float, default=energy, help=f"energy threshold on σ² (default {energy})")
-    g.add_argument("--min-rank", type=int, default=min_rank, help=f"default {min_rank}")
-    g.add_argument("--max-rank", type=int, default=max_rank, help=f"default {max_rank}")
+    g.add_argument("--min-rank", type=int, help=f"default {min_rank}, or --max-rank when that is lower")
+    g.add_argument("--max-rank", type=int, help=f"default {max_rank}, or --min-rank when that is higher")
+    p.set_defaults(rank_bound_defaults=(min_rank, max_rank))
+
+
+def rank_bounds(args: argparse.Namespace) -> tuple[int, int]:
+    """(min, max) rank as given; an unset bound is its default moved to meet the other (--max-rank 2 alone
+    gives 2..2, not a refusal of 4..2)."""
+    low, high = args.rank_bound_defaults
+    if args.min_rank is not None:
+        low = args.min_rank
+    elif args.max_rank is not None:
+        low = min(low, args.max_rank)
+    return low, (args.max_rank if args.max_rank is not None else max(high, low))
 
 
 def rank_rule(args: argparse.Namespace) -> RankRule:
-    return RankRule(args.rank, args.energy, args.min_rank, args.max_rank)
+    return RankRule(args.rank, args.energy, *rank_bounds(args))
 
 
 SIDE_FILES = ("report", "metadata")  # JSON written beside the output, after the work
 
 
 def check_side_files(args: argparse.Namespace, output: Path, inputs: Sequence[str]) -> None:
-    """Before any work: refuse a --report/--metadata path that is the output or an input, that exists without
-    --overwrite, or whose folder cannot be written (the output would be written, then the JSON lost)."""
-    taken = {Path(p).resolve() for p in (output, *inputs)}
+    """Before any work: refuse a --report/--metadata path that is the output or an input or lies inside one
+    (PEFT adapters are folders), that is the other side file or a folder, that exists without --overwrite, or
+    whose folder cannot be written (the output would be written, then the JSON lost)."""
+    taken = [Path(p).resolve() for p in (output, *inputs)]
+    sides: list[Path] = []
     for flag in SIDE_FILES:
         path = getattr(args, flag, None)
         if not path:
             continue
         where = Path(path).resolve()
-        if where in taken:
-            raise MergeCoreError(f"--{flag} {path} is the output or an input; give it a file of its own")
+        if any(where == t or where.is_relative_to(t) for t in taken):
+            raise MergeCoreError(f"--{flag} {path} is the output or an input, or inside one; give it a file of its own")
+        if where in sides:
+            raise MergeCoreError(f"--{flag} {path} is the other side file too; give each a file of its own")
+        if where.is_dir():
+            raise MergeCoreError(f"--{flag} {path} is a folder; give it a file name")
         refuse_existing(where, args.overwrite)
         folder = next((p for p in where.parents if p.exists()), None)
         if folder is not None and not (folder.is_dir() and os.access(folder, os.W_OK)):
             raise MergeCoreError(f"--{flag} {path}: cannot write in {folder}")
-        taken.add(where)
+        sides.append(where)
 
 
 def write_report(path: Optional[str], report: Union[dict, Report], overwrite: bool) -> None:

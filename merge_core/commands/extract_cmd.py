@@ -9,11 +9,11 @@ from ..checkpoint.sources import KINDS, output_path
 from ..extract import DEFAULT_RANK, extract_to_file
 from ..lowrank.rank_select import RankRule
 from .common import (add_device, add_dtype, add_output, add_rank_rule, add_report, budget_line, check_side_files,
-                     finite_float, parse_size, write_report)
+                     finite_float, parse_size, rank_bounds, write_report)
 from .progress_line import ProgressLine
 
 log = logging.getLogger(__name__)
-ENERGY_DEFAULT, MIN_RANK, MAX_RANK = 0.99, 4, 32
+ENERGY_DEFAULT = 0.99
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,8 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--source-type", default="auto", choices=KINDS, help="format of BASE (default: by file name)")
     p.add_argument("--target-model", required=True, metavar="TUNED", help="fine-tuned model, same formats")
     p.add_argument("--target-type", default="auto", choices=KINDS, help="format of TUNED (default: by file name)")
-    add_rank_rule(p, rank=None, energy=None, min_rank=MIN_RANK, max_rank=MAX_RANK)
-    p.set_defaults(min_rank=None, max_rank=None)  # given: the bounds turn the dynamic rule on
+    add_rank_rule(p, rank=None, energy=None)  # bounds given: they turn the dynamic rule on
     for action in p._actions:
         if "--energy" in action.option_strings:
             action.help = (f"dynamic rank: keep this share of ‖ΔW‖² (default {ENERGY_DEFAULT} when --min-rank or "
@@ -56,12 +55,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def rule_of(args: argparse.Namespace) -> RankRule:
     """--rank N fixed; --energy T dynamic within [--min-rank, --max-rank] (bounds alone: at energy 0.99, as
-    merge does); none of them: fixed rank 32.  With --target-size: the bounds, the ranks come from the budget."""
-    bounds = (MIN_RANK if args.min_rank is None else args.min_rank,
-              MAX_RANK if args.max_rank is None else args.max_rank)
+    merge does); none of them: fixed rank 32.  With --target-size: the bounds, the ranks come from the budget;
+    --diff-only uses none of them."""
     bounded = args.min_rank is not None or args.max_rank is not None
+    if args.diff_only:
+        if args.rank is not None or args.energy is not None or bounded:
+            log.warning("rank options do not apply to --diff-only (changed tensors are stored whole); ignored")
+        return RankRule(rank=DEFAULT_RANK)
+    bounds = rank_bounds(args)
     dynamic = RankRule(None, ENERGY_DEFAULT if args.energy is None else args.energy, *bounds)  # checks them all
     if args.target_size is not None and args.rank is None:  # with a --rank, extract_to_file refuses the pair
+        if args.energy is not None:
+            log.warning("--energy does not apply with --target-size (the budget chooses the ranks); ignored")
         return RankRule(None, ENERGY_DEFAULT, *bounds)
     if args.rank is not None:
         for given, what in ((args.energy is not None, "--energy"), (bounded, "--min-rank/--max-rank")):

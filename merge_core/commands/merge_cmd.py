@@ -19,7 +19,7 @@ from ..merge.engine import collect, plan_merge
 from ..merge.methods import method_named, resolve_weights
 from ..merge.to_file import merge_to_file, streams_to
 from .common import (add_device, add_dtype, add_output, add_rank_rule, add_report, add_threads, apply_threads,
-                     budget_line, check_side_files, finite_float, parse_size, suffixed, write_report)
+                     budget_line, check_side_files, finite_float, parse_size, rank_bounds, suffixed, write_report)
 from .progress_line import ProgressLine
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=METHODS, default="rsvd", help=METHOD_HELP)
     p.add_argument("--weights", type=finite_float, nargs="+", metavar="W", help=WEIGHTS_HELP)
     add_rank_rule(p)
-    p.set_defaults(energy=None, min_rank=None, max_rank=None)  # unset -> the method's own default rule
+    p.set_defaults(energy=None)  # no rank option -> the method's own default rule
     p.add_argument("--target-size", metavar="SIZE",
                    help="choose each module's rank (within --min-rank/--max-rank) to keep the most of the network's "
                         "energy in a .safetensors file (or a PEFT folder's weights) of at most SIZE (e.g. 100MB, "
@@ -74,10 +74,7 @@ def rule_from(args: argparse.Namespace) -> Optional[RankRule]:
     """None when no rank option was given (the method decides), else the rule they describe."""
     if args.rank is None and args.energy is None and args.min_rank is None and args.max_rank is None:
         return None
-    d = RankRule()
-    return RankRule(args.rank, d.energy if args.energy is None else args.energy,
-                    d.min_rank if args.min_rank is None else args.min_rank,
-                    d.max_rank if args.max_rank is None else args.max_rank)
+    return RankRule(args.rank, RankRule().energy if args.energy is None else args.energy, *rank_bounds(args))
 
 
 def block_weights_from(specs: Optional[Sequence[str]], n: int) -> Optional[list]:

@@ -117,10 +117,10 @@ def fit_extraction(run: Run, target_bytes: int, dtype: torch.dtype, title: str, 
     """Give every extracted module the rank that keeps the most of Σ‖ΔW‖² in a `dtype` file of ≤ target_bytes
     titled `title`; run.pieces() then yields them without reading the models again (factors held in `hold`,
     default fp32), and the recipe records the target.  Returns the summary."""
-    if run.opts.rule.rank is not None:
-        raise MergeCoreError("--target-size chooses the ranks: it cannot be combined with a fixed --rank")
     if run.opts.diff_only:
         raise MergeCoreError("--target-size chooses ranks; --diff-only stores every change whole")
+    if run.opts.rule.rank is not None:
+        raise MergeCoreError("--target-size chooses the ranks: it cannot be combined with a fixed --rank")
     run.recipe["parameters"]["target_size"] = int(target_bytes)
     header = header_bytes(run, dtype, title)
     check_room(target_bytes, header)  # before reading the models

@@ -71,7 +71,7 @@ def resolve(shapes: dict[str, Optional[tuple[int, int]]], profile: str = "auto",
     if profile not in PROFILES:
         raise FormatError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     keep = {p: p for p in shapes}
-    if profile == "peft" and style != "peft" and not peft_dir:
+    if profile == "peft":  # PEFT names modules by their path in the model, never as kohya does
         kohya = [p for p in shapes if p.startswith(KOHYA_PREFIXES)]
         if kohya:
             raise FormatError(f"profile peft reads PEFT adapters (lora_A/lora_B), but module '{kohya[0]}' has a "

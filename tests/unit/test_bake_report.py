@@ -149,7 +149,19 @@ def test_a_strength_that_overflows_the_checkpoint_dtype_is_refused(tmp_path, bas
     path, _ = base_file  # fp16
     lora = lora_file(tmp_path / "l.safetensors", {f"{NAME}.lora_up.weight": torch.ones(8, 1),
                                                   f"{NAME}.lora_down.weight": torch.ones(1, 8)})
-    with pytest.raises(MergeCoreError, match=f"base tensor '{KEY}' patched at strength 1e\\+06 holds values beyond "
-                                             "float16's range; nothing was written"):
+    with pytest.raises(MergeCoreError, match=f"^base tensor '{KEY}' patched at strength 1e\\+06 holds values up to "
+                                             ".*, beyond float16's range .*; nothing was written$"):
         bake_lora(path, lora, tmp_path / "o.safetensors", alpha=1e6, device="cpu")
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_an_unpatched_tensor_beyond_the_output_dtype_is_refused_too(tmp_path):
+    """An fp32 checkpoint baked to fp16: every tensor is cast, not only the patched ones."""
+    base = {KEY: torch.zeros(8, 8), OTHER: torch.full((8, 8), 1e5)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    lora = lora_file(tmp_path / "l.safetensors", {f"{NAME}.lora_up.weight": torch.ones(8, 1),
+                                                  f"{NAME}.lora_down.weight": torch.ones(1, 8)})
+    with pytest.raises(MergeCoreError, match=f"^base tensor '{OTHER}' holds values up to 100000, beyond float16's"):
+        bake_lora(tmp_path / "base.safetensors", lora, tmp_path / "o.safetensors", output_dtype="fp16", device="cpu")
+    assert not (tmp_path / "o.safetensors").exists()
+    bake_lora(tmp_path / "base.safetensors", lora, tmp_path / "o.safetensors", output_dtype="bf16", device="cpu")

@@ -66,12 +66,23 @@ def test_rank_bounds_alone_turn_the_energy_rule_on_and_bounds_out_of_order_are_r
     sd = load_file(str(tmp_path / "b.safetensors"))
     assert max(v.shape[0] for k, v in sd.items() if k.endswith("lora_down.weight")) <= 6
     assert json.loads(report.read_text())["parameters"]["energy"] == 0.99
+    assert run(models, tmp_path / "two.safetensors", "--max-rank", "2") == 0  # min-rank's default 4 moves down
+    sd = load_file(str(tmp_path / "two.safetensors"))
+    assert {v.shape[0] for k, v in sd.items() if k.endswith("lora_down.weight")} == {2}
     capsys.readouterr()
-    for extra, got in ((("--min-rank", "40", "--max-rank", "8"), "40..8"),
-                       (("--rank", "8", "--min-rank", "40"), "40..32")):
-        assert run(models, tmp_path / "c.safetensors", *extra) == 2
-        assert capsys.readouterr().err.strip().splitlines() == [f"error: need 1 <= min_rank <= max_rank, got {got}"]
+    assert run(models, tmp_path / "c.safetensors", "--min-rank", "40", "--max-rank", "8") == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: need 1 <= min_rank <= max_rank, got 40..8"]
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_options_that_do_not_apply_are_named_in_a_warning(models, tmp_path, caplog):
+    assert run(models, tmp_path / "d.safetensors", "--diff-only", "--min-rank", "50") == 0
+    assert run(models, tmp_path / "t.safetensors", "--target-size", "40KB", "--energy", "0.5") == 0
+    assert run(models, tmp_path / "r.safetensors", "--rank", "4", "--max-rank", "8") == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == ["rank options do not apply to --diff-only (changed tensors are stored whole); ignored",
+                      "--energy does not apply with --target-size (the budget chooses the ranks); ignored",
+                      "both --rank and --min-rank/--max-rank given: using the fixed rank 4"]
 
 
 def test_diff_only_no_text_encoders_fp32(models, tmp_path):

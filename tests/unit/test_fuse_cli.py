@@ -137,3 +137,12 @@ def test_values_beyond_fp16_are_refused_not_written_as_inf(inputs, tmp_path):
     assert len(lines) == 1 and "beyond float16's range (±65504); save it as fp32 or bf16; nothing was written" in lines[0]
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["big.safetensors"]
     assert cli(big, inputs[1], "--output-format", "full", "--dtype", "float32", "-o", out).returncode == 0
+
+
+def test_report_and_metadata_on_one_path_are_refused(inputs, tmp_path):
+    side = tmp_path / "side.json"
+    r = cli(*inputs, "-o", tmp_path / "out.safetensors", "--report", side, "--metadata", side)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: --metadata {side} is the other side file too; give each a file "
+                                             "of its own"]
+    assert not list(tmp_path.iterdir())

@@ -14,10 +14,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from merge_core.errors import NonFiniteError
-from merge_core.lora_file import load_lora
+from merge_core.lora_file import load_lora, save_lora
 from merge_core.merge import merge_loras, parse_block_weights
 from merge_testlib import one_torch_thread  # noqa: F401  (autouse)
 from merge_testlib import CONV, F64, NAMES, cli_inputs, rel, run_in_process
+from synth import lora_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -88,6 +89,15 @@ def test_fixed_rank(inputs, tmp_path, capsys):
     out = tmp_path / "r.safetensors"
     assert run_in_process(capsys, *inputs, "--rank", "3", "-o", out)[0] == 0
     assert {m.rank for m in load_lora(out).modules.values()} == {3}
+
+
+def test_one_rank_bound_moves_the_other_default_to_meet_it(inputs, tmp_path, capsys):
+    """--max-rank 2 alone: 2..2 (not a refusal of the default 4..2); --min-rank 40 alone: 40..40."""
+    for flag, value, ranks in (("--max-rank", "2", {2}), ("--min-rank", "40", {12, 8})):  # 8+4 stacked, conv 8
+        out = tmp_path / f"b{value}.safetensors"
+        code, _, err = run_in_process(capsys, *inputs, flag, value, "-o", out)
+        assert code == 0, err
+        assert {m.rank for m in load_lora(out).modules.values()} == ranks
 
 
 @pytest.mark.parametrize("args,message", [
@@ -236,3 +246,20 @@ def test_report_path_that_would_lose_a_file_is_refused_before_any_work(inputs, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "old.json"]  # no merge was written
     r = cli(*inputs, "-o", tmp_path / "m.safetensors", "--report", tmp_path / "old.json", "--overwrite")
     assert r.returncode == 0 and json.loads((tmp_path / "old.json").read_text())["modules"]
+
+
+def test_report_inside_a_peft_adapter_folder_or_naming_a_folder_is_refused(tmp_path, capsys):
+    """(a PEFT input or output is a folder: a report onto its adapter_model.safetensors would replace weights)"""
+    mods = {f"base_model.model.layers.{i}.self_attn.q_proj": lora_for((16, 12), 2, 2.0, seed=i) for i in range(2)}
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["q_proj"]}
+    a, b = (save_lora(mods, tmp_path / n, arch="other", profile="peft", dtype="fp32", peft_config=config)
+            for n in ("pa", "pb"))
+    weights = (a / "adapter_model.safetensors").read_bytes()
+    (tmp_path / "adir").mkdir()
+    for report, why in ((a / "adapter_model.safetensors", "is the output or an input, or inside one"),
+                        (tmp_path / "out" / "adapter_config.json", "is the output or an input, or inside one"),
+                        (tmp_path / "adir", "is a folder; give it a file name")):
+        code, _, err = run_in_process(capsys, a, b, "-o", tmp_path / "out", "--report", report, "--overwrite")
+        assert code == 2 and err.strip().splitlines() == [f"error: --report {report} {why}" +
+                                                          ("; give it a file of its own" if "inside" in why else "")]
+    assert (a / "adapter_model.safetensors").read_bytes() == weights and not (tmp_path / "out").exists()

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from merge_core.adapters import LoHa, LoKr
 from merge_core.errors import FormatError, NonFiniteError
@@ -273,3 +273,10 @@ def test_peft_profile_refuses_a_kohya_file_instead_of_writing_peft_suffixes_on_k
     path = save_lora(mods, tmp_path / "k.safetensors", dtype="fp32")
     with pytest.raises(FormatError, match="profile peft reads PEFT adapters.*'lora_unet_.*kohya name"):
         load_lora(path, profile="peft")
+    sd = {k: v for k, v in load_file(str(path)).items()}  # one module renamed to lora_A/lora_B: still refused
+    name = next(k for k in sd if k.endswith(".lora_up.weight"))[:-len(".lora_up.weight")]
+    sd[f"{name}.lora_B.weight"], sd[f"{name}.lora_A.weight"] = sd.pop(f"{name}.lora_up.weight"), \
+        sd.pop(f"{name}.lora_down.weight")
+    save_file(sd, str(tmp_path / "mixed.safetensors"))
+    with pytest.raises(FormatError, match="profile peft reads PEFT adapters.*kohya name"):
+        load_lora(tmp_path / "mixed.safetensors", profile="peft")
