@@ -30,6 +30,13 @@ def path_text(text: str) -> str:
     return text
 
 
+def device_text(text: str) -> str:
+    """argparse type: a device name, not empty (an empty shell variable would silently mean auto)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty device name; use auto, cpu, cuda or cuda:N")
+    return text.strip()
+
+
 def add_output(p: argparse.ArgumentParser, what: str, required: bool = True) -> None:
     """-o (`what` the output may be, for its help) and --overwrite."""
     p.add_argument("-o", "--output", required=required, type=path_text, help=what)
@@ -51,7 +58,7 @@ def suffixed(path: Path) -> Path:
 
 
 def add_device(p: argparse.ArgumentParser, default: str = "auto") -> None:
-    p.add_argument("--device", default=default, help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--device", default=default, type=device_text, help="auto (CUDA when present), cpu, cuda, cuda:N")
 
 
 def add_threads(p: argparse.ArgumentParser) -> None:

@@ -58,6 +58,10 @@ def test_usage_errors_are_one_line(inputs, tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "error: argument --norm-threshold: not a finite number: 'nan' (see python -m merge_core fuse --help)"]
+    r = cli(*inputs, "--device", "", "-o", tmp_path / "out.safetensors")  # an empty shell variable
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: argument --device: an empty device name; use auto, cpu, cuda or cuda:N (see python -m merge_core "
+        "fuse --help)"]
 
 
 def test_verbose_after_the_command_logs_every_module(inputs, tmp_path):
