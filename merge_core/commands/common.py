@@ -10,7 +10,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..errors import MergeCoreError, NonFiniteError, finite_numbers
+from ..errors import MergeCoreError, NonFiniteError, OutputWriteError, finite_numbers
 from ..files.atomic import atomic_write, refuse_existing
 from ..lowrank.rank_select import RankRule
 from ..report import Report
@@ -141,10 +141,15 @@ def check_side_files(args: argparse.Namespace, output: Path, inputs: Sequence[st
 
 
 def write_report(path: Optional[str], report: Union[dict, Report], overwrite: bool) -> None:
-    """The report as JSON at `path` (nothing without one: a Report is turned into a dict only when written)."""
+    """The report (or fuse's metadata) as JSON at `path`, after the output (nothing without a path: a Report is
+    turned into a dict only when written).  A failed write says that the output stands."""
     if path:
         text = json.dumps(report.as_dict() if isinstance(report, Report) else report, indent=2, sort_keys=False)
-        atomic_write(Path(path), lambda tmp: tmp.write_text(text), overwrite=overwrite)
+        try:
+            atomic_write(Path(path), lambda tmp: tmp.write_text(text), overwrite=overwrite)
+        except OutputWriteError as exc:
+            raise OutputWriteError(f"{str(exc).removesuffix(' Nothing was changed.')} The output was written; "
+                                   "only this file is missing.") from None
 
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,

@@ -3,11 +3,10 @@ output forms), as the original multi-model LyCORIS fusion tool's interface, with
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-from ..files.atomic import atomic_write, refuse_existing
+from ..files.atomic import refuse_existing
 from ..fuse import DORA_CHOICES, OUTPUT_FORMATS, STRATEGIES, fusion_metadata, verify_written
 from ..fuse.engine import DEFAULT_RULE, collect, plan_fuse, resolve_weights
 from ..fuse.to_file import fuse_to_file
@@ -77,8 +76,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"verify: {len(errors)} modules re-read, max rel error {errors[worst] if worst else 0.0:.3e}"
               + (f" ({worst})" if worst else "") + f", {time.perf_counter() - start:.1f} s")
     if args.metadata:
-        text = json.dumps(fusion_metadata(report, plan.recipe(), errors), indent=2)
-        atomic_write(Path(args.metadata), lambda tmp: tmp.write_text(text), overwrite=args.overwrite)
+        write_report(args.metadata, fusion_metadata(report, plan.recipe(), errors), args.overwrite)
     as_dict = report.as_dict()
     if errors is not None:
         as_dict["verify"] = errors

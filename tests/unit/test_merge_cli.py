@@ -13,7 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from merge_core.errors import NonFiniteError
+from merge_core.commands.common import write_report
+from merge_core.errors import NonFiniteError, OutputWriteError
 from merge_core.lora_file import load_lora, save_lora
 from merge_core.merge import merge_loras, parse_block_weights
 from merge_testlib import one_torch_thread  # noqa: F401  (autouse)
@@ -263,3 +264,11 @@ def test_report_inside_a_peft_adapter_folder_or_naming_a_folder_is_refused(tmp_p
         assert code == 2 and err.strip().splitlines() == [f"error: --report {report} {why}" +
                                                           ("; give it a file of its own" if "inside" in why else "")]
     assert (a / "adapter_model.safetensors").read_bytes() == weights and not (tmp_path / "out").exists()
+
+
+def test_a_report_that_cannot_be_written_says_the_output_stands(tmp_path):
+    """(write_report runs after the output is written; check_side_files refuses this path up front in the CLI)"""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputWriteError, match=r"^cannot write .*afile/r\.json: a folder on its path is a file\. The "
+                                               r"output was written; only this file is missing\.$"):
+        write_report(str(tmp_path / "afile" / "r.json"), {"modules": []}, overwrite=False)
