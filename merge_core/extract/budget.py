@@ -82,10 +82,10 @@ def bound_entries(plan: Plan, opts: ExtractOptions, dtype: torch.dtype) -> list[
     return out
 
 
-def header_bytes(run: Run, dtype: torch.dtype, title: str) -> int:
-    """Bytes before the tensor data of the file the run writes (8 + the header reserved for bound_entries)."""
-    reserve = header_reserve(bound_entries(run.plan, run.opts, dtype), run.plan.arch, run.recipe, title)
-    return data_offset(reserve)
+def header_reserve_of(run: Run, dtype: torch.dtype, title: str) -> int:
+    """The header bytes extract_to_file reserves for the run written in `dtype` under `title` (bound_entries,
+    the metadata and the run's recipe)."""
+    return header_reserve(bound_entries(run.plan, run.opts, dtype), run.plan.arch, run.recipe, title)
 
 
 def sketch_all(run: Run, width: int, hold: torch.dtype, device: torch.device,
@@ -122,7 +122,7 @@ def fit_extraction(run: Run, target_bytes: int, dtype: torch.dtype, title: str, 
     if run.opts.rule.rank is not None:
         raise MergeCoreError("--target-size chooses the ranks: it cannot be combined with a fixed --rank")
     run.recipe["parameters"]["target_size"] = int(target_bytes)
-    header = header_bytes(run, dtype, title)
+    header = data_offset(header_reserve_of(run, dtype, title))  # the bytes before the tensor data
     check_room(target_bytes, header)  # before reading the models
     made, spectra, fixed = sketch_all(run, dtype.itemsize, hold or COMPUTE_DTYPE, resolve_device(device), progress)
     ranks, summary = fit(spectra, target_bytes, header + fixed, "ΔW = tuned − base")

@@ -10,11 +10,11 @@ from typing import Optional, Union
 from ..errors import MergeCoreError
 from ..files.atomic import atomic_write, refuse_existing
 from ..lora_file import dtype_of
-from ..lora_stream import LoraStream, header_reserve, stream_writer
+from ..lora_stream import LoraStream, stream_writer
 from ..lowrank.rank_select import RankRule
 from ..report import Progress, Report
 from .api import extract_lora
-from .budget import bound_entries, fit_extraction
+from .budget import fit_extraction, header_reserve_of
 from .engine import Source, open_run
 
 PICKLE_OUTPUTS = (".pt", ".pth", ".ckpt")
@@ -43,7 +43,7 @@ def extract_to_file(base: Source, tuned: Source, output: Union[str, os.PathLike]
     if target_size is not None:
         run.report.extra["size_budget"] = fit_extraction(run, int(target_size), dtype, path.stem, device, progress,
                                                          hold=dtype)
-    reserve = header_reserve(bound_entries(run.plan, run.opts, dtype), run.plan.arch, run.recipe, path.stem)
+    reserve = header_reserve_of(run, dtype, path.stem)
 
     def fill(stream: LoraStream) -> tuple[str, dict, None]:
         for target, module in run.pieces(device, progress):
