@@ -52,13 +52,19 @@ class RankRule:
         return {"energy": self.energy, "min_rank": self.min_rank, "max_rank": self.max_rank}
 
 
+def non_null(S: torch.Tensor) -> torch.Tensor:
+    """How many singular values of each row of S (batch × n, descending) stand above round-off: σ > NULL_TOL·σ₁
+    (0 for a zero row)."""
+    top = S[:, 0] if S.shape[1] else torch.zeros(S.shape[0], dtype=S.dtype)
+    return torch.where(top > 0, (S > (top * NULL_TOL)[:, None]).sum(1), 0)
+
+
 def choose_ranks(S: torch.Tensor, totals: Sequence[float], rule: RankRule, shape: tuple[int, int]) -> list[int]:
     """The rank to keep for each row of singular values S (batch × n, each row descending) of modules of one
     matrix shape (out, in·kh·kw), with exact energies ‖T_b‖² = totals[b] (all rows at once)."""
     s = S.detach().to("cpu", torch.float64)
     total = torch.as_tensor(list(totals), dtype=torch.float64)
-    top = s[:, 0] if s.shape[1] else torch.zeros(s.shape[0], dtype=torch.float64)
-    available = torch.where(top > 0, (s > (top * NULL_TOL)[:, None]).sum(1), 0)  # above round-off
+    available = non_null(s)
     if rule.rank is not None:
         k = torch.full_like(available, rule.rank)
     else:

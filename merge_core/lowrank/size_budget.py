@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import MergeCoreError
-from .rank_select import NULL_TOL, RankRule
+from .rank_select import RankRule, non_null
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def spectrum(name: str, s: torch.Tensor, total: float, shape: tuple[int, int], b
              rule: RankRule, cap: Optional[int] = None) -> Spectrum:
     """A module's Spectrum from its singular values `s` (descending; the top ones are enough), ‖T‖² and matrix
     shape: the non-null σ² (as choose_ranks counts them), bounds from `rule` (and `cap`)."""
-    available = int((s > s[0] * NULL_TOL).sum()) if len(s) and s[0] > 0 and total > 0 else 0
+    available = int(non_null(s.reshape(1, -1))[0]) if total > 0 else 0
     high = min(rule.max_rank, available, min(shape), cap if cap is not None else available)
     return Spectrum(name, tuple(float(x) ** 2 for x in s[:available]), float(total), sum(shape) * bytes_per_element,
                     min(rule.min_rank, high), high)
