@@ -30,7 +30,12 @@ class OutputExistsError(MergeCoreError):
 
 
 class OutputWriteError(MergeCoreError):
-    """The output could not be written (disk full, read-only folder, no permission, file in use)."""
+    """The output could not be written (disk full, read-only folder, no permission, file in use); `failure` says
+    which file and why, without what that left on disk."""
+
+    def __init__(self, failure: str, outcome: str = "Nothing was changed."):
+        super().__init__(f"{failure} {outcome}")
+        self.failure = failure
 
 
 class UnsafePathError(MergeCoreError):

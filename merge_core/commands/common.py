@@ -148,8 +148,7 @@ def write_report(path: Optional[str], report: Union[dict, Report], overwrite: bo
         try:
             atomic_write(Path(path), lambda tmp: tmp.write_text(text), overwrite=overwrite)
         except OutputWriteError as exc:
-            raise OutputWriteError(f"{str(exc).removesuffix(' Nothing was changed.')} The output was written; "
-                                   "only this file is missing.") from None
+            raise OutputWriteError(exc.failure, "The output was written; only this file is missing.") from None
 
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,

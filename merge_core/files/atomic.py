@@ -68,7 +68,7 @@ def write_errors(path: Path, *own: Path) -> Iterator[None]:
                    "write to a new name")
         else:
             why = exc.strerror or str(exc)
-        raise OutputWriteError(f"cannot write {path}: {why}. Nothing was changed.") from None
+        raise OutputWriteError(f"cannot write {path}: {why}.") from None
 
 
 @contextmanager
