@@ -1,6 +1,7 @@
 """Small helpers shared by the bench/*.py scripts: timing, peak memory, test operators, tables.
 
 Stable API (other benchmarks import these):
+    sync() -> None                                    wait for queued CUDA work (no-op without CUDA)
     timeit(fn, repeats=3, warmup=1) -> float          median wall seconds of fn()
     child_peak_mb(code, path) -> float                 peak resident memory (MiB) of a fresh interpreter running code
     decaying_factors(out, inn, r, decay=0.8, seed=0, dtype=torch.float32) -> (U, V)
@@ -17,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 
-def _sync() -> None:
+def sync() -> None:
     """Wait for queued CUDA work so wall time covers it (no-op without CUDA)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
@@ -27,12 +28,12 @@ def timeit(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
     """Median wall-clock seconds of `repeats` calls of fn() after `warmup` untimed calls (CUDA-synchronised)."""
     for _ in range(warmup):
         fn()
-    _sync()
+    sync()
     times = []
     for _ in range(max(1, repeats)):
         start = time.perf_counter()
         fn()
-        _sync()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

@@ -32,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._common import sync  # noqa: E402
 from merge_core.checkpoint.sdxl_checkpoint import sdxl_checkpoint_shapes  # noqa: E402
 from merge_core.files.stream_writer import SafetensorsStream, header_bound  # noqa: E402
 from merge_core.keys.sdxl_table import sdxl_modules  # noqa: E402
@@ -52,18 +53,13 @@ def fine_tune_delta(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tenso
     return (U * s) @ V.T
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def best_of(fn, repeat: int, device: torch.device) -> tuple[float, object]:
+def best_of(fn, repeat: int) -> tuple[float, object]:
     best, result = float("inf"), None
     for _ in range(repeat):
-        sync(device)
+        sync()
         t = time.perf_counter()
         result = fn()
-        sync(device)
+        sync()
         best = min(best, time.perf_counter() - t)
     return best, result
 
@@ -75,14 +71,14 @@ def per_shape(shapes, rank: int, device: torch.device, repeat: int) -> dict:
     print(f"{'shape':>20} {'rSVD s':>8} {'full s':>8} {'speedup':>8} {'rSVD err':>9} {'full err':>9} {'ratio':>7}")
     for shape in shapes:
         D = fine_tune_delta(shape, gen).to(device)
-        t_r, lr = best_of(lambda: low_rank(Dense(D), RankRule(rank=rank), "rsvd", seed=1), repeat, device)
+        t_r, lr = best_of(lambda: low_rank(Dense(D), RankRule(rank=rank), "rsvd", seed=1), repeat)
         err_r = lr.quality.rel_error
 
         def full():
             U, S, Vh = torch.linalg.svd(D, full_matrices=False)
             return U[:, :rank] * S[:rank], Vh[:rank]
 
-        t_f, (up, down) = best_of(full, repeat, device)
+        t_f, (up, down) = best_of(full, repeat)
         err_f = float((D - up @ down).norm() / D.norm())
         label = "x".join(map(str, shape))
         rows[tuple(shape)] = {"rsvd_s": t_r, "full_s": t_f, "rsvd_err": err_r, "full_err": err_f}

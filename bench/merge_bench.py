@@ -34,8 +34,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import child_peak_mb, decaying_factors, md_table  # noqa: E402
+from bench._common import child_peak_mb, decaying_factors, md_table, sync  # noqa: E402
 from merge_core.cli import main as cli_main  # noqa: E402
+from merge_core.device import resolve_device  # noqa: E402
 from merge_core.keys.sdxl_table import sdxl_modules  # noqa: E402
 from merge_core.lora_file import load_lora, save_lora  # noqa: E402
 from merge_core.lowrank import Factored, RankRule, low_rank  # noqa: E402
@@ -66,12 +67,12 @@ def make_input(path: Path, seed: int, quick: bool) -> None:
     save_file(sd, str(path))
 
 
-def run_method(method: str, a: Path, b: Path, work: Path, threads: int, extra: tuple[str, ...] = (),
+def run_method(method: str, a: Path, b: Path, work: Path, threads: int, device: str, extra: tuple[str, ...] = (),
                tag: str = "") -> dict:
     """One CLI merge in its own process (stdout discarded): its report (params, rank, seconds) and peak RSS."""
     out, rep = work / f"out_{method}{tag}.safetensors", work / f"report_{method}{tag}.json"
     argv = ["merge", str(a), str(b), "--method", method, "-o", str(out), "--report", str(rep), "--overwrite",
-            "--device", "cpu", "--threads", str(threads), *extra]
+            "--device", device, "--threads", str(threads), *extra]
     code = (f"import io\nsys.stdout = io.StringIO()\nfrom merge_core.cli import main\n"
             f"code = main({argv!r})\nsys.stdout = sys.__stdout__\nassert code == 0, code")
     peak = child_peak_mb(code, str(ROOT))
@@ -79,9 +80,12 @@ def run_method(method: str, a: Path, b: Path, work: Path, threads: int, extra: t
     return {"report": report, "peak_mb": peak, "out_bytes": out.stat().st_size}
 
 
-def baseline_rss_mb() -> float:
-    """Peak RSS of a process that only imports torch and merge_core (subtracted from every peak)."""
-    return child_peak_mb("import torch, merge_core.merge, merge_core.cli", str(ROOT))
+def baseline_rss_mb(device: torch.device) -> float:
+    """Peak RSS of a process that only imports torch and merge_core (subtracted from every peak) and, for a
+    GPU, starts CUDA and its BLAS and solver libraries (host memory every CUDA merge pays before any module)."""
+    start = ("\nx = torch.randn(64, 64, device='cuda')\ntorch.linalg.qr(x @ x)\ntorch.linalg.eigh(x @ x.T)"
+             if device.type == "cuda" else "")
+    return child_peak_mb(f"import torch, merge_core.merge, merge_core.cli{start}", str(ROOT))
 
 
 def materialised(path: Path) -> dict:
@@ -98,9 +102,9 @@ def io_only(a: Path, b: Path, out: Path, modules: dict) -> None:
     save_lora(modules, out, overwrite=True)
 
 
-def end_to_end(a: Path, b: Path, out: Path) -> float:
+def end_to_end(a: Path, b: Path, out: Path, device: str) -> None:
     with contextlib.redirect_stdout(io.StringIO()):
-        rc = cli_main(["merge", str(a), str(b), "--method", "rsvd", "-o", str(out), "--overwrite", "--device", "cpu",
+        rc = cli_main(["merge", str(a), str(b), "--method", "rsvd", "-o", str(out), "--overwrite", "--device", device,
                        "--threads", str(torch.get_num_threads())])
     if rc:
         raise RuntimeError(f"merge exited {rc}")
@@ -113,15 +117,15 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def ratio(a: Path, b: Path, work: Path, repeats: int) -> dict:
+def ratio(a: Path, b: Path, work: Path, repeats: int, device: str) -> dict:
     """Medians and minima of end-to-end rsvd and of load+write (wall and CPU seconds), the two alternating."""
     merged = work / "e2e_rsvd.safetensors"
-    end_to_end(a, b, merged)  # warm-up: page cache, lazy imports
+    end_to_end(a, b, merged, device)  # warm-up: page cache, lazy imports, CUDA context
     modules = materialised(merged)  # what the load+write baseline writes: the same modules, same dtype
     e2e, io_t = [], []
     for _ in range(repeats):  # each timed run starts with no earlier write still being flushed
         os.sync()
-        e2e.append(timed(lambda: end_to_end(a, b, merged)))
+        e2e.append(timed(lambda: end_to_end(a, b, merged, device)))
         os.sync()
         io_t.append(timed(lambda: io_only(a, b, work / "io_only.safetensors", modules)))
     out = {k: statistics.median(x[i] for x in runs) for k, runs, i in
@@ -132,25 +136,43 @@ def ratio(a: Path, b: Path, work: Path, repeats: int) -> dict:
             "min_ratio": out["e2e_min"] / out["io_min"]}
 
 
-def solver_estimate(a: Path, b: Path, solver: str, per_shape: int = 1) -> tuple[float, int, Counter]:
-    """Seconds for merge_core.lowrank.low_rank(…, solver) at rank 32 on T = ½ΔW₁ + ½ΔW₂ of every module,
-    extrapolated from `per_shape` timed modules of each distinct shape ("dense": the kohya-style
-    torch.linalg.svd of the dense ΔW; "rsvd": the seeded sketch, k+p = 40 columns, 2 power iterations)."""
+def solver_estimate(a: Path, b: Path, solver: str, device: torch.device, per_shape: int = 1) -> tuple[float, int, Counter]:
+    """Seconds for merge_core.lowrank.low_rank(…, solver) at rank 32 on T = ½ΔW₁ + ½ΔW₂ of every module, on
+    `device`, extrapolated from `per_shape` timed modules of each distinct shape ("dense": the kohya-style
+    torch.linalg.svd of the dense ΔW; "rsvd": the seeded sketch, k+p = 40 columns, 2 power iterations).
+    One untimed solve first, so library start-up (CUDA context, solver handles) stays out of the numbers."""
     sa, sb = load_lora(a), load_lora(b)
     counts = Counter(m.matrix_shape for m in sa.modules.values())
+
+    def merged(name: str) -> Factored:
+        pa, pb = sa.modules[name].operator(), sb.modules[name].operator()
+        return Factored(torch.cat([pa.U * 0.5, pb.U * 0.5], 1).to(device), torch.cat([pa.V, pb.V], 0).to(device))
+
+    low_rank(merged(next(iter(sa.modules))), RankRule(rank=RANK), solver=solver)
     seconds, n_timed = 0.0, 0
     for shape, n in counts.items():
         names = [k for k, m in sa.modules.items() if m.matrix_shape == shape][:per_shape]
         per = []
         for name in names:
-            pa, pb = sa.modules[name].operator(), sb.modules[name].operator()
-            op = Factored(torch.cat([pa.U * 0.5, pb.U * 0.5], 1), torch.cat([pa.V, pb.V], 0))
+            op = merged(name)
+            sync()
             start = time.perf_counter()
             low_rank(op, RankRule(rank=RANK), solver=solver)
+            sync()
             per.append(time.perf_counter() - start)
             n_timed += 1
         seconds += statistics.median(per) * n
     return seconds, n_timed, counts
+
+
+def cores() -> str:
+    """The CPU cores this process may run on (taskset / cgroup pinning), and the machine's count if more."""
+    usable, total = len(os.sched_getaffinity(0)), os.cpu_count()
+    return f"{usable}" if usable == total else f"{usable} (of {total}, pinned)"
+
+
+def device_label(device: torch.device) -> str:
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -161,10 +183,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats for the ratio (median, and best of)")
     ap.add_argument("--budgets", nargs="*", default=["100MB", "64MiB"], help="rsvd --target-size runs")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                    help="where every merge and solver timing runs (default cpu: the issue's 2-core target)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
+    device = resolve_device(args.device)
     with contextlib.ExitStack() as stack:
         work = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         work.mkdir(parents=True, exist_ok=True)
@@ -174,19 +199,19 @@ def main(argv: list[str] | None = None) -> None:
             if not path.exists():
                 make_input(path, seed, args.quick)
         n_modules = len(load_lora(a).modules)
-        print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, {threads} threads; inputs: 2 x {n_modules} "
+        print(f"torch {torch.__version__}, {cores()} CPU cores, {threads} threads, device {device_label(device)}; inputs: 2 x {n_modules} "
               f"modules, rank {RANK}, alpha {ALPHA:g}, fp16, {a.stat().st_size / MIB:.0f} MiB each "
               f"(made in {time.perf_counter() - start:.0f} s)")
 
         # the ratio first, on a quiet machine: the method runs below leave GBs of dirty pages behind, whose
         # writeback would land in the middle of the timed runs
-        sp = ratio(a, b, work, args.repeats)
-        base = baseline_rss_mb()
+        sp = ratio(a, b, work, args.repeats, str(device))
+        base = baseline_rss_mb(device)
         rows, mem_rows = [], []
         largest = max(s.shape[0] * s.shape[1] for s in specs(args.quick)) * 4 / MIB
         inputs_mb = (a.stat().st_size + b.stat().st_size) / MIB
         for method in args.methods:
-            r = run_method(method, a, b, work, threads)
+            r = run_method(method, a, b, work, threads, str(device))
             rep, out_mb = r["report"], r["out_bytes"] / MIB
             errs = [m["rel_error"] for m in rep["modules"]]
             rows.append([method, f"{rep['total_params']:,}", f"{rep['avg_rank']:.2f}", f"{rep['seconds']:.2f}",
@@ -205,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{'met' if sp['ratio'] <= 2.0 else 'NOT met'}); best of {args.repeats}: {sp['e2e_min']:.2f} / "
               f"{sp['io_min']:.2f} = {sp['min_ratio']:.2f}; in CPU seconds of this process: {sp['e2e_cpu']:.2f} / "
               f"{sp['io_cpu']:.2f} = {sp['cpu_ratio']:.2f}; load average {os.getloadavg()[0]:.1f} on "
-              f"{os.cpu_count()} cores")
+              f"{cores()} cores")
         pairs = sp["pairs"]
         print(f"  run by run (each over the load + write that followed it): {' '.join(f'{x:.2f}' for x in pairs)}; "
               f"{sum(x <= 2.0 for x in pairs)} of {len(pairs)} at or under 2.0 — the ratio moves with the "
@@ -213,13 +238,13 @@ def main(argv: list[str] | None = None) -> None:
 
         for solver, what in (("dense", "dense kohya-style SVD (torch.linalg.svd of each dense ΔW)"),
                              ("rsvd", "randomized sketch on the factors (k+p = 40, q = 2)")):
-            sec, n_timed, counts = solver_estimate(a, b, solver, per_shape=1 if solver == "dense" else 3)
+            sec, n_timed, counts = solver_estimate(a, b, solver, device, per_shape=1 if solver == "dense" else 3)
             print(f"{what}, rank {RANK}: {n_timed} modules timed ({len(counts)} shapes), extrapolated to "
                   f"{sum(counts.values())} modules: {sec:.1f} s")
 
         budget_rows = []
         for size in args.budgets:
-            r = run_method("rsvd", a, b, work, threads, ("--target-size", size), f"_{size}")
+            r = run_method("rsvd", a, b, work, threads, str(device), ("--target-size", size), f"_{size}")
             sb, rep = r["report"]["size_budget"], r["report"]
             budget_rows.append([size, f"{r['out_bytes']:,}", f"{sb['target_bytes']:,}",
                                 f"{sb['min_rank']}-{sb['max_rank']} ({sb['avg_rank']:.1f})",
@@ -232,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
             print(md_table(["target", "file bytes", "target bytes", "ranks (avg)", "energy kept",
                             "one rank for all, same size", "end-to-end (s)"], budget_rows))
 
-        print(f"\nPeak memory (VmHWM of each CLI process, MiB; baseline = importing torch + merge_core: {base:.0f} "
+        print(f"\nPeak memory (VmHWM of each CLI process, MiB; baseline = importing torch + merge_core{' + starting CUDA' if device.type == 'cuda' else ''}: {base:.0f} "
               f"MiB; extra = peak - baseline - inputs (the output file is written module by module, none of it held); the largest module "
               f"as dense fp32 is {largest:.0f} MiB; budget: extra <= {MODULE_MULTIPLE} x that):")
         print(md_table(["method", "peak RSS", "peak - baseline", "inputs", "output file", "extra",
