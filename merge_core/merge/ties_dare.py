@@ -30,7 +30,14 @@ from .options import MergeOptions
 from .outcome import Outcome, combine_notes, lora_outcome
 from .targets import ModuleTarget, Term
 
-BLOCK = 1 << 17  # entries per block of rows (512 KiB of fp32; ties holds about ten such blocks per worker)
+BLOCK = 1 << 17  # entries per block of rows on the CPU (512 KiB of fp32; ties holds about ten per worker)
+CUDA_BLOCK = 1 << 24  # on a GPU (64 MiB of fp32: an SDXL module in one block), where each small block's
+# handful of kernel launches, not its arithmetic, would set the time
+
+
+def blocks_of(shape: tuple[int, int], device: torch.device):
+    """The blocks of rows ties and dare work through, sized for the device."""
+    return row_blocks(*shape, BLOCK if device.type == "cpu" else CUDA_BLOCK)
 
 
 def check_density(density: float) -> None:
@@ -47,9 +54,8 @@ def kth_largest_abs(op: Operator, coeff: float, k: int) -> float:
     """The exact k-th largest |τ| without a dense τ: a radix select on the float bits (for x ≥ 0 the int32
     view of a float32 is monotonic) — a histogram of the top 16 bits over blocks of rows, then an exact
     selection among the entries of the one bin that holds it."""
-    rows, cols = op.shape
     hist = None
-    for block in row_blocks(rows, cols, BLOCK):
+    for block in blocks_of(op.shape, op.device):
         top = delta_rows(op, coeff, block).abs_().view(torch.int32).flatten() >> 15
         counts = torch.bincount(top, minlength=1 << 16)
         hist = counts if hist is None else hist.add_(counts)
@@ -61,7 +67,7 @@ def kth_largest_abs(op: Operator, coeff: float, k: int) -> float:
     # the blocks would pin the freed blocks' heap pages (tens of MiB per worker on the largest modules)
     candidates = torch.empty(int(hist[target_bin]), dtype=torch.int32, device=hist.device)
     at = 0
-    for block in row_blocks(rows, cols, BLOCK):
+    for block in blocks_of(op.shape, op.device):
         bits = delta_rows(op, coeff, block).abs_().view(torch.int32).flatten()
         piece = bits[(bits >> 15) == target_bin]
         if at + piece.numel() > candidates.numel():
@@ -107,9 +113,12 @@ def drop_and_rescale(tau: torch.Tensor, density: float, gen: np.random.Generator
     numpy's PCG64: twice as fast as torch's CPU generator, whose draws were about a quarter of dare's time)."""
     if density >= 1.0:
         return tau
-    r = torch.from_numpy(gen.random(tuple(tau.shape), dtype=np.float32))
-    keep = torch.threshold(r.neg_().add_(density), 0.0, 0.0).sign_()  # r < density: a 0/1 float mask (see trim)
-    return tau.mul_(keep.to(tau.device)).div_(density)
+    r = gen.random(tuple(tau.shape), dtype=np.float32)
+    if tau.device.type == "cpu":  # r < density as a 0/1 float mask (see trim)
+        keep = torch.threshold(torch.from_numpy(r).neg_().add_(density), 0.0, 0.0).sign_()
+    else:  # to a GPU as bools: a quarter of the bytes across the bus
+        keep = torch.from_numpy(r < density).to(tau.device)
+    return tau.mul_(keep).div_(density)
 
 
 def ties(terms: Sequence[Term], density: float, device: torch.device) -> torch.Tensor:
@@ -119,7 +128,7 @@ def ties(terms: Sequence[Term], density: float, device: torch.device) -> torch.T
     floors = [floor_below(kth_largest_abs(op, t.coeff, keep)) if keep < rows * cols else None
               for op, t in zip(ops, terms)]
     out = torch.empty(rows, cols, device=device)
-    for block in row_blocks(rows, cols, BLOCK):
+    for block in blocks_of((rows, cols), device):
         out[block] = disjoint_mean([trim(delta_rows(op, t.coeff, block), floor)
                                     for op, t, floor in zip(ops, terms, floors)])
     return out
@@ -131,7 +140,7 @@ def dare(terms: Sequence[Term], density: float, seed: int, device: torch.device,
     rows, cols = ops[0].shape
     gens = [np.random.Generator(np.random.PCG64(seed + i)) for i in range(len(terms))]
     out = torch.empty(rows, cols, device=device)
-    for block in row_blocks(rows, cols, BLOCK):
+    for block in blocks_of((rows, cols), device):
         kept = [drop_and_rescale(delta_rows(op, t.coeff, block), density, gen) for op, t, gen in zip(ops, terms, gens)]
         out[block] = disjoint_mean(kept) if elect else sum(kept)
     return out
