@@ -1,11 +1,13 @@
-"""How much memory the system can still hand out without swapping, on Linux, Windows and other POSIX systems:
-what caps the workers of methods that hold dense modules (merge/scheduler.worker_cap)."""
+"""How much memory the system can still hand out without swapping, on Linux, Windows and other POSIX systems,
+or a GPU has free: what caps the workers of methods that hold dense modules (merge/scheduler.worker_cap)."""
 from __future__ import annotations
 
 import ctypes
 import os
 import sys
 from typing import Optional
+
+import torch
 
 MEMINFO = "/proc/meminfo"
 
@@ -57,3 +59,10 @@ def available_memory() -> Optional[int]:
     if sys.platform == "win32":
         return _windows()
     return _meminfo() or _sysconf()
+
+
+def available_on(device: torch.device) -> Optional[int]:
+    """Bytes free for work on `device`: the GPU's free memory for CUDA, else available_memory()."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return available_memory()

@@ -64,14 +64,15 @@ def add_device(p: argparse.ArgumentParser, default: str = "auto") -> None:
 def add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads: modules are computed this many side by side (default: torch's own, one per "
-                        "core; 1 is faster on a busy machine)")
+                        "core; 1 is faster on a busy machine); on a GPU, at most 4 of them, each on its own CUDA "
+                        "stream")
 
 
 MAX_THREADS = 1024  # far past any CPU's cores; a huge count makes the OS refuse threads and torch crash
 
 
 def apply_threads(args: argparse.Namespace) -> None:
-    """torch's thread count from --threads (the worker threads of a merge or fuse on the CPU)."""
+    """torch's thread count from --threads (the worker threads of a merge or fuse)."""
     if args.threads is not None:
         if not 1 <= args.threads <= MAX_THREADS:
             raise MergeCoreError(f"--threads must be between 1 and {MAX_THREADS}, got {args.threads}")

@@ -57,7 +57,7 @@ def spectra_of(plan: MergePlan, bytes_per_element: int, device: torch.device,
                 progress(len(found), count, name)
 
     run_work(deque(item for item in plan.work if not item[1][0].vector_only), run, record, device,
-             dense_worker_cap(plan) if device.type == "cpu" else None)
+             dense_worker_cap(plan, device))
     return [spectrum(t.name, *found[t.name], t.matrix_shape, bytes_per_element, plan.opts.rule)
             for t in plan.targets() if t.name in found]
 

@@ -24,14 +24,14 @@ from ..errors import MergeCoreError, NonFiniteError
 from ..files.metadata import carried_metadata, make_recipe
 from ..lora_file import LoraSet, check_dora, damaged_module_error, input_label
 from ..lowrank import RankRule
-from ..memory import available_memory
+from ..memory import available_on
 from ..report import ModuleReport, Progress, Report
 from ..result import MergeResult
 from .heap import HeapTrimmer
 from .methods import Method, describe, method_named, resolve_options, resolve_weights
 from .options import MergeOptions
 from .outcome import Outcome, exact_sum_outcome
-from .scheduler import DENSE_COPIES, run_in_order, worker_cap
+from .scheduler import DENSE_COPIES, run_in_order, worker_cap, worker_count
 from .targets import ModuleTarget, plan_targets
 
 log = logging.getLogger(__name__)
@@ -116,15 +116,15 @@ def cast_to(dtype: torch.dtype) -> Prepare:
     return lambda name, out: out.module.to_dtype(dtype, name) if out.module is not None else None
 
 
-def dense_worker_cap(plan: MergePlan) -> Optional[int]:
-    """For methods that hold whole dense modules, the most worker threads the available memory allows."""
+def dense_worker_cap(plan: MergePlan, device: torch.device) -> Optional[int]:
+    """For methods that hold whole dense modules, the most worker threads the memory free on `device` allows."""
     if not (plan.spec.dense or plan.opts.solver == "dense"):
         return None
     largest = max((4 * math.prod(t.matrix_shape) for t in plan.targets()), default=0)
-    cap = worker_cap(largest, available_memory())
-    if cap is not None and cap < torch.get_num_threads():
+    cap = worker_cap(largest, available_on(device))
+    if cap is not None and cap < worker_count(device):
         log.warning("%s: %d worker threads instead of %d, so that each can hold %d dense modules of up to %.0f MiB "
-                    "in half the free memory", plan.spec.name, cap, torch.get_num_threads(), DENSE_COPIES,
+                    "in half the free memory", plan.spec.name, cap, worker_count(device), DENSE_COPIES,
                     largest / 2**20)
     return cap
 
@@ -187,7 +187,7 @@ def run_merge(plan: MergePlan, sink: Sink, device: str = "auto", progress: Progr
             trim()
 
     start = time.perf_counter()
-    run_in_order(work, run, emit, dev, dense_worker_cap(plan) if dev.type == "cpu" else None, finished)
+    run_in_order(work, run, emit, dev, dense_worker_cap(plan, dev), finished)
     report = Report("merge")
     for name in plan.names:
         report.add(rows[name])

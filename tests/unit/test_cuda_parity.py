@@ -6,6 +6,8 @@ CPU from the seed, so both devices factor the same matrices and choose the same 
 from __future__ import annotations
 
 import json
+import threading
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from merge_core.device import resolve_device
 from merge_core.errors import MergeCoreError
 from merge_core.lora_file import load_lora
 from merge_core.merge import METHODS
+from merge_core.merge.scheduler import CUDA_WORKERS, run_work, torch_threads
 from merge_testlib import CONV, NAMES, cli_inputs, rel, write_kohya
 from test_fuse_cli import write_loha, write_lokr
 
@@ -69,7 +72,7 @@ def assert_same_adapters(outputs: dict[str, Path]) -> None:
 @pytest.mark.parametrize("method", METHODS)
 def test_merge(method, kohya, tmp_path):
     a, b, c = kohya
-    outputs = run_on_both(tmp_path, "merge", a, c if method == "geometric_mean" else b, "--method", method, "--dtype", "fp32", "--threads", "1",
+    outputs = run_on_both(tmp_path, "merge", a, c if method == "geometric_mean" else b, "--method", method, "--dtype", "fp32",
                           *(("--density", "0.5") if method in ("ties", "dare", "dare_ties") else ()))
     assert_same_adapters(outputs)
 
@@ -117,3 +120,19 @@ def test_a_gpu_index_past_the_last_is_one_line():
     assert resolve_device(f"cuda:{count - 1}") == torch.device("cuda", count - 1)
     with pytest.raises(MergeCoreError, match=rf"^device 'cuda:{count}' requested but this machine has {count} "):
         resolve_device(f"cuda:{count}")
+
+
+def test_gpu_workers_each_queue_on_a_stream_of_their_own():
+    streams, threads = set(), set()
+
+    def run(batch: int, device: torch.device) -> float:
+        streams.add(torch.cuda.current_stream(device).cuda_stream)
+        threads.add(threading.get_ident())
+        return (torch.full((256, 256), float(batch), device=device) @ torch.eye(256, device=device)).sum().item()
+
+    recorded = {}
+    with torch_threads(CUDA_WORKERS):
+        run_work(deque(range(32)), run, recorded.__setitem__, torch.device("cuda"))
+    assert recorded == {b: 256.0 * 256 * b for b in range(32)}
+    assert len(threads) > 1 and len(streams) == len(threads)
+    assert torch.cuda.default_stream().cuda_stream not in streams

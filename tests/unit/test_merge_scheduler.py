@@ -59,8 +59,9 @@ def test_run_work_uses_no_more_threads_than_the_cap():
 
 def test_dense_methods_are_capped_by_the_memory_their_modules_need(monkeypatch):
     sets = [lora_set({N: random_lora(shape_of(N), 8, 4.0, seed=i)}) for i in range(2)]
-    monkeypatch.setattr(engine, "available_memory", lambda: 10 * MODULE)  # half of it holds 5 modules
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(engine, "available_on", lambda device: 10 * MODULE)  # half of it holds 5 modules
     with torch_threads(8):
-        assert engine.dense_worker_cap(plan_merge(sets, "ties")) == 2
-        assert engine.dense_worker_cap(plan_merge(sets, "svd", solver="dense")) == 2
-        assert engine.dense_worker_cap(plan_merge(sets, "rsvd")) is None  # factored: nothing dense held
+        assert engine.dense_worker_cap(plan_merge(sets, "ties"), cpu) == 2
+        assert engine.dense_worker_cap(plan_merge(sets, "svd", solver="dense"), cpu) == 2
+        assert engine.dense_worker_cap(plan_merge(sets, "rsvd"), cpu) is None  # factored: nothing dense held
