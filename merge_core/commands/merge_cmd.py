@@ -14,7 +14,7 @@ from ..keys.profiles import PROFILES
 from ..lora_file import dtype_of, load_lora
 from ..lowrank import SOLVERS, RankRule
 from ..merge import DORA_CHOICES, METHODS, REGISTRY, parse_block_weights
-from ..merge.budget import fit_to_size
+from ..merge.budget import budget_rule, fit_to_size
 from ..merge.engine import collect, plan_merge
 from ..merge.methods import method_named, resolve_weights
 from ..merge.to_file import merge_to_file, streams_to
@@ -105,8 +105,8 @@ def run(args: argparse.Namespace) -> int:
     # each file's sha256 (for the recipe) is hashed on a spare core from now on, beside the parsing and the merge
     sets = [load_lora(p, profile=args.profile, digest=True) for p in args.inputs]
 
-    if args.target_size is not None and rule is None:
-        rule = RankRule()  # the ranks come from the budget, within the default bounds
+    if args.target_size is not None:
+        rule = budget_rule(rule)
     plan = plan_merge(sets, args.method, args.weights, rule, args.solver, args.seed, args.density, blocks, args.dora)
     if plan.layout[1] != "peft" and suffixed(out) != out:  # a bare name is a file (PEFT: a folder of that name)
         out = suffixed(out)

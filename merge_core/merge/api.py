@@ -7,7 +7,7 @@ from ..lora_file import LoraSet
 from ..lowrank import RankRule
 from ..report import Progress
 from ..result import MergeResult
-from .budget import fit_to_size
+from .budget import budget_rule, fit_to_size
 from .engine import collect, plan_merge
 
 
@@ -21,8 +21,8 @@ def merge_loras(sets: Sequence[LoraSet], method: str = "rsvd", weights: Sequence
     `block_weights`: per input, None or 20/12 SDXL block values.  `dora`: error (refuse DoRA inputs) or
     ignore (drop the magnitude).  `target_size` (bytes; every method that chooses ranks): ranks chosen so that the
     result saved as fp16 .safetensors takes at most that (budget.fit_to_size; the rule gives the bounds)."""
-    if target_size is not None and rule is None:
-        rule = RankRule()
+    if target_size is not None:
+        rule = budget_rule(rule)
     plan = plan_merge(sets, method, weights, rule, solver, seed, density, block_weights, dora)
     budget = fit_to_size(plan, target_size, "fp16", device=device) if target_size is not None else None
     result = collect(plan, device, progress)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import replace
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -17,7 +17,7 @@ from ..errors import MergeCoreError
 from ..files.stream_writer import data_offset
 from ..lora_file import dtype_of
 from ..lora_stream import ALPHA_BYTES
-from ..lowrank import Dense
+from ..lowrank import Dense, RankRule
 from ..lowrank.gram_core import gram_core
 from ..lowrank.size_budget import Spectrum, check_room, fit, spectrum
 from ..report import Progress
@@ -26,6 +26,12 @@ from .lowrank_methods import spectrum_of, stacked_factors
 from .scheduler import run_work
 from .targets import ModuleTarget
 from .to_file import header_reserve_for
+
+
+def budget_rule(rule: Optional[RankRule]) -> RankRule:
+    """The rule a size budget chooses ranks within: the one given, else the default bounds (not the method's
+    own default, e.g. svd's fixed largest input rank, which would leave the budget nothing to choose)."""
+    return RankRule() if rule is None else rule
 
 
 def _spectra_batch(batch: Sequence[ModuleTarget], plan: MergePlan, device: torch.device) -> list[tuple]:
