@@ -108,14 +108,16 @@ def disjoint_mean(taus: Sequence[torch.Tensor]) -> torch.Tensor:
     return total.div_(count.clamp_(min=1.0)).mul_(sign)
 
 
-def drop_and_rescale(tau: torch.Tensor, density: float, gen: np.random.Generator) -> torch.Tensor:
+def drop_and_rescale(tau: torch.Tensor, density: float, gen: np.random.Generator, scratch: np.ndarray) -> torch.Tensor:
     """mᵢ⊙τ/density in place, mᵢ ~ Bernoulli(density) drawn on the CPU so any device gives the same masks (by
-    numpy's PCG64: twice as fast as torch's CPU generator, whose draws were about a quarter of dare's time)."""
+    numpy's PCG64: twice as fast as torch's CPU generator, whose draws were about a quarter of dare's time).
+    `scratch`: fp32 room for τ's entries, reused block after block (fresh arrays' pages would be faulted in and
+    handed back every time)."""
     if density >= 1.0:
         return tau
-    r = gen.random(tuple(tau.shape), dtype=np.float32)
-    if tau.device.type == "cpu":  # r < density as a 0/1 float mask (see trim)
-        keep = torch.threshold(torch.from_numpy(r).neg_().add_(density), 0.0, 0.0).sign_()
+    r = gen.random(dtype=np.float32, out=scratch[:tau.numel()].reshape(tuple(tau.shape)))
+    if tau.device.type == "cpu":  # r < density as a 0/1 float mask (see trim), in the scratch itself
+        keep = torch.threshold_(torch.from_numpy(r).neg_().add_(density), 0.0, 0.0).sign_()
     else:  # to a GPU as bools: a quarter of the bytes across the bus
         keep = torch.from_numpy(r < density).to(tau.device)
     return tau.mul_(keep).div_(density)
@@ -139,9 +141,12 @@ def dare(terms: Sequence[Term], density: float, seed: int, device: torch.device,
     ops = [t.module.operator(device) for t in terms]
     rows, cols = ops[0].shape
     gens = [np.random.Generator(np.random.PCG64(seed + i)) for i in range(len(terms))]
+    blocks = list(blocks_of((rows, cols), device))
+    scratch = np.empty((blocks[0].stop - blocks[0].start) * cols, dtype=np.float32)  # the first block is the largest
     out = torch.empty(rows, cols, device=device)
-    for block in blocks_of((rows, cols), device):
-        kept = [drop_and_rescale(delta_rows(op, t.coeff, block), density, gen) for op, t, gen in zip(ops, terms, gens)]
+    for block in blocks:
+        kept = [drop_and_rescale(delta_rows(op, t.coeff, block), density, gen, scratch)
+                for op, t, gen in zip(ops, terms, gens)]
         out[block] = disjoint_mean(kept) if elect else sum(kept)
     return out
 
