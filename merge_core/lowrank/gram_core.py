@@ -14,8 +14,8 @@ Cost: the Grams O((out+N)R²) and the factor products O((out+N)Rk), GEMMs on one
 cast into a scratch matrix twice (once per pass) so they stay in cache instead of a batch of them crossing
 memory three times; the R×R work batched over the modules (the roots in fp64, M and its eigenproblem in the
 work dtype, then one triangular solve and one product) on the CPU whatever the device (a GPU's solvers take
-milliseconds per call on matrices this small: batched eigh of 29×64×64 took 22 ms on an H100, 34 such calls
-were 0.76 s of a 2.5 s SDXL merge) — several times cheaper than Householder QR of both
+milliseconds per call on matrices this small: on an H100 an SDXL merge's 34 batched 64×64 eighs took 0.76 s,
+22 ms each, of its 2.9 s) — several times cheaper than Householder QR of both
 factors (the QR-core path) and than a sketch with power iterations once R ≤ 2(k+p).  Work dtype fp32 (the
 merges): singular values below ~1e-3·σ₁ carry the Grams' round-off; the kept ones and the reported quality
 are unaffected at usual energies.  fp64 (fuse's exact lora form): ~1e-8·σ₁, at twice the GEMM cost.
@@ -90,12 +90,12 @@ class Stacked:
 
     ups: Sequence[Sequence[torch.Tensor]]
     downs: Sequence[Sequence[torch.Tensor]]
-    col_scale: torch.Tensor  # batch × R, the scale of each column of U_b
+    col_scale: torch.Tensor  # batch × R, the scale of each column of U_b (used on the CPU, with the R×R work)
 
     @classmethod
     def of(cls, op: Factored) -> "Stacked":
         """One factored operator as a batch of one, its scale already in U."""
-        return cls([[op.U]], [[op.V]], torch.ones(1, op.inner_rank, dtype=F64, device=op.device))
+        return cls([[op.U]], [[op.V]], torch.ones(1, op.inner_rank, dtype=F64))
 
     @property
     def shape(self) -> tuple[int, int, int]:

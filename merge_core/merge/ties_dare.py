@@ -17,7 +17,7 @@ own dense result ("fit").
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ CUDA_BLOCK = 1 << 24  # on a GPU (64 MiB of fp32: an SDXL module in one block), 
 # handful of kernel launches, not its arithmetic, would set the time
 
 
-def blocks_of(shape: tuple[int, int], device: torch.device):
+def blocks_of(shape: tuple[int, int], device: torch.device) -> Iterator[slice]:
     """The blocks of rows ties and dare work through, sized for the device."""
     return row_blocks(*shape, BLOCK if device.type == "cpu" else CUDA_BLOCK)
 
