@@ -22,7 +22,8 @@ from . import peft_layout
 from .adapters import AdapterModule, module_from_roles, parameter_count
 from .errors import DoraError, FormatError, MergeCoreError, NonFiniteError
 from .files.atomic import atomic_write
-from .files.metadata import lora_metadata, sha256_later
+from .files.digests import sha256_later
+from .files.metadata import lora_metadata
 from .files.narrow import narrowed
 from .files.stream_writer import header_bound, write_safetensors
 from .files.tensor_source import TensorSource

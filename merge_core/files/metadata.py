@@ -1,14 +1,13 @@
 """kohya/modelspec metadata for written LoRAs, and the JSON recipe that says how a file was made."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
+
+from .digests import input_sha256
 
 RECIPE_KEY = "lora_rsvd_merge.recipe"
 DIGEST_PLACEHOLDER = "0" * 64  # a sha256's length, to size a header before the inputs' hashes are known
@@ -24,40 +23,6 @@ def pack_version() -> str:
     return __version__
 
 
-def sha256_of(path: Union[str, os.PathLike], chunk: int = 1 << 20) -> str:
-    """sha256 of a file, or of a folder's files in name order (read into one reused, cache-sized buffer:
-    no allocation per block, and no mapping that would count the file twice in the process's RSS)."""
-    p = Path(path)
-    h = hashlib.sha256()
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    for f in files:
-        with open(f, "rb", buffering=0) as fh:
-            while n := fh.readinto(buf):
-                h.update(view[:n])
-    return h.hexdigest()
-
-
-_hasher: Optional[ThreadPoolExecutor] = None
-_hasher_lock = threading.Lock()
-
-
-def sha256_later(path: Union[str, os.PathLike, None]) -> "Future[Optional[str]]":
-    """sha256_of(path) on the one background hashing thread (None when there is no such file): start it as a
-    file is opened and read it when the recipe is written, so hashing runs beside the work instead of after
-    it (hashlib and file reads release the GIL; one thread leaves the other cores to the arithmetic)."""
-    global _hasher
-    if path is None or not Path(path).exists():
-        done: Future = Future()
-        done.set_result(None)
-        return done
-    with _hasher_lock:
-        if _hasher is None:
-            _hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
-    return _hasher.submit(sha256_of, path)
-
-
 def make_recipe(operation: str, inputs: Iterable[Union[str, os.PathLike]], parameters: dict,
                 hash_inputs: bool = True, digests: Optional[Sequence[Optional[str]]] = None) -> dict:
     """{operation, inputs [{name, sha256}], parameters, pack version, time}; `digests`: the inputs' sha256
@@ -68,7 +33,7 @@ def make_recipe(operation: str, inputs: Iterable[Union[str, os.PathLike]], param
         if digests is not None:
             digest = digests[i]
         else:
-            digest = sha256_of(p) if hash_inputs and p.exists() else None
+            digest = input_sha256(p) if hash_inputs and p.exists() else None
         entries.append({"name": p.name, "sha256": digest})
     return {"operation": operation, "inputs": entries, "parameters": parameters,
             "pack": "lora-rsvd-merge", "version": pack_version(),
