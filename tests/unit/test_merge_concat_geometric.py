@@ -26,7 +26,7 @@ def test_concat_is_exact_with_mixed_ranks_negative_weights_and_conv():
     assert all(row.rel_error == 0.0 for row in r.report.modules)
 
 
-def test_concat_folds_sqrt_of_scale_into_each_factor_with_the_sign_on_up():
+def test_concat_folds_sqrt_of_scale_into_each_factor_with_the_sign_on_up_then_balances_each_term():
     n = NAMES[0]
     la, lb = random_lora(shape_of(n), 4, 2.0, seed=1), random_lora(shape_of(n), 4, 8.0, seed=2)
     r = merge_loras([lora_set({n: la}), lora_set({n: lb})], "concat", weights=[2.0, -0.5], device="cpu")
@@ -34,7 +34,8 @@ def test_concat_folds_sqrt_of_scale_into_each_factor_with_the_sign_on_up():
     ga, gb = (2.0 * 2.0 / 4) ** 0.5, (0.5 * 8.0 / 4) ** 0.5  # √|w·α/r|
     ref_up = torch.cat([la.up * ga, -lb.up * gb], 1)
     ref_down = torch.cat([la.down * ga, lb.down * gb], 0)
-    assert torch.allclose(m.up, ref_up, atol=1e-7) and torch.allclose(m.down, ref_down, atol=1e-7)
+    d = (ref_down.flatten(1).norm(dim=1) / ref_up.flatten(1).norm(dim=0)).sqrt()  # ‖up·d‖ = ‖down/d‖ per term
+    assert torch.allclose(m.up, ref_up * d, atol=1e-7) and torch.allclose(m.down, ref_down / d[:, None], atol=1e-7)
 
 
 def test_concat_takes_loha_in_its_exact_factored_form():
