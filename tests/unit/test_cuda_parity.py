@@ -23,7 +23,7 @@ from merge_core.lora_file import load_lora
 from merge_core.merge import METHODS
 from merge_core.merge.scheduler import CUDA_WORKERS, run_work, torch_threads
 from merge_testlib import CONV, NAMES, cli_inputs, rel, write_kohya
-from test_fuse_cli import write_loha, write_lokr
+from synth import write_loha, write_lokr
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ("cpu", "cuda")

@@ -9,37 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
+from synth import FUSE_NAMES as NAMES
+from synth import write_loha, write_lokr
 
 ROOT = Path(__file__).resolve().parents[2]
-NAMES = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": (640, 640),
-         "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (768, 768)}
-
-
-def rnd(*shape, seed):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.1
-
-
-def write_lokr(path: Path, seed: int) -> Path:
-    sd = {}
-    for i, (name, (out, inn)) in enumerate(NAMES.items()):
-        s = seed + 10 * i
-        sd.update({f"{name}.lokr_w1": rnd(8, 8, seed=s), f"{name}.lokr_w2_a": rnd(out // 8, 4, seed=s + 1),
-                   f"{name}.lokr_w2_b": rnd(4, inn // 8, seed=s + 2), f"{name}.alpha": torch.tensor(2.0)})
-    save_file(sd, str(path))
-    return path
-
-
-def write_loha(path: Path, seed: int) -> Path:
-    sd = {}
-    for i, (name, (out, inn)) in enumerate(NAMES.items()):
-        s = seed + 10 * i
-        sd.update({f"{name}.hada_w1_a": rnd(out, 2, seed=s), f"{name}.hada_w1_b": rnd(2, inn, seed=s + 1),
-                   f"{name}.hada_w2_a": rnd(out, 2, seed=s + 2), f"{name}.hada_w2_b": rnd(2, inn, seed=s + 3),
-                   f"{name}.alpha": torch.tensor(1.0)})
-    save_file(sd, str(path))
-    return path
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
