@@ -87,7 +87,7 @@ def _remember(store: Path, key: str, entry: dict) -> None:
     entries = _read(store)
     entries.pop(key, None)
     entries[key] = entry
-    text = json.dumps(dict(list(entries.items())[-MAX_ENTRIES:]), indent=0)
+    text = json.dumps(dict(list(entries.items())[-MAX_ENTRIES:]), separators=(",", ":"))
     try:
         atomic_write(store, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=True)
     except Exception as exc:  # noqa: BLE001 — a cache that cannot be written costs only the next hash
