@@ -1,6 +1,6 @@
 """The inputs' sha256 for recipes: hashed on a background thread beside the work, and remembered between runs.
 
-Hashing costs one core ~0.6 s per GB (0.16 s of each 228 MB SDXL LoRA here), again on every merge of the same
+Hashing costs one core ~0.7 s per GB (0.16 s of each 228 MB SDXL LoRA here), again on every merge of the same
 files, so a file's hash is remembered and reused while its size, mtime, ctime, inode and device are all as they
 were when it was hashed.  A file changed less than SETTLE_SECONDS before it was hashed is not remembered: a
 second change within the same clock tick would leave its times as they were (git's "racy" index entries).
