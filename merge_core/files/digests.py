@@ -4,6 +4,7 @@ Hashing costs one core ~0.7 s per GB (0.16 s of each 228 MB SDXL LoRA here), aga
 files, so a file's hash is remembered and reused while its size, mtime, ctime, inode and device are all as they
 were when it was hashed.  A file changed less than SETTLE_SECONDS before it was hashed is not remembered: a
 second change within the same clock tick would leave its times as they were (git's "racy" index entries).
+On Windows st_ctime is the creation time, so there a rewrite in place is told by its size and mtime alone.
 
 Where: the folder $MERGE_CORE_CACHE ("off" keeps nothing), else $XDG_CACHE_HOME/lora-rsvd-merge, else
 ~/.cache/lora-rsvd-merge (%LOCALAPPDATA%\\lora-rsvd-merge on Windows): one JSON file naming at most MAX_ENTRIES
