@@ -29,20 +29,13 @@ from typing import Sequence
 import torch
 
 from .decompose import LowRank, finite
-from .operators import Factored
+from .operators import Factored, balancing_gauge
 from .quality import Quality
 from .rank_select import RankRule, choose_ranks
 
 F64 = torch.float64
 # relative size below which a direction of G_U is round-off of Grams formed in that dtype (left out of its root)
 ROOT_TOL = {torch.float32: 1e-7, F64: 1e-14}
-
-
-def _balance(gu: torch.Tensor, gv: torch.Tensor) -> torch.Tensor:
-    """D = (‖vᵢ‖/‖uᵢ‖)^½ per rank-1 term (1 where a column or row is zero); batch × R."""
-    du, dv = gu.diagonal(dim1=-2, dim2=-1), gv.diagonal(dim1=-2, dim2=-1)
-    ok = (du > 0) & (dv > 0)
-    return torch.where(ok, (dv / torch.where(ok, du, 1.0)) ** 0.25, torch.ones_like(du))
 
 
 def _eigh_root(g: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,7 +150,7 @@ def gram_core(factors: Stacked, dtype: torch.dtype = torch.float32) -> GramCore:
     gu = gu * (c[:, :, None] * c[:, None, :])
     totals = (gu * gv).sum((-2, -1))
     listed = [finite(t) for t in totals.tolist()]  # before any factorisation of NaN/inf
-    d = _balance(gu, gv)
+    d = balancing_gauge(gu.diagonal(dim1=-2, dim2=-1), gv.diagonal(dim1=-2, dim2=-1))
     dd = d[:, :, None] * d[:, None, :]
     F, pinv = _roots(gu * dd, ROOT_TOL[dtype])
     gv_d = gv / dd

@@ -56,6 +56,18 @@ class Factored:
     def scaled(self, c: float) -> "Factored":
         return Factored(self.U * c, self.V)
 
+    def balanced(self) -> "Factored":
+        """The same T with each rank-1 term's two norms equal, ‖uᵢ‖ = ‖vᵢ‖ (balancing_gauge)."""
+        d = balancing_gauge(self.U.norm(dim=0).square(), self.V.norm(dim=1).square())
+        return Factored(self.U * d, self.V / d[:, None])
+
+
+def balancing_gauge(u_sq: torch.Tensor, v_sq: torch.Tensor) -> torch.Tensor:
+    """D = (‖vᵢ‖²/‖uᵢ‖²)^¼ for each rank-1 term uᵢvᵢ of U V, from the squared norms of U's columns and V's rows
+    (any leading batch dims): U·D, D⁻¹·V is the same T with ‖uᵢ‖ = ‖vᵢ‖; 1 where a side is zero or not finite."""
+    ok = (u_sq > 0) & (v_sq > 0) & torch.isfinite(u_sq) & torch.isfinite(v_sq)
+    return torch.where(ok, (v_sq / torch.where(ok, u_sq, 1.0)) ** 0.25, torch.ones_like(u_sq))
+
 
 @dataclass(frozen=True)
 class Dense:
