@@ -47,14 +47,12 @@ FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt")
 
 
 def suffixed(path: Path) -> Path:
-    """`path`, with .safetensors appended when it has no suffix (what LoraLoader lists; extract and bake do
-    the same through --output-format); a suffix no writer has is refused."""
-    if not path.suffix:
-        return path.with_name(path.name + ".safetensors")
-    if path.suffix.lower() not in FILE_SUFFIXES:
-        raise MergeCoreError(f"cannot write a '{path.suffix}' file: name the output .safetensors (or .pt, .pth, "
-                             f".ckpt for a torch pickle), e.g. {path.name}.safetensors")
-    return path
+    """`path`, with .safetensors appended unless it already names a file format we write (so `style_v1.5`
+    becomes style_v1.5.safetensors, what LoraLoader lists; extract and bake do the same through
+    --output-format)."""
+    if path.suffix.lower() in FILE_SUFFIXES:
+        return path
+    return path.with_name(path.name + ".safetensors")
 
 
 def add_device(p: argparse.ArgumentParser, default: str = "auto") -> None:

@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                            "per-module kind/error/energy as JSON")
     p.add_argument("--verify", action="store_true", help="reload the written file and report per-module error "
                                                          "against the exact fused delta")
-    add_output(p, "output: a .safetensors or .pt file")
+    add_output(p, "output: a .safetensors (appended if missing) or .pt/.pth/.ckpt file")
     add_report(p)
     p.set_defaults(run=run)
 

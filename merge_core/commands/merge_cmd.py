@@ -65,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_threads(p)
     add_device(p)
     add_dtype(p)
-    add_output(p, "output: a .safetensors or .pt file, or a folder for PEFT inputs (written as a PEFT adapter)")
+    add_output(p, "output: a .safetensors (appended if missing) or .pt/.pth/.ckpt file, or a folder for PEFT "
+                  "inputs (written as a PEFT adapter)")
     add_report(p)
     p.set_defaults(run=run)
 
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     if args.target_size is not None:
         rule = budget_rule(rule)
     plan = plan_merge(sets, args.method, args.weights, rule, args.solver, args.seed, args.density, blocks, args.dora)
-    if plan.layout[1] != "peft" and suffixed(out) != out:  # a bare name is a file (PEFT: a folder of that name)
+    if plan.layout[1] != "peft" and suffixed(out) != out:  # a name without a file suffix (PEFT: a folder of it)
         out = suffixed(out)
         refuse_existing(out, args.overwrite)
         check_side_files(args, out, args.inputs)

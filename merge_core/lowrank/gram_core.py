@@ -104,11 +104,12 @@ class Stacked:
 
 def _joined(blocks: Sequence[torch.Tensor], into: torch.Tensor, dim: int) -> torch.Tensor:
     """The blocks side by side along `dim`, copied (and cast) into `into`; a lone block of into's dtype as is.
-    Columns (dim 1) are joined in the blocks' dtype first and cast in one contiguous pass: casting each block
-    into a strided slice of `into` runs 1.3–1.6× slower."""
+    Columns (dim 1) of one dtype are joined in it first and cast in one contiguous pass: casting each block
+    into a strided slice of `into` runs 1.3–1.6× slower.  Blocks of mixed dtypes (an fp8 file with an fp16
+    one: torch promotes fp8 with nothing) are cast block by block."""
     if len(blocks) == 1 and blocks[0].dtype == into.dtype:
         return blocks[0]
-    if dim == 1 and len(blocks) > 1:
+    if dim == 1 and len(blocks) > 1 and len({b.dtype for b in blocks}) == 1:
         return into.copy_(torch.cat(list(blocks), 1))
     at = 0
     for block in blocks:

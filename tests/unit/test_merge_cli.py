@@ -236,19 +236,19 @@ def test_trigger_words_and_tags_are_carried_over(inputs, tmp_path, capsys):
         assert meta["ss_network_module"] == "networks.lora"
 
 
-def test_a_bare_output_name_gets_the_safetensors_suffix_and_an_unknown_one_is_refused(inputs, tmp_path):
+def test_an_output_name_without_a_file_suffix_gets_safetensors_appended(inputs, tmp_path):
     r = cli(*inputs, "-o", tmp_path / "merged")
     assert r.returncode == 0, r.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["merged.safetensors"]
     r = cli(*inputs, "-o", tmp_path / "merged")  # and that file is not replaced without --overwrite
     assert r.returncode == 2 and "output exists" in r.stderr
-    r = cli(*inputs, "-o", tmp_path / "merged.txt")  # a suffix no writer has: refused, nothing written
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "error: cannot write a '.txt' file: name the output .safetensors (or .pt, .pth, .ckpt for a torch pickle), "
-        "e.g. merged.txt.safetensors"]
+    r = cli(*inputs, "-o", tmp_path / "style_v1.5")  # a version number is not a file format
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {tmp_path / 'style_v1.5.safetensors'}" in r.stdout
+    assert load_lora(tmp_path / "style_v1.5.safetensors").modules
     r = cli(*inputs, "-o", "")
     assert r.returncode == 2 and "argument -o/--output: an empty path" in r.stderr
-    assert [p.name for p in tmp_path.iterdir()] == ["merged.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.safetensors", "style_v1.5.safetensors"]
 
 
 def test_report_path_that_would_lose_a_file_is_refused_before_any_work(inputs, tmp_path):

@@ -1,4 +1,4 @@
-"""What merge accepts and refuses: mixed formats (kohya + diffusers/PEFT names), mixed ranks, LoCon 3x3,
+"""What merge accepts and refuses: mixed formats (kohya + diffusers/PEFT names), mixed ranks, LoCon 3x3, fp8 files,
 N = 5 inputs, negative weights, modules missing in one input, bias deltas, SDXL block weights (20 and 12
 values), DoRA (kohya dora_scale and PEFT lora_magnitude_vector), SD1.5 with SDXL and other shape clashes
 (refused before any work, naming the module)."""
@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from merge_core.errors import DoraError, MergeCoreError, ShapeMismatchError
 from merge_core.keys.sdxl_table import sdxl_modules
@@ -16,7 +16,7 @@ from merge_core.lora_file import load_lora
 from merge_core.lowrank import RankRule
 from merge_core.merge import merge_loras
 from merge_testlib import one_torch_thread  # noqa: F401  (autouse)
-from merge_testlib import CONV, F64, NAMES, dense, gen, lora_set, random_lora, rel, shape_of, target
+from merge_testlib import CONV, F64, NAMES, cli_inputs, dense, gen, lora_set, random_lora, rel, shape_of, target
 
 EXACT = RankRule(energy=1.0, min_rank=1, max_rank=128)
 
@@ -68,6 +68,25 @@ def test_kohya_with_diffusers_names_mixed_ranks_and_a_missing_conv(files, method
     assert tuple(conv.down.shape) == (conv.rank, 320, 3, 3)
     assert rel(dense(conv), w[0] * files[2][CONV]) < 1e-5  # carried as a scaled copy
     assert {x.name: x.note for x in r.report.modules}[CONV] == "in 1 of 2 inputs"
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("method", ["rsvd", "concat"])
+def test_an_fp8_file_merges_with_an_fp16_one_as_its_exact_fp16_widening(tmp_path, fp8, method):
+    """fp8 LoRAs exist (half the size); torch promotes fp8 with no other dtype, and every fp8 value is exact in
+    fp16, so the merge must equal the merge of the file widened to fp16.  Ranks 8 and 4: the two 640×640
+    modules go through the Gram core together, which joins each module's blocks of mixed dtypes."""
+    a, b = cli_inputs(tmp_path)
+    stored = {k: v.to(fp8) if v.ndim > 1 else v for k, v in load_file(str(a)).items()}
+    save_file(stored, str(tmp_path / "fp8.safetensors"))
+    save_file({k: v.half() if v.ndim > 1 else v for k, v in stored.items()}, str(tmp_path / "fp16.safetensors"))
+    b16 = {k: v.half() if v.ndim > 1 else v for k, v in load_file(str(b)).items()}
+    save_file(b16, str(tmp_path / "b16.safetensors"))
+    merged = [merge_loras([load_lora(tmp_path / f), load_lora(tmp_path / "b16.safetensors")], method,
+                          device="cpu").modules for f in ("fp8.safetensors", "fp16.safetensors")]
+    assert merged[0].keys() == merged[1].keys() == set(NAMES + [CONV])
+    for n in merged[0]:
+        assert torch.equal(dense(merged[0][n]), dense(merged[1][n])), n
 
 
 def test_five_inputs_with_negative_weights():
