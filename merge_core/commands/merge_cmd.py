@@ -97,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     rule = rule_from(args)
     if rule is not None and method.solver is None:
         log.warning("rank options do not apply to %s (its rank follows from the inputs); ignored", method.name)
+    if args.solver is not None and method.solver is None:
+        log.warning("--solver does not apply to %s (exact, no SVD); ignored", method.name)
     if args.target_size is not None and args.energy is not None:
         log.warning("--energy does not apply with --target-size (the budget chooses the ranks); ignored")
     apply_threads(args)

@@ -251,6 +251,14 @@ def test_an_output_name_without_a_file_suffix_gets_safetensors_appended(inputs, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.safetensors", "style_v1.5.safetensors"]
 
 
+def test_options_an_exact_method_does_not_use_are_named_and_ignored(inputs, tmp_path):
+    r = cli(*inputs, "--method", "concat", "--rank", "4", "--solver", "dense", "-o", tmp_path / "c.safetensors")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == [
+        "rank options do not apply to concat (its rank follows from the inputs); ignored",
+        "--solver does not apply to concat (exact, no SVD); ignored"]
+
+
 def test_report_path_that_would_lose_a_file_is_refused_before_any_work(inputs, tmp_path):
     """--report onto an input or the output is refused even with --overwrite; onto an existing file without it."""
     a = tmp_path / "a.safetensors"
