@@ -1,5 +1,6 @@
 """The command line: one sub-command per operation, sharing one argument style
-(-o/--output, --device, --dtype, --report, --overwrite).  Errors print one line and exit 2."""
+(-o/--output, --device, --dtype, --report, --overwrite).  Errors print one line and exit 2 (an unforeseen
+exception: 1, its traceback with -v)."""
 from __future__ import annotations
 
 import argparse
@@ -76,6 +77,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         except (Exception, KeyboardInterrupt) as exc:
             if not (interrupted or isinstance(exc, KeyboardInterrupt)):
-                raise
+                if args.verbose:
+                    raise
+                print(unexpected_error_line(exc), file=sys.stderr)
+                return 1
             print(INTERRUPTED, file=sys.stderr)
             return 128 + (interrupted[0] if interrupted else signal.SIGINT)
+
+
+def unexpected_error_line(exc: BaseException) -> str:
+    """One line for an exception no check foresaw (exit 1): out of memory as such, anything else as the bug it
+    is, with how to get the traceback for a report.  The temp files are already gone, as for every error."""
+    what = (str(exc).strip().splitlines() or [""])[0][:300]
+    if isinstance(exc, MemoryError):
+        return (f"error: out of memory{' (' + what + ')' if what else ''}; free some memory (merge, fuse: fewer "
+                "--threads hold fewer modules at once)")
+    return (f"error: internal error ({type(exc).__name__}: {what}). This is a bug in lora-rsvd-merge {__version__}: "
+            "please report it with the command line; -v prints the traceback")

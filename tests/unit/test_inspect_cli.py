@@ -148,6 +148,25 @@ def test_ctrl_c_is_one_line_even_when_a_native_call_turns_it_into_another_error(
     monkeypatch.setattr(inspect_cmd, "run", interrupted_read)
     res = cli("inspect", tmp_path / "a.safetensors")
     assert res.returncode == 130 and res.stderr.strip() == "error: interrupted; no output was written"
-    monkeypatch.setattr(inspect_cmd, "run", lambda args: int("not a number"))  # no interrupt: raised as it is
+
+
+def test_an_unforeseen_exception_is_one_line_naming_it_a_bug_and_its_traceback_comes_with_v(tmp_path, cli,
+                                                                                               monkeypatch):
+    from merge_core import __version__
+    from merge_core.commands import inspect_cmd
+
+    monkeypatch.setattr(inspect_cmd, "run", lambda args: int("not a number"))
+    res = cli("inspect", tmp_path / "a.safetensors")
+    assert res.returncode == 1 and res.stderr.splitlines() == [
+        "error: internal error (ValueError: invalid literal for int() with base 10: 'not a number'). This is a bug in "
+        f"lora-rsvd-merge {__version__}: please report it with the command line; -v prints the traceback"]
     with pytest.raises(ValueError):
-        cli("inspect", tmp_path / "a.safetensors")
+        cli("inspect", tmp_path / "a.safetensors", "-v")
+
+    def too_big(args):
+        raise MemoryError()
+
+    monkeypatch.setattr(inspect_cmd, "run", too_big)
+    res = cli("inspect", tmp_path / "a.safetensors")
+    assert res.returncode == 1 and res.stderr.splitlines() == [
+        "error: out of memory; free some memory (merge, fuse: fewer --threads hold fewer modules at once)"]
