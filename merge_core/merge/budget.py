@@ -1,5 +1,5 @@
 """A size budget for a merge (--target-size): phase 1 finds every module's singular values with the method's own
-solver — the Gram core's R×R eigenproblem for stacked ranks ≤ 2(k+p), else its SVD; for ties/dare/dare_ties
+solver — the Gram core's R×R eigenproblem where rsvd uses it (lowrank_methods), else its SVD; for ties/dare/dare_ties
 the SVD of the dense module they re-factor — lowrank.size_budget allocates the ranks, and the merge then runs
 as usual with each module's allocated rank (MergeOptions.ranks): the spectral work is done twice (rsvd: about
 1.4× the merge time; ties/dare: 2×)."""
@@ -22,7 +22,7 @@ from ..lowrank.gram_core import gram_core
 from ..lowrank.size_budget import Spectrum, check_room, fit, spectrum
 from ..report import Progress
 from .engine import MergePlan, dense_worker_cap
-from .lowrank_methods import spectrum_of, stacked_factors
+from .lowrank_methods import solved_together, spectrum_of, stacked_factors
 from .scheduler import run_work
 from .targets import ModuleTarget
 from .to_file import header_reserve_for
@@ -36,13 +36,15 @@ def budget_rule(rule: Optional[RankRule]) -> RankRule:
 
 def _spectra_batch(batch: Sequence[ModuleTarget], plan: MergePlan, device: torch.device) -> list[tuple]:
     """(name, σ descending (fp64, CPU), ‖T‖²) for each module of one planned batch, by the method's solver."""
-    opts, t = plan.opts, batch[0]
-    if len(batch) > 1:  # a Gram-core batch (plan_batches)
+    opts = plan.opts
+    if solved_together(batch, opts, device):  # a Gram-core batch (plan_batches)
         core = gram_core(stacked_factors(batch, device))
         return [(t.name, core.S[b].cpu(), core.totals[b]) for b, t in enumerate(batch)]
-    # ties, dare, dare_ties: the dense module the method re-factors; else the module's T, as approximate sees it
-    op = Dense(plan.spec.dense_target(t, opts, device)) if plan.spec.dense_target is not None else t.operator(device)
-    return [(t.name, *spectrum_of(op, opts.rule, opts.solver, opts.seed_for(t.name)))]
+    rows = []
+    for t in batch:  # ties, dare, dare_ties: the dense module the method re-factors; else T, as approximate sees it
+        op = Dense(plan.spec.dense_target(t, opts, device)) if plan.spec.dense_target is not None else t.operator(device)
+        rows.append((t.name, *spectrum_of(op, opts.rule, opts.solver, opts.seed_for(t.name))))
+    return rows
 
 
 def spectra_of(plan: MergePlan, bytes_per_element: int, device: torch.device,

@@ -2,7 +2,7 @@
 
 Solvers (`--solver`):
 - rsvd (default of `rsvd`): randomized SVD of the factored operator (seeded Gaussian sketch, k+p columns,
-  q power iterations).  When the stacked rank R ≤ 2(k+p) a sketch costs more than solving exactly, so
+  q power iterations).  Up to a stacked rank R (gram_core_limit) a sketch costs more than solving exactly, so
   rsvd takes the exact Gram core (lowrank/gram_core.py) — the answer a full-width sketch would give.
 - exact (default of `svd`/`weighted_avg`): the QR-core SVD of the stacked factors (Householder QR of both).
 - dense: the kohya-style full SVD of the dense ΔW, for comparison.
@@ -24,9 +24,20 @@ from .outcome import Outcome, lora_outcome
 from .targets import ModuleTarget
 
 
-def gram_core_limit(rule: RankRule) -> int:
-    """Largest stacked rank R for which rsvd solves exactly instead of sketching: 2(k+p)."""
-    return 2 * (rule.sketch_rank + DEFAULT_OVERSAMPLE)
+# R ≤ width·(k+p): the Gram core, beyond it the sketch.  CPU, SDXL's linear shapes, k+p = 40, one thread: the
+# Gram core took 1.8 / 3.5 / 6.7 / 13 / 32 / 58 s at R = 64 / 128 / 192 / 256 / 384 / 512, the sketch 9.9 / 15 /
+# 21 / 33 / 54 / 82 s (the Gram core's R×R eigh grows as R³: 4.4 s of its 13 s at 256, 21 of 58 s at 512).  A
+# GPU runs the sketch's products on the device but the Gram core's R×R work on the CPU: there, 2 (as before;
+# not measured beyond R = 64).
+GRAM_CORE_WIDTH_CPU = 8
+GRAM_CORE_WIDTH_GPU = 2
+
+
+def gram_core_limit(rule: RankRule, device: Optional[torch.device] = None) -> int:
+    """Largest stacked rank R for which rsvd solves exactly instead of sketching on `device` (None: the CPU's,
+    the largest, for planning batches)."""
+    width = GRAM_CORE_WIDTH_CPU if device is None or device.type == "cpu" else GRAM_CORE_WIDTH_GPU
+    return width * (rule.sketch_rank + DEFAULT_OVERSAMPLE)
 
 
 def dense_low_rank(W: torch.Tensor, rule: RankRule, solver: str, seed: int) -> LowRank:
@@ -37,7 +48,7 @@ def dense_low_rank(W: torch.Tensor, rule: RankRule, solver: str, seed: int) -> L
 
 def uses_gram_core(op: Operator, rule: RankRule, solver: str) -> bool:
     """rsvd on factors of a small stacked rank: solved exactly by the Gram core instead of a sketch."""
-    return isinstance(op, Factored) and solver == "rsvd" and op.inner_rank <= gram_core_limit(rule)
+    return isinstance(op, Factored) and solver == "rsvd" and op.inner_rank <= gram_core_limit(rule, op.U.device)
 
 
 def approximate(op: Operator, rule: RankRule, solver: str, seed: int) -> LowRank:
@@ -97,6 +108,11 @@ def plan_batches(targets: Sequence[ModuleTarget], opts: MergeOptions) -> list[li
     return singles + batches
 
 
+def solved_together(batch: Sequence[ModuleTarget], opts: MergeOptions, device: torch.device) -> bool:
+    """A batch from plan_batches goes through the Gram core at once on `device` (else module by module)."""
+    return len(batch) > 1 and sum(input_ranks(batch[0])) <= gram_core_limit(opts.rule, device)
+
+
 def stacked_factors(batch: Sequence[ModuleTarget], device: torch.device) -> Stacked:
     """A batch from plan_batches as the Gram core takes it: each module's inputs' up (out × rᵢ) and down
     (rᵢ × N, a Tucker conv's core folded in) as stored, and each column's scale cᵢ·αᵢ/rᵢ."""
@@ -118,7 +134,7 @@ def stacked_factors(batch: Sequence[ModuleTarget], device: torch.device) -> Stac
 
 def merge_lowrank_batch(batch: Sequence[ModuleTarget], opts: MergeOptions, device: torch.device) -> list[Outcome]:
     """One batch from plan_batches: several same-shape modules through the Gram core at once."""
-    if len(batch) == 1:
-        return [merge_lowrank(batch[0], opts, device)]
+    if not solved_together(batch, opts, device):
+        return [merge_lowrank(t, opts, device) for t in batch]
     results = gram_low_rank_batch(stacked_factors(batch, device), [opts.rule_for(t.name) for t in batch])
     return [lora_outcome(t, lr.up, lr.down, lr.quality, device, t.note) for t, lr in zip(batch, results)]

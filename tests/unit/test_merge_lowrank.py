@@ -8,6 +8,7 @@ import torch
 
 from merge_core.lowrank import RankRule
 from merge_core.merge import merge_loras
+from merge_core.merge.lowrank_methods import gram_core_limit
 from merge_core.lowrank.gram_core import Stacked, gram_low_rank_batch
 from merge_testlib import one_torch_thread  # noqa: F401  (autouse)
 from merge_testlib import (NAMES, decaying_lora, dense, energy_rank, lora_set, optimal_error, random_lora, rel,
@@ -69,16 +70,20 @@ def test_rsvd_dynamic_rank_is_the_true_energy_rank(solver):
         assert rows[n].energy_kept >= 0.99 - 1e-6
 
 
-def test_randomized_path_within_one_percent_of_optimal():
-    """Five rank-32 inputs: stacked rank 160 > 2(k+p), so rsvd sketches (seeded, power iterations)."""
+@pytest.mark.parametrize("rank", [10, 24])
+def test_randomized_path_within_one_percent_of_optimal(rank):
+    """Five rank-32 inputs, stacked rank 160: rank 10 is beyond the CPU's Gram-core limit 8(k+p) = 144, so rsvd
+    sketches (seeded, power iterations); rank 24 (limit 256) is solved exactly by the Gram core."""
+    assert (160 > gram_core_limit(RankRule(rank=rank))) == (rank == 10)
     sets = [lora_set({n: decaying_lora(shape_of(n), 32, 0.8 + 0.02 * j, seed=100 * j + i)
                       for i, n in enumerate(NAMES[:2])}) for j in range(5)]
     w = [0.2, 0.3, -0.1, 0.25, 0.15]
-    r = merge_loras(sets, "rsvd", weights=w, rule=RankRule(rank=24), seed=3, device="cpu")
-    again = merge_loras(sets, "rsvd", weights=w, rule=RankRule(rank=24), seed=3, device="cpu")
+    r = merge_loras(sets, "rsvd", weights=w, rule=RankRule(rank=rank), seed=3, device="cpu")
+    again = merge_loras(sets, "rsvd", weights=w, rule=RankRule(rank=rank), seed=3, device="cpu")
     for n in NAMES[:2]:
         T = target(sets, w, n)
-        assert rel(written(r, n), T) <= optimal_error(T, 24) * 1.01
+        optimal = optimal_error(T, rank)
+        assert rel(written(r, n), T) <= optimal * (1.01 if rank == 10 else 1 + 1e-4)
         assert torch.equal(r.modules[n].up, again.modules[n].up)  # seeded
 
 
