@@ -26,7 +26,7 @@ from .files.digests import sha256_later
 from .files.metadata import lora_metadata
 from .files.narrow import narrowed
 from .files.stream_writer import header_bound, write_safetensors
-from .files.tensor_source import TensorSource
+from .files.tensor_source import PICKLE_OUTPUTS, TensorSource
 from .keys.profiles import Naming, resolve
 from .keys.sdxl_table import sdxl_modules
 from .keys.suffixes import ALPHA, DOWN, KOHYA, PEFT_BIAS, PEFT_EMBEDDING_B, UP, Suffixes, group_keys, style_of
@@ -257,7 +257,7 @@ def save_lora(modules: dict[str, AdapterModule], path: PathLike, arch: str = "sd
         tensors_of = partial(peft_layout.module_tensors, dtype=dt, embeddings=peft_embeddings, biases=biases)
     else:
         suffixes = suffixes or KOHYA
-        if path.suffix.lower() in (".pt", ".pth", ".ckpt"):
+        if path.suffix.lower() in PICKLE_OUTPUTS:
             return atomic_write(path, lambda tmp: save_pickle(state_dict_of(modules, suffixes, dt), tmp), overwrite)
         entries = [(key, _file_dtype(role, dt), tuple(t.shape)) for key, role, t in _file_tensors(modules, suffixes)]
         tensors_of = partial(module_state, dtype=dt, suffixes=suffixes)

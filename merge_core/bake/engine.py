@@ -28,11 +28,11 @@ from ..files.atomic import atomic_write, refuse_existing
 from ..files.metadata import RECIPE_KEY, make_recipe
 from ..files.narrow import narrowed
 from ..files.stream_writer import header_bound, write_safetensors
+from ..files.tensor_source import PICKLE_OUTPUTS
 from ..lora_file import LoraSet, damaged_module_error, dtype_of, load_lora, save_pickle
 from ..report import Progress
 from .index import BakeIndex, Slot
 
-PICKLE_OUTPUTS = (".pt", ".pth", ".ckpt")
 Patch = tuple[Slot, AdapterModule, str]
 
 

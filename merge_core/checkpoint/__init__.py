@@ -2,7 +2,7 @@
 each tensor's delta (shared by extract and bake)."""
 from .layout import Placement, is_checkpoint, placements
 from .lora_names import BIAS, WEIGHT, Target, targets_of
-from .sources import DictSource, WeightSource, open_weights, output_path
+from .sources import DictSource, WeightSource, open_weights
 
 __all__ = ["Placement", "is_checkpoint", "placements", "BIAS", "WEIGHT", "Target", "targets_of", "DictSource",
-           "WeightSource", "open_weights", "output_path"]
+           "WeightSource", "open_weights"]

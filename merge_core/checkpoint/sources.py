@@ -78,21 +78,3 @@ def label_of(source: Union[str, os.PathLike, WeightSource], fallback: str) -> Un
         return Path(source)
     path = getattr(source, "path", None)
     return Path(path) if path is not None else fallback
-
-
-PICKLE_OUTPUTS = (".pt", ".pth", ".ckpt")
-
-
-def output_path(path: Union[str, os.PathLike], fmt: str | None) -> Path:
-    """The file to write for --output-format (the original scripts' rule: a missing suffix is appended);
-    no format given: .pt/.pth/.ckpt mean pytorch, anything else safetensors."""
-    p = Path(path)
-    is_pickle = p.suffix.lower() in PICKLE_OUTPUTS
-    fmt = fmt or ("pytorch" if is_pickle else "safetensors")
-    if fmt not in ("pytorch", "safetensors"):
-        raise MergeCoreError(f"--output-format must be safetensors or pytorch, got {fmt!r}")
-    if fmt == "pytorch" and not is_pickle:
-        return p.with_name(p.name + ".pt")
-    if fmt == "safetensors" and p.suffix.lower() != ".safetensors":
-        return p.with_name(p.name + ".safetensors")
-    return p

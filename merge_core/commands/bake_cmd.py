@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..bake import bake_lora
-from ..checkpoint.sources import KINDS, output_path
-from .common import add_device, add_output, add_report, check_side_files, finite_float, write_report
+from ..checkpoint.sources import KINDS
+from .common import add_device, add_output, add_report, check_side_files, finite_float, output_path, write_report
 from .progress_line import ProgressLine
 
 DTYPES = ["fp16", "float16", "bf16", "bfloat16", "fp32", "float32"]

@@ -12,6 +12,7 @@ import torch
 
 from ..errors import MergeCoreError, NonFiniteError, OutputWriteError, finite_numbers
 from ..files.atomic import atomic_write, refuse_existing
+from ..files.tensor_source import PICKLE_OUTPUTS
 from ..lowrank.rank_select import RankRule
 from ..report import Report
 
@@ -43,16 +44,20 @@ def add_output(p: argparse.ArgumentParser, what: str, required: bool = True) -> 
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (never by default)")
 
 
-FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt")
-
-
-def suffixed(path: Path) -> Path:
-    """`path`, with .safetensors appended unless it already names a file format we write (so `style_v1.5`
-    becomes style_v1.5.safetensors, what LoraLoader lists; extract and bake do the same through
-    --output-format)."""
-    if path.suffix.lower() in FILE_SUFFIXES:
-        return path
-    return path.with_name(path.name + ".safetensors")
+def output_path(path: Union[str, os.PathLike], fmt: Optional[str] = None) -> Path:
+    """The file to write: .safetensors appended unless the name ends in it or, for a torch pickle, in
+    .pt/.pth/.ckpt (so `style_v1.5` becomes style_v1.5.safetensors, what LoraLoader lists; the original
+    scripts' rule).  `fmt` (extract and bake's --output-format) forces one: safetensors or pytorch (.pt)."""
+    p = Path(path)
+    is_pickle = p.suffix.lower() in PICKLE_OUTPUTS
+    fmt = fmt or ("pytorch" if is_pickle else "safetensors")
+    if fmt not in ("pytorch", "safetensors"):
+        raise MergeCoreError(f"--output-format must be safetensors or pytorch, got {fmt!r}")
+    if fmt == "pytorch" and not is_pickle:
+        return p.with_name(p.name + ".pt")
+    if fmt == "safetensors" and p.suffix.lower() != ".safetensors":
+        return p.with_name(p.name + ".safetensors")
+    return p
 
 
 def add_device(p: argparse.ArgumentParser, default: str = "auto") -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..checkpoint.sources import KINDS, output_path
+from ..checkpoint.sources import KINDS
 from ..extract import DEFAULT_RANK, extract_to_file
 from ..lowrank.rank_select import RankRule
 from .common import (add_device, add_dtype, add_output, add_rank_rule, add_report, budget_line, check_side_files,
-                     finite_float, parse_size, rank_bounds, write_report)
+                     finite_float, output_path, parse_size, rank_bounds, write_report)
 from .progress_line import ProgressLine
 
 log = logging.getLogger(__name__)

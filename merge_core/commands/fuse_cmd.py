@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 from ..files.atomic import refuse_existing
 from ..fuse import DORA_CHOICES, OUTPUT_FORMATS, STRATEGIES, fusion_metadata, verify_written
@@ -12,7 +11,7 @@ from ..fuse.engine import DEFAULT_RULE, collect, plan_fuse, resolve_weights
 from ..fuse.to_file import fuse_to_file
 from ..lora_file import load_lora
 from .common import (add_device, add_dtype, add_output, add_rank_rule, add_report, add_threads, apply_threads,
-                     check_side_files, finite_float, rank_rule, suffixed, write_report)
+                     check_side_files, finite_float, output_path, rank_rule, write_report)
 from .progress_line import ProgressLine
 
 STRATEGY_HELP = ("weighted_sum: Σ wᵢΔWᵢ; weighted_average: Σ wᵢΔWᵢ/Σ wᵢ; layer_adaptive: wᵢ scaled by the "
@@ -53,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     resolve_weights(args.weights, len(args.models))  # count mismatch fails before any file is read
     apply_threads(args)
-    out = suffixed(Path(args.output))
+    out = output_path(args.output)
     refuse_existing(out, args.overwrite)
     check_side_files(args, out, args.models)
     sets = [load_lora(m) for m in args.models]

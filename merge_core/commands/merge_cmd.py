@@ -19,7 +19,7 @@ from ..merge.engine import collect, plan_merge
 from ..merge.methods import method_named, resolve_weights
 from ..merge.to_file import merge_to_file, streams_to
 from .common import (add_device, add_dtype, add_output, add_rank_rule, add_report, add_threads, apply_threads,
-                     budget_line, check_side_files, finite_float, parse_size, rank_bounds, suffixed, write_report)
+                     budget_line, check_side_files, finite_float, output_path, parse_size, rank_bounds, write_report)
 from .progress_line import ProgressLine
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,9 @@ def run(args: argparse.Namespace) -> int:
     if args.target_size is not None:
         rule = budget_rule(rule)
     plan = plan_merge(sets, args.method, args.weights, rule, args.solver, args.seed, args.density, blocks, args.dora)
-    if plan.layout[1] != "peft" and suffixed(out) != out:  # a name without a file suffix (PEFT: a folder of it)
-        out = suffixed(out)
+    named = output_path(out)
+    if plan.layout[1] != "peft" and named != out:  # a name without a file suffix (PEFT: a folder of it)
+        out = named
         refuse_existing(out, args.overwrite)
         check_side_files(args, out, args.inputs)
     budget = None

@@ -9,6 +9,7 @@ from typing import Optional, Union
 
 from ..errors import MergeCoreError
 from ..files.atomic import atomic_write, refuse_existing
+from ..files.tensor_source import PICKLE_OUTPUTS
 from ..lora_file import dtype_of
 from ..lora_stream import LoraStream, stream_writer
 from ..lowrank.rank_select import RankRule
@@ -16,8 +17,6 @@ from ..report import Progress, Report
 from .api import extract_lora
 from .budget import fit_extraction, header_reserve_of
 from .engine import Source, open_run
-
-PICKLE_OUTPUTS = (".pt", ".pth", ".ckpt")
 
 
 def extract_to_file(base: Source, tuned: Source, output: Union[str, os.PathLike], output_dtype: str = "bf16",

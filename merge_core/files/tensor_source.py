@@ -22,7 +22,8 @@ from safetensors import SafetensorError, safe_open
 from ..errors import InputFileError
 from .stream_writer import ST_DTYPE
 
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+PICKLE_OUTPUTS = (".pt", ".pth", ".ckpt")  # the pickles written (torch.save), by output name
+PICKLE_SUFFIXES = PICKLE_OUTPUTS + (".bin",)  # the pickles read (weights_only)
 SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                            "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 MAX_HEADER = 100 * 1024 * 1024

@@ -16,6 +16,7 @@ from ..errors import MergeCoreError
 from ..files.atomic import atomic_write
 from ..files.metadata import DIGEST_PLACEHOLDER
 from ..files.stream_writer import Entry
+from ..files.tensor_source import PICKLE_OUTPUTS
 from ..lora_file import dtype_of, module_state
 from ..lora_stream import LoraStream, header_reserve, lora_entries, stream_writer
 from ..report import Progress, Report
@@ -26,7 +27,7 @@ from .outcome import Outcome
 def streams_to(path: Union[str, os.PathLike], plan: MergePlan) -> bool:
     """True when merge_to_file can write this output module by module: a .safetensors file, or a PEFT folder."""
     suffix = Path(path).suffix.lower()
-    return suffix == ".safetensors" or (plan.layout[1] == "peft" and suffix not in (".pt", ".pth", ".ckpt"))
+    return suffix == ".safetensors" or (plan.layout[1] == "peft" and suffix not in PICKLE_OUTPUTS)
 
 
 def bound_entries(plan: MergePlan, dtype: torch.dtype) -> list[Entry]:
