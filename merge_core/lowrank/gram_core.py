@@ -15,11 +15,10 @@ cast into a scratch matrix twice (once per pass) so they stay in cache instead o
 memory three times; the R×R work batched over the modules (the roots in fp64, M and its eigenproblem in the
 work dtype, then one triangular solve and one product) on the CPU whatever the device (a GPU's solvers take
 milliseconds per call on matrices this small: on an H100 an SDXL merge's 34 batched 64×64 eighs took 0.76 s,
-22 ms each, of its 2.9 s) — several times cheaper than Householder QR of both
-factors (the QR-core path) and than a sketch with power iterations up to R ≈ 8(k+p) on a CPU (merge's
-gram_core_limit).  Work dtype fp32 (the
-merges): singular values below ~1e-3·σ₁ carry the Grams' round-off; the kept ones and the reported quality
-are unaffected at usual energies.  fp64 (fuse's exact lora form): ~1e-8·σ₁, at twice the GEMM cost.
+22 ms each, of its 2.9 s) — several times cheaper than Householder QR of both factors (the QR-core path)
+and than a sketch with power iterations up to R ≈ 8(k+p) on a CPU (merge's gram_core_limit).  Work dtype
+fp32 (the merges): singular values below ~1e-3·σ₁ carry the Grams' round-off; the kept ones and the reported
+quality are unaffected at usual energies.  fp64 (fuse's exact lora form): ~1e-8·σ₁, at twice the GEMM cost.
 """
 from __future__ import annotations
 
