@@ -28,7 +28,8 @@ def block_weight_lines(text: str, slots: list[int]) -> Optional[list[Optional[tu
 
 def run_merge(method: str, slots: dict, rank: int, energy: float, min_rank: int, max_rank: int, seed: int,
               device: str, dora: str, density: float = 0.5, block_weights: str = "",
-              target_size_mb: float = 0.0) -> dict:
+              target_size_mb: float = 0.0, label: str = "merge") -> dict:
+    """The merge of the connected slots, as a node's return value (the pack's report is titled `label`)."""
     inputs = connected_loras(slots)
     size = budget_bytes(target_size_mb)
     rule = rank_rule(rank, energy, min_rank, max_rank, size)
@@ -37,7 +38,7 @@ def run_merge(method: str, slots: dict, rank: int, energy: float, min_rank: int,
         [lora.lora for _, lora, _ in inputs], method=method, weights=[w for _, _, w in inputs], rule=rule,
         seed=seed, device=torch_device(device), density=density, block_weights=bw, dora=dora, progress=progress,
         target_size=size))
-    pack = PackLora.from_result(result, f"merge ({method})")
+    pack = PackLora.from_result(result, f"{label} ({method})")
     return {"ui": {"text": [summary_line(result.report)]}, "result": (pack,)}
 
 

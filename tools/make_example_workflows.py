@@ -70,6 +70,13 @@ def lokr_fusion() -> dict:
             **save("4", "3", "loras/lycoris_fusion"), **report("5", "3")}
 
 
+def resize() -> dict:
+    return {**load("1", LOKR_B),
+            "2": {"class_type": "LoRArSVD_Resize", "inputs": {"lora": ["1", 0], "method": "svd", "rank": 0,
+                                                              "energy": 0.99, "min_rank": 4, "max_rank": 16}},
+            **save("3", "2", "loras/resized"), **report("4", "2")}
+
+
 def extraction() -> dict:
     return {"1": {"class_type": "LoRArSVD_ExtractCheckpoints",
                   "inputs": {"base_ckpt": BASE_CKPT, "tuned_ckpt": TUNED_CKPT, "text_encoders": True,
@@ -115,6 +122,11 @@ EXAMPLES = {
         "## LoKr fusion\nFuses two LoKr files on their exact deltas (smart_fusion), never by adding raw "
         "factors; `auto` writes LoKr (the nearest Kronecker product) where it keeps ≥ 99.9 % of the energy, "
         "else LoRA. LoHa, LoRA and full-diff inputs fuse too.")),
+    "resize_lora": (resize, (
+        "## Resize a LoRA\nRe-factors one LoRA (or a LoHa/LoKr, as here) as a plain LoRA: per module the exact "
+        "truncated SVD of its ΔW, at the smallest rank keeping 99 % of ‖ΔW‖² (ranks 4–16). Set `rank` for one "
+        "rank everywhere, or `target_size_mb` to fit a file size. **Merge Report** shows what each module "
+        "kept.")),
     "extract_lora_from_two_checkpoints": (extraction, (
         "## Extract a LoRA from two checkpoints\nStreams both files one tensor pair at a time (no model is "
         "loaded) and keeps rank 32 per layer (set rank 0 for the energy rule). Text encoders included.")),

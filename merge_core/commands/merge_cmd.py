@@ -1,4 +1,4 @@
-"""`merge A B [C ...] -o OUT`: merge LoRAs into one by rSVD (dynamic rank) or a conventional method, on the
+"""`merge A [B ...] -o OUT`: merge LoRAs into one by rSVD (dynamic rank) or a conventional method, on the
 target T = Σ wᵢΔWᵢ (each strength applied once, as stacking LoRAs in LoraLoader)."""
 from __future__ import annotations
 
@@ -40,11 +40,13 @@ BLOCKS_HELP = ("SDXL block weights per input (one list for all, or one per input
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="merge LoRAs: rSVD with dynamic rank, or svd/weighted_avg/concat/"
-                                     "geometric_mean/ties/dare/dare_ties",
+                                     "geometric_mean/ties/dare/dare_ties; one input: resize it",
                        description="Merge LoRAs module by module on T = Σ wᵢΔWᵢ; the output is a LoRA/LoCon with "
-                                   "alpha = rank (kohya names for SDXL).")
-    p.add_argument("inputs", nargs="+", metavar="LORA", help="two or more LoRA files (.safetensors/.pt) or PEFT "
-                                                             "folders: kohya, diffusers/PEFT names, LoCon, any ranks")
+                                   "alpha = rank (kohya names for SDXL). One input resizes it: T is its own ΔW, "
+                                   "re-factored at the ranks the options choose (LoHa/LoKr inputs become LoRAs).")
+    p.add_argument("inputs", nargs="+", metavar="LORA",
+                   help="one or more LoRA/LoCon/LoHa/LoKr files (.safetensors/.pt) or PEFT folders: kohya, "
+                        "diffusers/PEFT names, any ranks")
     p.add_argument("--method", choices=METHODS, default="rsvd", help=METHOD_HELP)
     p.add_argument("--weights", type=finite_float, nargs="+", metavar="W", help=WEIGHTS_HELP)
     add_rank_rule(p)
@@ -89,8 +91,6 @@ def block_weights_from(specs: Optional[Sequence[str]], n: int) -> Optional[list]
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    if len(args.inputs) < 2:
-        raise MergeCoreError("merge needs at least two inputs")
     method = method_named(args.method)
     resolve_weights(method, len(args.inputs), args.weights)  # count mismatch fails before any file is read
     blocks = block_weights_from(args.block_weights, len(args.inputs))

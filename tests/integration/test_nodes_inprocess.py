@@ -58,7 +58,7 @@ def test_pack_imports_like_comfyui():
     from comfy_host import comfyui_dir
 
     ids = set(pack.NODE_CLASS_MAPPINGS)
-    assert len(ids) == 12 and all(i.startswith("LoRArSVD_") for i in ids)
+    assert len(ids) == 13 and all(i.startswith("LoRArSVD_") for i in ids)
     assert not ids & set(comfy_nodes.NODE_CLASS_MAPPINGS)
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == ids
     assert pack.WEB_DIRECTORY == "./js"
@@ -99,6 +99,27 @@ def test_saved_merge_loads_in_comfy_with_every_key(comfy_dirs):
     assert log.keys == []
     assert len(m2.patches) + len(c2.patcher.patches) == 1052
     assert model.patches == {} and clip.patcher.patches == {}  # the inputs are not modified
+
+
+def test_resized_lora_loads_in_comfy_with_every_key(comfy_dirs):
+    """Resize LoRA on every SDXL module (LoCon included), rank 6 down to 2: saved, then loaded by
+    comfy.sd.load_lora_for_models with zero "lora key not loaded", one patch per module, all at rank 2."""
+    table = list(sdxl_modules().values())
+    write(comfy_dirs["loras"] / "full_r6.safetensors", lora_tensors(table, rank=6, seed=3))
+    resized = node("LoRArSVD_Resize").resize(load("full_r6.safetensors"), "svd", 2, 0.99, 4, 32, 0, "cpu",
+                                             "error")["result"][0]
+    path = node("LoRArSVD_Save").save(resized, "loras/resized", "fp16")["result"][0]
+
+    import comfy.sd
+    import comfy.utils
+
+    model, clip = sdxl_objects()
+    sd = comfy.utils.load_torch_file(str(comfy_dirs["output"] / path))
+    assert {v.shape[0] for k, v in sd.items() if k.endswith(".lora_down.weight")} == {2}
+    with NotLoadedLog() as log:
+        new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, sd, 1.0, 1.0)
+    assert log.keys == []
+    assert set(new_model.patches) | set(new_clip.patcher.patches) == {s.key for s in table}
 
 
 def test_apply_patches_what_loraloader_would(comfy_dirs):

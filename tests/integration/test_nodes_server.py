@@ -39,6 +39,8 @@ EXPECTED = {  # node id: (required inputs, optional inputs, output types, output
     "LoRArSVD_MergeConventional": (["lora_1", "weight_1", "lora_2", "weight_2", "method", "density", *RANK_RULE,
                                     "seed", "device", "dora", "block_weights"], [*SLOTS, "target_size_mb"],
                                    ["RSVD_LORA"], False),
+    "LoRArSVD_Resize": (["lora", "method", *RANK_RULE, "seed", "device", "dora"], ["target_size_mb"], ["RSVD_LORA"],
+                        False),
     "LoRArSVD_Fuse": (["lora_1", "weight_1", "lora_2", "weight_2", "strategy", "norm_threshold", "output_format",
                        *RANK_RULE, "device", "dora"], SLOTS, ["RSVD_LORA"], False),
     "LoRArSVD_ExtractModels": (["base_model", "tuned_model", *RANK_RULE, "conv_rank", "diff_only", "min_diff",
@@ -238,6 +240,23 @@ def test_lycoris_fuse_and_save(server, files):
         expected = (0.5 * dense_delta(t["sdxl_lokr_a.safetensors"], s.name, s.shape)
                     + 0.7 * dense_delta(t["sdxl_loha.safetensors"], s.name, s.shape))
         assert rel_err(dense_delta(saved, s.name, s.shape), expected) < 1e-5, s.name
+
+
+def test_resize_a_lokr_to_a_lora(server, files):
+    """LoKr (Kronecker rank 8·3 = 24) resized to a rank-4 LoRA: each module is the optimal truncation of its ΔW."""
+    prompt = {"1": load_node("sdxl_lokr_b.safetensors"),
+              "2": {"class_type": "LoRArSVD_Resize", "inputs": {
+                  "lora": ["1", 0], "method": "svd", **rule(rank=4), "seed": 0, "device": "cpu", "dora": "error"}},
+              "3": save_node("2", "loras/resized_lokr")}
+    path = saved_path(server, server.run(prompt, timeout=120), "3")
+    assert recipe_of(path)["operation"] == "merge"
+    saved = load_file(str(path))
+    t = files["tensors"]["sdxl_lokr_b.safetensors"]
+    for s in LINEAR:
+        T = dense_delta(t, s.name, s.shape).double()
+        U, S, Vh = torch.linalg.svd(T, full_matrices=False)
+        assert saved[f"{s.name}.lora_down.weight"].shape[0] == 4
+        assert rel_err(dense_delta(saved, s.name, s.shape), U[:, :4] * S[:4] @ Vh[:4]) < 1e-5, s.name
 
 
 def test_extract_from_two_checkpoint_files(server, files):

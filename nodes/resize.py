@@ -1,0 +1,40 @@
+"""Resize LoRA: one LoRA / LoCon / LoHa / LoKr re-factored as a LoRA at new ranks (a merge of one input:
+T = ΔW, truncated by its SVD from the factors)."""
+from __future__ import annotations
+
+from .inputs import CATEGORY, device_input, dora_input, rank_inputs, seed_input, target_size_input
+from .merge import run_merge
+from .pack_lora import LORA_TYPE
+
+METHODS = ("svd", "rsvd")
+METHOD_TOOLTIP = ("svd: exact truncated SVD of ΔW computed from the factors (QR core); rsvd: seeded randomized "
+                  "SVD (exact Gram core at small ranks), faster on inputs of very high rank")
+
+
+class ResizeLora:
+    NODE_ID = "LoRArSVD_Resize"
+    DISPLAY_NAME = "Resize LoRA (rSVD Merge)"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Resizes one LoRA, LoCon, LoHa or LoKr to a LoRA of new ranks: per module the best rank-k "
+                   "approximation of its ΔW (truncated SVD from the factors, no dense matrix). The rank is fixed, "
+                   "or the smallest keeping `energy` of ‖ΔW‖² within [min_rank, max_rank], or chosen by a file "
+                   "size budget. LoHa/LoKr inputs come out as plain LoRAs.")
+    RETURN_TYPES = (LORA_TYPE,)
+    RETURN_NAMES = ("lora",)
+    OUTPUT_TOOLTIPS = ("the resized LoRA, with its per-module report",)
+    FUNCTION = "resize"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"lora": (LORA_TYPE, {"tooltip": "the LoRA to resize"}),
+                             "method": (list(METHODS), {"default": METHODS[0], "tooltip": METHOD_TOOLTIP}),
+                             **rank_inputs(), **seed_input(), **device_input(), **dora_input()},
+                "optional": target_size_input()}
+
+    def resize(self, lora, method: str, rank: int, energy: float, min_rank: int, max_rank: int, seed: int,
+               device: str, dora: str, target_size_mb: float = 0.0) -> dict:
+        return run_merge(method, {"lora_1": lora, "weight_1": 1.0}, rank, energy, min_rank, max_rank, seed, device,
+                         dora, target_size_mb=target_size_mb, label="resize")
+
+
+NODES = (ResizeLora,)
