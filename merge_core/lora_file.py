@@ -275,7 +275,9 @@ def save_lora(modules: dict[str, AdapterModule], path: PathLike, arch: str = "sd
 
 def summary(lset: LoraSet) -> dict:
     """What `inspect` prints: format, architecture, counts by kind and part, ranks, alphas, dtypes, and the
-    modules holding NaN/inf (every tensor is read for that)."""
+    modules holding NaN/inf (every tensor is read for that) or an alpha ≤ 0 (ComfyUI and A1111 scale by α/r:
+    α = 0 makes a module do nothing, α < 0 flips its sign — a damaged or mis-converted file, as trainers
+    write α > 0)."""
     parts: dict[str, int] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, int] = {}
@@ -296,4 +298,7 @@ def summary(lset: LoraSet) -> dict:
             "modules": len(lset.modules), "kinds": lset.kinds(), "parts": parts, "ranks": ranks, "alphas": alphas,
             "dtypes": dtypes, "parameters": params, "dora_modules": len(lset.dora_modules()),
             "non_finite_modules": [name for name, m in lset.modules.items() if not m.is_finite()],
+            "zero_alpha_modules": [name for name, m in lset.modules.items() if getattr(m, "alpha", None) == 0],
+            "negative_alpha_modules": [name for name, m in lset.modules.items()
+                                       if (getattr(m, "alpha", None) or 0) < 0],
             "metadata": lset.metadata}

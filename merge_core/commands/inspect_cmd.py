@@ -1,5 +1,5 @@
 """`inspect FILE [--json]`: format, architecture, modules by kind and by UNet/TE1/TE2, ranks, alphas,
-dtypes, modules holding NaN/inf, metadata."""
+dtypes, modules holding NaN/inf or an alpha ≤ 0, metadata."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +22,10 @@ def _counts(d: dict) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))) or "-"
 
 
+def _modules(names: list) -> str:
+    return "1 module has" if len(names) == 1 else f"{len(names)} modules have"
+
+
 def run(args: argparse.Namespace) -> int:
     info = summary(load_lora(args.file, profile=args.profile))
     if args.json:
@@ -41,6 +45,13 @@ def run(args: argparse.Namespace) -> int:
     if damaged:
         print(f"NaN/inf:       {len(damaged)} modules hold NaN or infinite values, e.g. '{damaged[0]}' (a damaged "
               "file; merge, fuse and bake refuse it)")
+    zero, negative = info["zero_alpha_modules"], info["negative_alpha_modules"]
+    if zero:
+        print(f"alpha 0:       {_modules(zero)} alpha 0, e.g. '{zero[0]}': ComfyUI, A1111 and "
+              "merges scale by α/r = 0, so they change nothing")
+    if negative:
+        print(f"alpha < 0:     {_modules(negative)} a negative alpha, e.g. '{negative[0]}': applied with the sign "
+              "flipped (α/r < 0); trainers write α > 0, so the file may be damaged or mis-converted")
     meta = info["metadata"]
     if meta:
         print(f"metadata:      {len(meta)} entries")

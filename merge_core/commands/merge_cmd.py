@@ -140,7 +140,9 @@ def run(args: argparse.Namespace) -> int:
     if budget is not None:
         report.extra["size_budget"] = budget
         print(budget_line(budget, out))
-    print(f"wrote {out} ({sum(m.kind != 'none' for m in report.modules)} modules, "
-          f"method {args.method})")
+    written = sum(m.kind != "none" for m in report.modules)
+    left_out = len(report.modules) - written
+    print(f"wrote {out} ({written} module{'s' * (written != 1)}, method {args.method}"
+          + (f"; {left_out} with a zero result left out" if left_out else "") + ")")
     write_report(args.report, report, args.overwrite)
     return 0

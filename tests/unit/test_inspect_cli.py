@@ -49,6 +49,7 @@ def test_inspect_describes_an_sdxl_lora(tmp_path, cli):
     res = cli("inspect", tmp_path / "a.safetensors")
     assert res.returncode == 0, res.stderr
     assert "sdxl names, architecture sdxl" in res.stdout and "unet: 6" in res.stdout
+    assert "alpha 0:" not in res.stdout and "alpha < 0:" not in res.stdout
     info = json.loads(cli("inspect", tmp_path / "a.safetensors", "--json").stdout)
     assert info["modules"] == 12 and info["parts"] == {"unet": 6, "te1": 3, "te2": 3}
     assert info["ranks"] == {"4": 12} and info["dtypes"] == {"float16": 24}
@@ -65,6 +66,32 @@ def test_inspect_names_modules_holding_nan_or_inf(tmp_path, cli):
     assert f"NaN/inf:       2 modules hold NaN or infinite values, e.g. '{names[1]}'" in res.stdout
     info = json.loads(cli("inspect", tmp_path / "a.safetensors", "--json").stdout)
     assert info["non_finite_modules"] == [names[1], names[3]]
+
+
+def test_inspect_flags_alpha_zero_and_negative(tmp_path, cli):
+    """α/r scales ΔW in ComfyUI: α = 0 silences a module, α < 0 flips it; both are named, neither refused."""
+    modules = sdxl_lora(sdxl_specs(per_group=2), rank=4)
+    names = list(modules)
+    modules[names[0]].alpha, modules[names[2]].alpha, modules[names[4]].alpha = 0.0, -4.0, -1.0
+    save_lora(modules, tmp_path / "a.safetensors")
+    res = cli("inspect", tmp_path / "a.safetensors")
+    assert res.returncode == 0, res.stderr
+    assert (f"alpha 0:       1 module has alpha 0, e.g. '{names[0]}': ComfyUI, A1111 and merges scale by α/r = 0, "
+            "so they change nothing") in res.stdout
+    assert f"alpha < 0:     2 modules have a negative alpha, e.g. '{names[2]}'" in res.stdout
+    info = json.loads(cli("inspect", tmp_path / "a.safetensors", "--json").stdout)
+    assert info["zero_alpha_modules"] == [names[0]] and info["negative_alpha_modules"] == [names[2], names[4]]
+
+
+def test_a_merge_with_an_all_zero_module_says_it_was_left_out(tmp_path, cli):
+    modules = sdxl_lora(sdxl_specs(per_group=1), rank=4)
+    names = list(modules)
+    modules[names[0]].alpha = 0.0
+    save_lora(modules, tmp_path / "a.safetensors")
+    res = cli("merge", tmp_path / "a.safetensors", "--threads", "1", "-o", tmp_path / "m.safetensors")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[-1] == (f"wrote {tmp_path / 'm.safetensors'} (2 modules, method rsvd; 1 with a "
+                                           "zero result left out)")
 
 
 def test_missing_file(tmp_path, cli):
