@@ -257,10 +257,11 @@ def save_lora(modules: dict[str, AdapterModule], path: PathLike, arch: str = "sd
         tensors_of = partial(peft_layout.module_tensors, dtype=dt, embeddings=peft_embeddings, biases=biases)
     else:
         suffixes = suffixes or KOHYA
-        if path.suffix.lower() in PICKLE_OUTPUTS:
-            return atomic_write(path, lambda tmp: save_pickle(state_dict_of(modules, suffixes, dt), tmp), overwrite)
         entries = [(key, _file_dtype(role, dt), tuple(t.shape)) for key, role, t in _file_tensors(modules, suffixes)]
         tensors_of = partial(module_state, dtype=dt, suffixes=suffixes)
+    if path.suffix.lower() in PICKLE_OUTPUTS:  # torch.save needs the whole state dict at once
+        return atomic_write(path, lambda tmp: save_pickle(
+            {k: t for name, m in modules.items() for k, t in tensors_of(name, m).items()}, tmp), overwrite)
 
     def write(tmp: Path) -> None:
         """Module by module, each module's file tensors made as they are written: memory holds one module's,
@@ -268,7 +269,7 @@ def save_lora(modules: dict[str, AdapterModule], path: PathLike, arch: str = "sd
         write_safetensors(tmp, (item for name, m in modules.items() for item in tensors_of(name, m).items()),
                           header_bound(entries, meta), meta)
 
-    if profile == "peft" and path.suffix != ".safetensors":
+    if profile == "peft" and path.suffix.lower() != ".safetensors":
         return peft_layout.write_folder(path, write, lambda: config, overwrite)
     return atomic_write(path, write, overwrite)
 

@@ -17,7 +17,7 @@ from ..merge import DORA_CHOICES, METHODS, REGISTRY, parse_block_weights
 from ..merge.budget import budget_rule, fit_to_size
 from ..merge.engine import collect, plan_merge
 from ..merge.methods import method_named, resolve_weights
-from ..merge.to_file import merge_to_file, streams_to
+from ..merge.to_file import merge_to_file, streams_to, writes_folder
 from .common import (add_device, add_dtype, add_output, add_rank_rule, add_report, add_threads, apply_threads,
                      budget_line, check_side_files, finite_float, output_path, parse_size, rank_bounds, write_report)
 from .progress_line import ProgressLine
@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
         rule = budget_rule(rule)
     plan = plan_merge(sets, args.method, args.weights, rule, args.solver, args.seed, args.density, blocks, args.dora)
     named = output_path(out)
-    if plan.layout[1] != "peft" and named != out:  # a name without a file suffix (PEFT: a folder of it)
+    # a name without a file suffix gets .safetensors, unless an input was a PEFT folder (then it names one)
+    if not (writes_folder(out, plan) and plan.layout[2] is not None) and named != out:
         out = named
         refuse_existing(out, args.overwrite)
         check_side_files(args, out, args.inputs)

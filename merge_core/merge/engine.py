@@ -43,12 +43,13 @@ Prepare = Callable[[str, Outcome], Any]
 
 
 def output_layout(sets: Sequence[LoraSet]) -> tuple[str, str, Optional[dict]]:
-    """(arch, profile, peft_config) to write: kohya names for SDXL, PEFT layout when every input was PEFT."""
+    """(arch, profile, peft_config) to write: kohya names for SDXL, PEFT names when every input had them, and
+    the config of the first input that was a PEFT folder (None when none was: PEFT-named files)."""
     arch = "sdxl" if any(s.arch == "sdxl" for s in sets) else sets[0].arch
     if arch == "sdxl":
         return arch, "sdxl", None
     if all(s.profile == "peft" for s in sets):
-        return arch, "peft", sets[0].peft_config
+        return arch, "peft", next((s.peft_config for s in sets if s.peft_config is not None), None)
     return arch, sets[0].profile, None
 
 

@@ -24,10 +24,15 @@ from .engine import MergePlan, run_merge
 from .outcome import Outcome
 
 
+def writes_folder(path: Union[str, os.PathLike], plan: MergePlan) -> bool:
+    """True when `path` names a PEFT adapter folder: PEFT names, and not a file's name (.safetensors, .pt, .pth,
+    .ckpt)."""
+    return plan.layout[1] == "peft" and Path(path).suffix.lower() not in (".safetensors", *PICKLE_OUTPUTS)
+
+
 def streams_to(path: Union[str, os.PathLike], plan: MergePlan) -> bool:
     """True when merge_to_file can write this output module by module: a .safetensors file, or a PEFT folder."""
-    suffix = Path(path).suffix.lower()
-    return suffix == ".safetensors" or (plan.layout[1] == "peft" and suffix not in PICKLE_OUTPUTS)
+    return Path(path).suffix.lower() == ".safetensors" or writes_folder(path, plan)
 
 
 def bound_entries(plan: MergePlan, dtype: torch.dtype) -> list[Entry]:
@@ -89,7 +94,7 @@ def merge_to_file(plan: MergePlan, output: Union[str, os.PathLike], dtype: str =
         return arch, plan.recipe(), carried
 
     write_file = stream_writer(reserve, dt, path.stem, fill)
-    if profile == "peft" and path.suffix.lower() != ".safetensors":
+    if writes_folder(path, plan):
         peft_layout.write_folder(path, write_file, lambda: peft_layout.config_for(ranks, peft_config, biases),
                                  overwrite)
     else:

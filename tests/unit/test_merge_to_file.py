@@ -177,3 +177,43 @@ def test_cli_sizes_a_peft_folder(tmp_path, capsys):
     assert (tmp_path / "fit" / "adapter_model.safetensors").stat().st_size <= target
     assert "size budget" in capsys.readouterr().out
     assert load_lora(tmp_path / "fit").peft_embeddings == {"base_model.model.model.embed_tokens"}
+
+
+def diffusers_lora(path: Path, seed: int, r: int) -> Path:
+    """A diffusers-style LoRA file (PEFT names in one .safetensors, no adapter_config.json, no alpha)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for n in ("transformer.transformer_blocks.0.attn.to_q", "transformer.single_transformer_blocks.0.proj_out"):
+        sd.update({f"{n}.lora_A.weight": torch.randn(r, 64, generator=g), f"{n}.lora_B.weight": torch.randn(96, r,
+                                                                                                        generator=g)})
+    save_file(sd, str(path))
+    return path
+
+
+def test_peft_named_files_merge_into_a_file_not_a_folder(tmp_path, capsys):
+    """Only a PEFT *folder* input makes the output a folder: diffusers-style files give a .safetensors (appended to
+    a bare name) or, for .pt, a pickle — each with the inputs' names, exact for concat."""
+    a, b = diffusers_lora(tmp_path / "a.safetensors", 1, 4), diffusers_lora(tmp_path / "b.safetensors", 2, 2)
+    assert main(["merge", str(a), str(b), "--method", "concat", "--dtype", "fp32", "-o", str(tmp_path / "m"),
+                 "--threads", "1"]) == 0
+    assert f"wrote {tmp_path / 'm.safetensors'} (2 modules" in capsys.readouterr().out
+    assert (tmp_path / "m.safetensors").is_file() and not (tmp_path / "m").exists()
+    assert main(["merge", str(a), str(b), "--method", "concat", "--dtype", "fp32", "-o", str(tmp_path / "m.pt"),
+                 "--threads", "1"]) == 0
+    assert (tmp_path / "m.pt").is_file()
+    written = tensors_of(tmp_path / "m.safetensors")
+    pickled = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert sorted(written) == sorted(pickled) == sorted(k for k in tensors_of(a))
+    ins = tensors_of(a), tensors_of(b)
+    for n in ("transformer.transformer_blocks.0.attn.to_q", "transformer.single_transformer_blocks.0.proj_out"):
+        T = sum(t[f"{n}.lora_B.weight"] @ t[f"{n}.lora_A.weight"] for t in ins)  # no alpha: scale 1; weights 1.0
+        for got in (written, pickled):
+            assert torch.allclose(got[f"{n}.lora_B.weight"] @ got[f"{n}.lora_A.weight"], T, atol=1e-4)
+
+
+def test_peft_folders_with_a_pt_output_write_a_pickle_file(tmp_path):
+    a, b = peft_adapter(tmp_path / "a", 1, 4), peft_adapter(tmp_path / "b", 2, 4)
+    assert main(["merge", str(a), str(b), "-o", str(tmp_path / "m.pt"), "--threads", "1"]) == 0
+    assert (tmp_path / "m.pt").is_file()  # was a folder named m.pt
+    back = load_lora(tmp_path / "m.pt")
+    assert back.profile == "peft" and set(back.modules) == set(load_lora(a).modules)
