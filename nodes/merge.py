@@ -19,6 +19,10 @@ BLOCK_WEIGHTS_TOOLTIP = ("optional SDXL block weights, one line per LoRA input i
                          "an empty line = all 1")
 
 
+def block_weights_input() -> dict:
+    return {"block_weights": ("STRING", {"default": "", "multiline": True, "tooltip": BLOCK_WEIGHTS_TOOLTIP})}
+
+
 def block_weight_lines(text: str, slots: list[int]) -> Optional[list[Optional[tuple[float, ...]]]]:
     """The block weights of each connected slot (line i for lora_i; None where empty), None when none given."""
     lines = text.splitlines()
@@ -48,7 +52,8 @@ class RsvdMerge:
     CATEGORY = CATEGORY
     DESCRIPTION = ("Merges 2-8 LoRAs into one: per module T = Σ wᵢ ΔWᵢ, stacked exactly in factor form (no dense "
                    "matrix), then a seeded randomized SVD keeps the smallest rank holding `energy` of ‖T‖² "
-                   "(or a fixed rank). Same result as stacking the LoRAs at these strengths, up to the kept energy.")
+                   "(or a fixed rank). Same result as stacking the LoRAs at these strengths, up to the kept energy. "
+                   "Optional SDXL block weights per input.")
     RETURN_TYPES = (LORA_TYPE,)
     RETURN_NAMES = ("lora",)
     OUTPUT_TOOLTIPS = ("the merged LoRA, with its per-module report",)
@@ -58,13 +63,13 @@ class RsvdMerge:
     def INPUT_TYPES(cls) -> dict:
         required, optional = lora_slots(weight_tooltip=WEIGHT_TOOLTIP)
         required.update({**rank_inputs(), **seed_input(), **device_input(), **dora_input()})
-        optional.update(target_size_input())
+        optional.update({**target_size_input(), **block_weights_input()})  # optional, last: older workflows load
         return {"required": required, "optional": optional}
 
     def merge(self, rank: int, energy: float, min_rank: int, max_rank: int, seed: int, device: str, dora: str,
-              target_size_mb: float = 0.0, **slots) -> dict:
+              target_size_mb: float = 0.0, block_weights: str = "", **slots) -> dict:
         return run_merge("rsvd", slots, rank, energy, min_rank, max_rank, seed, device, dora,
-                         target_size_mb=target_size_mb)
+                         block_weights=block_weights, target_size_mb=target_size_mb)
 
 
 class ConventionalMerge:
@@ -87,8 +92,7 @@ class ConventionalMerge:
             "method": (list(CONVENTIONAL), {"default": CONVENTIONAL[0], "tooltip": "the merge method"}),
             "density": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
                                   "tooltip": "TIES / DARE: fraction of entries kept"}),
-            **rank_inputs(), **seed_input(), **device_input(), **dora_input(),
-            "block_weights": ("STRING", {"default": "", "multiline": True, "tooltip": BLOCK_WEIGHTS_TOOLTIP}),
+            **rank_inputs(), **seed_input(), **device_input(), **dora_input(), **block_weights_input(),
         })
         optional.update(target_size_input("; not for concat or geometric_mean"))
         return {"required": required, "optional": optional}

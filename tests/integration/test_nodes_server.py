@@ -35,7 +35,7 @@ EXPECTED = {  # node id: (required inputs, optional inputs, output types, output
     "LoRArSVD_Load": (["lora_name", "profile"], [], ["RSVD_LORA", "STRING"], False),
     "LoRArSVD_Apply": (["model", "clip", "lora", "strength_model", "strength_clip"], [], ["MODEL", "CLIP"], False),
     "LoRArSVD_Merge": (["lora_1", "weight_1", "lora_2", "weight_2", *RANK_RULE, "seed", "device", "dora"],
-                       [*SLOTS, "target_size_mb"], ["RSVD_LORA"], False),
+                       [*SLOTS, "target_size_mb", "block_weights"], ["RSVD_LORA"], False),
     "LoRArSVD_MergeConventional": (["lora_1", "weight_1", "lora_2", "weight_2", "method", "density", *RANK_RULE,
                                     "seed", "device", "dora", "block_weights"], [*SLOTS, "target_size_mb"],
                                    ["RSVD_LORA"], False),
@@ -225,6 +225,25 @@ def test_conventional_merge_with_block_weights(server, files):
         b = dense_delta(t["sdxl_style_b.safetensors"], s.name, s.shape)
         expected = b if s.block == "IN08" else a + b
         assert rel_err(dense_delta(saved, s.name, s.shape), expected) < 1e-4, s.name
+
+
+def test_rsvd_merge_with_block_weights(server, files):
+    """20-value weights on lora_1 only (IN08 off, OUT00 at 0.5); an empty line 2 leaves lora_2 whole.  Rank 8 =
+    4 + 4 keeps all of T: exact."""
+    blocks = ["BASE", *(f"IN{i:02d}" for i in range(9)), "MID", *(f"OUT{i:02d}" for i in range(9))]
+    line = ",".join({"IN08": "0", "OUT00": "0.5"}.get(b, "1") for b in blocks)
+    prompt = {"1": load_node("sdxl_style_a.safetensors"), "2": load_node("sdxl_style_b.safetensors"),
+              "3": {"class_type": "LoRArSVD_Merge", "inputs": {
+                  "lora_1": ["1", 0], "weight_1": 1.0, "lora_2": ["2", 0], "weight_2": 0.5, **rule(rank=8),
+                  "seed": 0, "device": "cpu", "dora": "error", "block_weights": f"{line}\n"}},
+              "4": save_node("3", "loras/rsvd_blocks")}
+    saved = load_file(str(saved_path(server, server.run(prompt, timeout=120), "4")))
+    t = files["tensors"]
+    for s in SPECS:
+        a = dense_delta(t["sdxl_style_a.safetensors"], s.name, s.shape)
+        b = dense_delta(t["sdxl_style_b.safetensors"], s.name, s.shape)
+        scale = {"IN08": 0.0, "OUT00": 0.5}.get(s.block, 1.0)
+        assert rel_err(dense_delta(saved, s.name, s.shape), scale * a + 0.5 * b) < 1e-4, s.name
 
 
 def test_lycoris_fuse_and_save(server, files):
