@@ -65,10 +65,20 @@ def noting_interrupts() -> Iterator[list]:
             signal.signal(sig, handler)
 
 
+class WarningsPrefixed(logging.Formatter):
+    """Warnings as `warning: …`, beside the errors' `error: …`; -v's progress lines as they are."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return f"warning: {text}" if record.levelno >= logging.WARNING else text
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(WarningsPrefixed("%(message)s"))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
     with noting_interrupts() as interrupted:
         try:
             return int(args.run(args) or 0)

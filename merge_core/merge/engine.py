@@ -32,7 +32,7 @@ from .methods import Method, describe, method_named, resolve_options, resolve_we
 from .options import MergeOptions
 from .outcome import Outcome, exact_sum_outcome
 from .scheduler import DENSE_COPIES, run_in_order, worker_cap, worker_count
-from .targets import ModuleTarget, plan_targets
+from .targets import ModuleTarget, disjoint_note, plan_targets
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,9 @@ def plan_merge(sets: Sequence[LoraSet], method: str = "rsvd", weights: Sequence[
     opts: MergeOptions = resolve_options(spec, sets, rule, solver, seed, density)
     check_dora(sets, dora, "merged")
     targets = plan_targets(sets, w, block_weights)
+    note = disjoint_note(targets, sets)
+    if note:
+        log.warning(note)
     if spec.check is not None:
         spec.check(targets, sets)
     for s in sets:

@@ -255,8 +255,8 @@ def test_options_an_exact_method_does_not_use_are_named_and_ignored(inputs, tmp_
     r = cli(*inputs, "--method", "concat", "--rank", "4", "--solver", "dense", "-o", tmp_path / "c.safetensors")
     assert r.returncode == 0, r.stderr
     assert r.stderr.splitlines() == [
-        "rank options do not apply to concat (its rank follows from the inputs); ignored",
-        "--solver does not apply to concat (exact, no SVD); ignored"]
+        "warning: rank options do not apply to concat (its rank follows from the inputs); ignored",
+        "warning: --solver does not apply to concat (exact, no SVD); ignored"]
 
 
 def test_report_path_that_would_lose_a_file_is_refused_before_any_work(inputs, tmp_path):
