@@ -168,12 +168,20 @@ def parse_size(text: str) -> int:
     return int(float(found.group(1)) * SIZE_UNITS[unit])
 
 
+def size_text(n: int) -> str:
+    """Bytes as people read file sizes: 812 B, 85.0 KiB, 47.7 MiB, 6.46 GiB."""
+    if n < 1024:
+        return f"{n} B"
+    if n < 2**20:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
 def budget_line(summary: dict, path) -> str:
     """One line for the CLI: the target, the file as written, the ranks, and the energy kept against one rank
     for all modules in the same size."""
-    mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
     size = path.stat().st_size if path.exists() else summary["file_bytes"]
-    line = (f"size budget {mib(summary['target_bytes'])}: {path.name} is {mib(size)}; ranks "
+    line = (f"size budget {size_text(summary['target_bytes'])}: {path.name} is {size_text(size)}; ranks "
             f"{summary['min_rank']}-{summary['max_rank']} (avg {summary['avg_rank']:.1f}); kept "
             f"{100 * summary['energy_kept']:.2f} % of the energy of {summary['energy_of']}")
     if summary["uniform_rank"] is not None:

@@ -1,12 +1,15 @@
 """`inspect FILE [--json]`: format, architecture, modules by kind and by UNet/TE1/TE2, ranks, alphas,
-dtypes, modules holding NaN/inf or an alpha ≤ 0, metadata."""
+dtypes, modules holding NaN/inf or an alpha ≤ 0, metadata; with --ranks, what resizing it would keep."""
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from ..keys.profiles import PROFILES
 from ..lora_file import load_lora, summary
+from ..merge.rank_table import rank_table
+from .common import add_device, size_text
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,6 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--profile", default="auto", choices=PROFILES)
     p.add_argument("--metadata", action="store_true", help="print every metadata entry in full")
+    p.add_argument("--ranks", action="store_true",
+                   help="also show what resizing it would keep: per energy level and fixed rank, the ranks, the "
+                        "share of ‖ΔW‖² kept and the fp16 file size (from every module's exact singular values)")
+    add_device(p)
     p.set_defaults(run=run)
 
 
@@ -22,12 +29,28 @@ def _counts(d: dict) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))) or "-"
 
 
-def _modules(names: list) -> str:
-    return "1 module has" if len(names) == 1 else f"{len(names)} modules have"
+def _modules(names: list, verb: str = "have") -> str:
+    """'1 module has' / '3 modules have' (verb in the plural: have, hold)."""
+    return f"1 module {'has' if verb == 'have' else verb + 's'}" if len(names) == 1 else f"{len(names)} modules {verb}"
+
+
+def _rank_lines(rows: list) -> list[str]:
+    lines = ["resize:        what `merge FILE --energy E --min-rank 1` or `--rank R` would keep (exact):",
+             f"  {'choice':<14} {'ranks (avg)':<16} {'energy kept':>11} {'fp16 file':>12}"]
+    for r in rows:
+        span = f"{r['min_rank']}" if r["min_rank"] == r["max_rank"] else f"{r['min_rank']}-{r['max_rank']}"
+        ranks = f"{span} ({r['avg_rank']:.1f})"
+        lines.append(f"  {r['choice']:<14} {ranks:<16} {100 * r['energy_kept']:>10.2f}% "
+                     f"{size_text(r['file_bytes']):>12}")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
-    info = summary(load_lora(args.file, profile=args.profile))
+    lset = load_lora(args.file, profile=args.profile)
+    info = summary(lset)
+    if args.ranks:  # not for a damaged file: its NaN/inf would stop the table's SVDs (listed below instead)
+        info["resize"] = (None if info["non_finite_modules"] else
+                          rank_table(lset, title=Path(args.file).stem, device=args.device))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -43,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"DoRA:          {info['dora_modules']} modules carry dora_scale (cannot be merged linearly)")
     damaged = info["non_finite_modules"]
     if damaged:
-        print(f"NaN/inf:       {len(damaged)} modules hold NaN or infinite values, e.g. '{damaged[0]}' (a damaged "
+        print(f"NaN/inf:       {_modules(damaged, 'hold')} NaN or infinite values, e.g. '{damaged[0]}' (a damaged "
               "file; merge, fuse and bake refuse it)")
     zero, negative = info["zero_alpha_modules"], info["negative_alpha_modules"]
     if zero:
@@ -52,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
     if negative:
         print(f"alpha < 0:     {_modules(negative)} a negative alpha, e.g. '{negative[0]}': applied with the sign "
               "flipped (α/r < 0); trainers write α > 0, so the file may be damaged or mis-converted")
+    if args.ranks:
+        print("\n".join(_rank_lines(info["resize"])) if info["resize"] is not None else
+              "resize:        not computed: the file holds NaN or infinite values (see NaN/inf above)")
     meta = info["metadata"]
     if meta:
         print(f"metadata:      {len(meta)} entries")

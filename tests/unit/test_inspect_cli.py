@@ -66,6 +66,8 @@ def test_inspect_names_modules_holding_nan_or_inf(tmp_path, cli):
     assert f"NaN/inf:       2 modules hold NaN or infinite values, e.g. '{names[1]}'" in res.stdout
     info = json.loads(cli("inspect", tmp_path / "a.safetensors", "--json").stdout)
     assert info["non_finite_modules"] == [names[1], names[3]]
+    res = cli("inspect", tmp_path / "a.safetensors", "--ranks")  # the resize table is skipped, not an error
+    assert res.returncode == 0 and "resize:        not computed: the file holds NaN or infinite values" in res.stdout
 
 
 def test_inspect_flags_alpha_zero_and_negative(tmp_path, cli):

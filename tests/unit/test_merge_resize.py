@@ -3,10 +3,13 @@ choose (a fixed rank, the energy rule, or a file-size budget); LoHa and LoKr inp
 Checked against dense references made here from the raw tensors (SVD of ΔW in fp64)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
 
+from merge_core.cli import main
 from merge_core.lora_file import load_lora, save_lora
 from merge_testlib import one_torch_thread  # noqa: F401  (autouse)
 from merge_testlib import (CONV, F64, NAMES, decaying_lora, energy_rank, optimal_error, rel, run_in_process,
@@ -98,3 +101,34 @@ def test_one_input_fits_a_size_budget(lora, tmp_path, capsys):
     for name, k in ranks.items():
         T = dense_lora(lora, name)
         assert rel(dense_lora(out, name), T) == pytest.approx(optimal_error(T, k), abs=2e-3), name
+
+
+def test_inspect_ranks_predicts_what_each_resize_keeps_and_its_file_size(lora, tmp_path, capsys):
+    """inspect --ranks: per energy level the true energy ranks (from the dense SVD here), the energy they keep,
+    and the size of the file merge then writes (same title: the same file name in another folder), to within
+    the few bytes by which the recipes' rank options differ."""
+    assert main(["inspect", str(lora), "--ranks", "--json"]) == 0
+    rows = {r["choice"]: r for r in json.loads(capsys.readouterr().out)["resize"]}
+    assert list(rows) == ["energy 0.5", "energy 0.8", "energy 0.9", "energy 0.95", "energy 0.99", "energy 0.999",
+                          "rank 4", "rank 8"]
+    dense = {n: dense_lora(lora, n) for n in NAMES + [CONV]}
+    total = sum(float(T.norm() ** 2) for T in dense.values())
+    for choice, row in rows.items():
+        if choice.startswith("energy"):
+            ranks = [energy_rank(T, float(choice.split()[1]), 1, 8) for T in dense.values()]
+        else:
+            ranks = [int(choice.split()[1])] * len(dense)
+        assert (row["min_rank"], row["max_rank"]) == (min(ranks), max(ranks)), choice
+        assert row["avg_rank"] == pytest.approx(sum(ranks) / len(ranks)), choice
+        kept = sum(float((torch.linalg.svdvals(T)[:k] ** 2).sum()) for T, k in zip(dense.values(), ranks))
+        assert row["energy_kept"] == pytest.approx(kept / total, rel=1e-5), choice
+    out = tmp_path / "elsewhere" / lora.name
+    out.parent.mkdir()
+    for choice, args in (("energy 0.9", ["--energy", "0.9", "--min-rank", "1", "--max-rank", "64"]),
+                         ("rank 4", ["--rank", "4"])):
+        code, _, err = run_in_process(capsys, lora, "--method", "svd", *args, "-o", out, "--overwrite")
+        assert code == 0, err
+        assert abs(out.stat().st_size - rows[choice]["file_bytes"]) <= 128, choice  # the recipe's length aside
+    assert main(["inspect", str(lora), "--ranks"]) == 0
+    text = capsys.readouterr().out
+    assert "resize:" in text and "  energy 0.9 " in text and " KiB" in text

@@ -1,0 +1,55 @@
+"""What resizing one LoRA would keep (`inspect --ranks`): for a few energy levels and fixed ranks, the ranks
+its modules would get, the share of Σ‖ΔW‖² kept and the size of the file — from every module's exact
+singular values (the Gram core's, as the size budget finds them), before anything is written.
+
+energy e: kₘ = min{k : Σ_{i≤k} σ²ₘᵢ ≥ e·‖ΔWₘ‖²} (at least 1, at most the non-null σ); fixed r: kₘ = min(r, non-null σ);
+bytes = header + fixed tensors + Σₘ kₘ·(out + in·kh·kw)·width: the file `merge FILE` writes at those ranks (to within
+the few header bytes by which its recipe's rank options differ).
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+from typing import Sequence
+
+from ..device import resolve_device
+from ..lora_file import LoraSet, dtype_of
+from ..lowrank import RankRule
+from ..lowrank.size_budget import Spectrum, kept
+from .budget import fixed_bytes, spectra_of
+from .engine import plan_merge
+
+ENERGIES = (0.5, 0.8, 0.9, 0.95, 0.99, 0.999)
+RANKS = (4, 8, 16, 32, 64, 128, 256)
+WIDEST = 1 << 16  # a rule with no practical upper bound: every non-null σ is found
+
+
+def energy_rank(s: Spectrum, energy: float) -> int:
+    """The smallest k keeping `energy` of ‖T‖² (every non-null σ when that is not reached; 0 for T = 0)."""
+    if not s.sq:
+        return 0
+    k = bisect.bisect_left(list(itertools.accumulate(s.sq)), energy * s.total) + 1
+    return min(k, len(s.sq))
+
+
+def _row(choice: str, spectra: Sequence[Spectrum], ranks: dict[str, int], fixed: int) -> dict:
+    chosen = [ranks[s.name] for s in spectra if s.sq]  # an all-zero module is not written
+    return {"choice": choice, "min_rank": min(chosen, default=0), "max_rank": max(chosen, default=0),
+            "avg_rank": sum(chosen) / len(chosen) if chosen else 0.0, "energy_kept": kept(spectra, ranks),
+            "file_bytes": fixed + sum(ranks[s.name] * s.cost for s in spectra)}
+
+
+def rank_table(lset: LoraSet, energies: Sequence[float] = ENERGIES, dtype: str = "fp16", title: str = "resized",
+               device: str = "auto") -> list[dict]:
+    """One row per energy level, then per fixed rank up to the largest non-null rank: {choice, min_rank,
+    max_rank, avg_rank, energy_kept, file_bytes} (a file of `dtype` titled `title`; DoRA magnitudes left out,
+    as `merge --dora ignore` does)."""
+    plan = plan_merge([lset], "rsvd", rule=RankRule(energy=1.0, min_rank=1, max_rank=WIDEST), dora="ignore")
+    width = dtype_of(dtype).itemsize
+    fixed = fixed_bytes(plan, width, dtype, title)
+    spectra = spectra_of(plan, width, resolve_device(device))
+    rows = [_row(f"energy {e:g}", spectra, {s.name: energy_rank(s, e) for s in spectra}, fixed) for e in energies]
+    top = max((len(s.sq) for s in spectra), default=0)
+    for r in sorted({r for r in RANKS if r < top} | {top} - {0}):
+        rows.append(_row(f"rank {r}", spectra, {s.name: min(r, len(s.sq)) for s in spectra}, fixed))
+    return rows
