@@ -209,34 +209,20 @@ def test_conventional_merges(server, files):
                 assert rel_err(dense_delta(saved, s.name, s.shape), expected) < 1e-4, (method, s.name)
 
 
-def test_conventional_merge_with_block_weights(server, files):
-    zeros_in08 = ",".join("0" if b == "IN08" else "1" for b in
-                          ["BASE", *(f"IN{i:02d}" for i in range(9)), "MID", *(f"OUT{i:02d}" for i in range(9))])
-    prompt = {"1": load_node("sdxl_style_a.safetensors"), "2": load_node("sdxl_style_b.safetensors"),
-              "3": {"class_type": "LoRArSVD_MergeConventional", "inputs": {
-                  "lora_1": ["1", 0], "weight_1": 1.0, "lora_2": ["2", 0], "weight_2": 1.0, "method": "concat",
-                  "density": 0.5, **rule(), "seed": 0, "device": "cpu", "dora": "error",
-                  "block_weights": f"{zeros_in08}\n"}},
-              "4": save_node("3", "loras/conv_blocks")}
-    saved = load_file(str(saved_path(server, server.run(prompt, timeout=120), "4")))
-    t = files["tensors"]
-    for s in SPECS:
-        a = dense_delta(t["sdxl_style_a.safetensors"], s.name, s.shape)
-        b = dense_delta(t["sdxl_style_b.safetensors"], s.name, s.shape)
-        expected = b if s.block == "IN08" else a + b
-        assert rel_err(dense_delta(saved, s.name, s.shape), expected) < 1e-4, s.name
-
-
-def test_rsvd_merge_with_block_weights(server, files):
-    """20-value weights on lora_1 only (IN08 off, OUT00 at 0.5); an empty line 2 leaves lora_2 whole.  Rank 8 =
-    4 + 4 keeps all of T: exact."""
+@pytest.mark.parametrize("node_id,extra", [
+    ("LoRArSVD_MergeConventional", {"method": "concat", "density": 0.5}),
+    ("LoRArSVD_Merge", {}),
+])
+def test_merge_with_block_weights(server, files, node_id, extra):
+    """20-value weights on lora_1 only (IN08 off, OUT00 at 0.5); an empty line 2 leaves lora_2 whole.  concat,
+    and rsvd at rank 8 = 4 + 4, keep all of T: exact."""
     blocks = ["BASE", *(f"IN{i:02d}" for i in range(9)), "MID", *(f"OUT{i:02d}" for i in range(9))]
     line = ",".join({"IN08": "0", "OUT00": "0.5"}.get(b, "1") for b in blocks)
     prompt = {"1": load_node("sdxl_style_a.safetensors"), "2": load_node("sdxl_style_b.safetensors"),
-              "3": {"class_type": "LoRArSVD_Merge", "inputs": {
-                  "lora_1": ["1", 0], "weight_1": 1.0, "lora_2": ["2", 0], "weight_2": 0.5, **rule(rank=8),
+              "3": {"class_type": node_id, "inputs": {
+                  "lora_1": ["1", 0], "weight_1": 1.0, "lora_2": ["2", 0], "weight_2": 0.5, **extra, **rule(rank=8),
                   "seed": 0, "device": "cpu", "dora": "error", "block_weights": f"{line}\n"}},
-              "4": save_node("3", "loras/rsvd_blocks")}
+              "4": save_node("3", f"loras/blocks_{node_id}")}
     saved = load_file(str(saved_path(server, server.run(prompt, timeout=120), "4")))
     t = files["tensors"]
     for s in SPECS:

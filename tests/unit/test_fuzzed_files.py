@@ -56,6 +56,21 @@ def mutate(good: bytes, rng: random.Random, mode: str) -> bytes:
     return bytes(b)
 
 
+def run_each(commands: dict, capsys, mode: str, out_dir: Path) -> None:
+    """Run each {name: (argv, its output or None)}: exit 0, or 2 with one `error: …` line; the output exists
+    exactly when the command succeeded, and nothing else is left in out_dir (no temp file)."""
+    for name, (argv, output) in commands.items():
+        code = main(argv)
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert code in (0, 2), (mode, name, code, err)
+        if code:
+            assert len(err) == 1 and err[0].startswith("error: ") and "internal error" not in err[0], (mode, name, err)
+        if output is not None:
+            assert output.exists() == (code == 0), (mode, name)
+    outputs = {out.name for _, out in commands.values() if out is not None}
+    assert {p.name for p in out_dir.iterdir()} <= outputs, mode
+
+
 @pytest.fixture(scope="module")
 def good(tmp_path_factory) -> tuple[bytes, Path]:
     folder = tmp_path_factory.mktemp("fuzz")
@@ -80,15 +95,7 @@ def test_a_damaged_file_is_one_line_or_a_result(good, tmp_path, capsys, seed):
         "merge": (["merge", str(bad), str(good[1]), "--threads", "1", "-o", str(merged)], merged),
         "fuse": (["fuse", str(bad), str(good[1]), "--output-format", "full", "-o", str(fused)], fused),
     }
-    for name, (argv, output) in commands.items():
-        code = main(argv)
-        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-        assert code in (0, 2), (mode, name, code, err)
-        if code:
-            assert len(err) == 1 and err[0].startswith("error: ") and "internal error" not in err[0], (mode, name, err)
-        if output is not None:
-            assert output.exists() == (code == 0), (mode, name)
-    assert {p.name for p in out_dir.iterdir()} <= {merged.name, fused.name}, mode  # no temp file left
+    run_each(commands, capsys, mode, out_dir)
 
 
 @pytest.fixture(scope="module")
@@ -120,11 +127,4 @@ def test_a_damaged_checkpoint_is_one_line_or_a_result(checkpoints, tmp_path, cap
                      str(extracted)], extracted),
         "bake": (["bake", "--source-model", str(bad), "--lora-model", str(lora), "-o", str(baked)], baked),
     }
-    for name, (argv, output) in commands.items():
-        code = main(argv)
-        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-        assert code in (0, 2), (mode, name, code, err)
-        if code:
-            assert len(err) == 1 and err[0].startswith("error: ") and "internal error" not in err[0], (mode, name, err)
-        assert output.exists() == (code == 0), (mode, name)
-    assert {p.name for p in out_dir.iterdir()} <= {extracted.name, baked.name}, mode
+    run_each(commands, capsys, mode, out_dir)
