@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -21,7 +22,8 @@ from ..adapters import AdapterModule, FullDiff
 from ..adapters.base import finite_sum
 from ..adapters.dora import dora_weight
 from ..checkpoint.lora_names import BIAS, WEIGHT
-from ..checkpoint.sources import WeightSource, check_kind, label_of, open_weights
+from ..checkpoint.sources import (WeightSource, check_kind, checkpoint_digest, digest_placeholder, label_of,
+                                  open_weights)
 from ..device import COMPUTE_DTYPE, resolve_device, with_cpu_fallback
 from ..errors import MergeCoreError, NonFiniteError, finite_numbers
 from ..files.atomic import atomic_write, refuse_existing
@@ -130,19 +132,21 @@ def baked_tensors(base: WeightSource, patches: dict[str, list[Patch]], alpha: fl
             progress(done, len(keys), key)
 
 
-def write_checkpoint(path: Path, base: WeightSource, tensors, metadata: dict, overwrite: bool) -> None:
-    """.safetensors streamed (header reserved from the base's shapes), .pt/.pth/.ckpt through torch.save.  The
-    base's files are closed before the rename: Windows cannot replace an open file (a bake onto its own base)."""
+def write_checkpoint(path: Path, base: WeightSource, tensors, metadata: Callable[[Optional[str]], dict],
+                     base_digest: "Future[Optional[str]]", overwrite: bool) -> None:
+    """.safetensors streamed (header reserved from the base's shapes; `metadata(base's sha256)` written last,
+    once the background hash is in), .pt/.pth/.ckpt through torch.save.  The base's files are closed before the
+    rename: Windows cannot replace an open file (a bake onto its own base)."""
     pickled = path.suffix.lower() in PICKLE_OUTPUTS
     if not pickled:  # dtypes arrive with the tensors: size every entry as 8-byte elements, +1 byte per dtype name
         entries = [(k, torch.float64, tuple(base.shape(k))) for k in base.keys()]
-        reserve = header_bound(entries, metadata, slack=len(entries) + 4096)
+        reserve = header_bound(entries, metadata(digest_placeholder(base_digest)), slack=len(entries) + 4096)
 
     def write(tmp: Path) -> None:
         if pickled:
             save_pickle(dict(tensors), tmp)
         else:
-            write_safetensors(tmp, tensors, reserve, metadata)
+            write_safetensors(tmp, tensors, reserve, lambda: metadata(base_digest.result()))
         if hasattr(base, "close"):
             base.close()
 
@@ -170,11 +174,15 @@ def bake_lora(base_path: Union[str, os.PathLike, WeightSource], lora: Union[Lora
         raise MergeCoreError(f"nothing to bake: none of the {len(lset.modules)} modules of {lset.source or 'the LoRA'} "
                              f"matches a layer of {base_label} "
                              f"(e.g. '{skipped[0]['module']}': {skipped[0]['reason']})")
-    recipe = make_recipe("bake", [base_label, lset.source or "lora (in memory)"],
-                         {"alpha": alpha, "output_dtype": output_dtype}, digests=[None, lset.sha256()])
-    metadata = {**getattr(base, "metadata", {}), RECIPE_KEY: json.dumps(recipe, sort_keys=True)}
+    base_digest = checkpoint_digest(base_path)  # hashed beside the bake
+
+    def metadata(base_sha256: Optional[str]) -> dict:
+        recipe = make_recipe("bake", [base_label, lset.source or "lora (in memory)"],
+                             {"alpha": alpha, "output_dtype": output_dtype}, digests=[base_sha256, lset.sha256()])
+        return {**getattr(base, "metadata", {}), RECIPE_KEY: json.dumps(recipe, sort_keys=True)}
+
     tensors = baked_tensors(base, patches, alpha, out_dtype, resolve_device(device), progress, lset.profile == "peft")
-    write_checkpoint(path, base, tensors, metadata, overwrite)
+    write_checkpoint(path, base, tensors, metadata, base_digest, overwrite)
     return {"operation": "bake", "base": str(base_label), "lora": str(lset.source), "output": str(path),
             "alpha": alpha, "output_dtype": output_dtype or "as base", "base_keys": len(base.keys()),
             "patched_keys": len(patches), "matched": matched, "dora_modules": len(lset.dora_modules()),

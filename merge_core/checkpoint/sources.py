@@ -7,12 +7,15 @@ Reads are one tensor at a time, so callers that stream keep memory near one laye
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Mapping, Protocol, Union, runtime_checkable
+from typing import Mapping, Optional, Protocol, Union, runtime_checkable
 
 import torch
 
 from ..errors import InputFileError, MergeCoreError
+from ..files.digests import sha256_later
+from ..files.metadata import DIGEST_PLACEHOLDER
 from ..files.tensor_source import PICKLE_SUFFIXES, TensorSource
 
 KINDS = ("auto", "safetensors", "pytorch")
@@ -70,6 +73,18 @@ def open_weights(source: Union[str, os.PathLike, WeightSource], kind: str = "aut
         raise MergeCoreError(f"{option}: expected a path or an object with keys()/shape()/get(), "
                              f"got {type(source).__name__}")
     return source
+
+
+def checkpoint_digest(source: Union[str, os.PathLike, WeightSource]) -> "Future[Optional[str]]":
+    """A checkpoint file's sha256 for a recipe, hashed in the background from now on and remembered between runs
+    (files.digests); None for weights in memory and folders of shards (tens of GB, hashed on every run)."""
+    path = Path(source) if isinstance(source, (str, os.PathLike)) else None
+    return sha256_later(path if path is not None and path.is_file() else None)
+
+
+def digest_placeholder(digest: "Future[Optional[str]]") -> Optional[str]:
+    """What stands for `digest` in a recipe that sizes a header: a sha256's length, or None for no hash."""
+    return None if digest.done() and digest.result() is None else DIGEST_PLACEHOLDER
 
 
 def label_of(source: Union[str, os.PathLike, WeightSource], fallback: str) -> Union[str, Path]:

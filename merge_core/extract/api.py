@@ -29,4 +29,4 @@ def extract_lora(base: Source, tuned: Source, rule: Optional[RankRule] = None, c
         attach(modules, target, module)
     run.finish(len(modules))
     profile = "sdxl" if run.plan.arch == "sdxl" else "kohya"
-    return MergeResult(modules, run.report, arch=run.plan.arch, profile=profile, recipe=run.recipe)
+    return MergeResult(modules, run.report, arch=run.plan.arch, profile=profile, recipe=run.final_recipe())

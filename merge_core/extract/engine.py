@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional, Union
 
@@ -11,7 +12,7 @@ import torch
 
 from ..adapters import AdapterModule, FullDiff
 from ..checkpoint.lora_names import BIAS, Target
-from ..checkpoint.sources import WeightSource, label_of, open_weights
+from ..checkpoint.sources import WeightSource, checkpoint_digest, digest_placeholder, label_of, open_weights
 from ..device import COMPUTE_DTYPE, resolve_device, with_cpu_fallback
 from ..errors import MergeCoreError, NonFiniteError
 from ..files.metadata import make_recipe
@@ -105,8 +106,9 @@ class Run:
     tuned: WeightSource
     plan: Plan
     report: Report
-    recipe: dict
+    recipe: dict  # the inputs' sha256 as placeholders (it sizes the header): final_recipe() has them
     labels: tuple[str, str]
+    digests: tuple[Future, Future]
     began: float = field(default_factory=time.perf_counter)
     prepared: Optional[Iterable[TaskResult]] = None  # every task's entries, made already (a size budget's)
 
@@ -115,6 +117,12 @@ class Run:
         results = self.prepared if self.prepared is not None else \
             task_results(self.base, self.tuned, self.plan, self.opts, resolve_device(device), progress=progress)
         return iter_pieces(results, self.plan, self.report)
+
+    def final_recipe(self) -> dict:
+        """The recipe with both checkpoints' sha256 (None for a model in memory or a folder of shards); waits for
+        the background hashes, which ran beside the extraction."""
+        inputs = [{**entry, "sha256": digest.result()} for entry, digest in zip(self.recipe["inputs"], self.digests)]
+        return {**self.recipe, "inputs": inputs}
 
     def finish(self, written: int) -> None:
         """Totals into the report; an error when nothing changed."""
@@ -139,6 +147,7 @@ def open_run(base: Source, tuned: Source, rule: Optional[RankRule] = None, conv_
     if not plan.tasks:
         raise MergeCoreError(f"nothing to extract: {labels[0]} and {labels[1]} share no tensor a LoRA can hold "
                              "(different models?)")
-    recipe = make_recipe("extract", list(labels), opts.describe(), hash_inputs=False)
+    digests = (checkpoint_digest(base), checkpoint_digest(tuned))
+    recipe = make_recipe("extract", list(labels), opts.describe(), digests=[digest_placeholder(d) for d in digests])
     report = Report("extract", extra={"arch": plan.arch, "parameters": opts.describe()})
-    return Run(opts, b, t, plan, report, recipe, (str(labels[0]), str(labels[1])))
+    return Run(opts, b, t, plan, report, recipe, (str(labels[0]), str(labels[1])), digests)

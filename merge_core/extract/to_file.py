@@ -48,7 +48,7 @@ def extract_to_file(base: Source, tuned: Source, output: Union[str, os.PathLike]
         for target, module in run.pieces(device, progress):
             stream.add(target.name, module)
         run.finish(stream.tensor_count)
-        return run.plan.arch, run.recipe, None
+        return run.plan.arch, run.final_recipe(), None
 
     atomic_write(path, stream_writer(reserve, dtype, path.stem, fill), overwrite)
     return run.report

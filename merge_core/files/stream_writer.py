@@ -16,7 +16,7 @@ import json
 import math
 import os
 import struct
-from typing import BinaryIO, Iterable, Optional
+from typing import BinaryIO, Callable, Iterable, Optional, Union
 
 import torch
 
@@ -111,11 +111,12 @@ class SafetensorsStream:
 
 
 def write_safetensors(path: os.PathLike, tensors: Iterable[tuple[str, torch.Tensor]], header_bytes: int,
-                      metadata: Optional[dict[str, str]] = None) -> None:
+                      metadata: Union[None, dict[str, str], Callable[[], dict[str, str]]] = None) -> None:
     """A new .safetensors file at `path` from (name, tensor) pairs, each written as it comes (the pairs may be
-    made one at a time, so memory holds one of them), the header in `header_bytes` reserved up front."""
+    made one at a time, so memory holds one of them), the header in `header_bytes` reserved up front and
+    written last: `metadata` may be a function, called then (e.g. for hashes computed meanwhile)."""
     with open(path, "wb") as fh:
         stream = SafetensorsStream(fh, header_bytes)
         for name, tensor in tensors:
             stream.add(name, tensor)
-        stream.finish(metadata)
+        stream.finish(metadata() if callable(metadata) else metadata)

@@ -3,6 +3,7 @@ to the truncation error, each delta lands exactly where it belongs (TE2 q/k/v in
 transposed), and everything else (untouched tensors, key order, metadata) is the base's own."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -77,7 +78,9 @@ def test_base_layout_metadata_and_untouched_tensors_are_kept(baked):
     assert list(header) == list(read_safetensors_header(d / "base.safetensors")[0])  # the base's key order
     assert meta["modelspec.title"] == "my base"
     recipe = json.loads(meta[RECIPE_KEY])
-    assert recipe["operation"] == "bake" and recipe["inputs"][1]["sha256"]
+    assert recipe["operation"] == "bake"
+    assert [i["sha256"] for i in recipe["inputs"]] == [  # the base's too, hashed beside the bake
+        hashlib.sha256((d / name).read_bytes()).hexdigest() for name in ("base.safetensors", "lora.safetensors")]
     assert torch.equal(out[UNCHANGED], base[UNCHANGED])
     assert all(out[k].dtype == base[k].dtype for k in base)
     assert report["skipped"] == [] and report["base_keys"] == len(base)

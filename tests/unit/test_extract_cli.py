@@ -2,14 +2,17 @@
 the energy rule when --energy is given, reports, formats, refusals."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from extract_bake_fixtures import decaying
 from merge_core.cli import main
+from merge_core.files.metadata import RECIPE_KEY
 
 KEYS = {"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight": (96, 96),
         "model.diffusion_model.input_blocks.1.0.in_layers.2.weight": (48, 48, 3, 3),
@@ -49,6 +52,10 @@ def test_defaults_are_the_originals_rank_32_bf16(models, tmp_path, capsys):
     assert f"{TE}.lora_up.weight" in sd and "lora_unet_input_blocks_4_1_norm.diff_b" in sd
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["operation"] == "extract" and report["parameters"]["rank"] == 32
+    with safe_open(str(tmp_path / "lora.safetensors"), "pt") as f:
+        recipe = json.loads(f.metadata()[RECIPE_KEY])
+    assert [(i["name"], i["sha256"]) for i in recipe["inputs"]] == [  # both checkpoints, hashed beside the work
+        (n, hashlib.sha256((models / n).read_bytes()).hexdigest()) for n in ("base.safetensors", "tuned.safetensors")]
     assert "wrote" in capsys.readouterr().out
 
 
