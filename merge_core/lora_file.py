@@ -14,7 +14,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -303,3 +303,38 @@ def summary(lset: LoraSet) -> dict:
             "negative_alpha_modules": [name for name, m in lset.modules.items()
                                        if (getattr(m, "alpha", None) or 0) < 0],
             "metadata": lset.metadata}
+
+
+def counts_text(counts: dict) -> str:
+    """{value: count} as 'a: 3, b: 1' (most frequent first), or '-'."""
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))) or "-"
+
+
+def _modules(names: Sequence[str], verb: str = "have") -> str:
+    """'1 module has' / '3 modules have' (verb in the plural: have, hold, carry)."""
+    singular = "has" if verb == "have" else verb + "s"
+    return f"1 module {singular}" if len(names) == 1 else f"{len(names)} modules {verb}"
+
+
+def summary_lines(info: dict) -> list[tuple[str, str]]:
+    """(label, text) lines of a summary() for people (inspect, the Load LoRA node): what the file is, then what
+    is wrong with it or needs care — DoRA, NaN/inf, alpha 0 or below."""
+    lines = [("format", f"{info['profile']} names, architecture {info['architecture']}"),
+             ("modules", f"{info['modules']}  ({counts_text(info['kinds'])})"),
+             ("parts", counts_text(info["parts"])), ("ranks", counts_text(info["ranks"])),
+             ("alphas", counts_text(info["alphas"])), ("dtypes", counts_text(info["dtypes"])),
+             ("parameters", f"{info['parameters']:,}")]
+    if info["dora_modules"]:
+        lines.append(("DoRA", f"{info['dora_modules']} modules carry dora_scale (cannot be merged linearly)"))
+    damaged, zero, negative = (info[k] for k in ("non_finite_modules", "zero_alpha_modules", "negative_alpha_modules"))
+    if damaged:
+        lines.append(("NaN/inf", f"{_modules(damaged, 'hold')} NaN or infinite values, e.g. '{damaged[0]}' (a damaged "
+                                 "file; merge, fuse and bake refuse it)"))
+    if zero:
+        lines.append(("alpha 0", f"{_modules(zero)} alpha 0, e.g. '{zero[0]}': ComfyUI, A1111 and merges scale by "
+                                 "α/r = 0, so they change nothing"))
+    if negative:
+        lines.append(("alpha < 0", f"{_modules(negative)} a negative alpha, e.g. '{negative[0]}': applied with the "
+                                   "sign flipped (α/r < 0); trainers write α > 0, so the file may be damaged or "
+                                   "mis-converted"))
+    return lines

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from merge_core.keys.profiles import Naming
-from merge_core.lora_file import LoraSet, summary
+from merge_core.lora_file import LoraSet, summary, summary_lines
 from merge_core.report import Report
 from merge_core.result import MergeResult
 
@@ -29,19 +29,9 @@ class PackLora:
         return cls(lora, label, result.report, result.recipe or None)
 
     def describe(self) -> str:
-        """Format, architecture, module count, kinds and ranks, as a few lines of text."""
-        info = summary(self.lora)
-        lines = [
-            f"{self.label}",
-            f"format: {info['profile']} names, architecture {info['architecture']}",
-            f"modules: {info['modules']} ({_counts(info['kinds'])})",
-            f"parts: {_counts(info['parts'])}",
-            f"ranks: {_counts(info['ranks'])}",
-            f"alphas: {_counts(info['alphas'])}",
-            f"parameters: {info['parameters']:,}",
-        ]
-        if info["dora_modules"]:
-            lines.append(f"DoRA: {info['dora_modules']} modules carry dora_scale")
+        """Format, architecture, module count, kinds and ranks, and what needs care (DoRA, NaN/inf, alpha ≤ 0), as
+        a few lines of text."""
+        lines = [self.label] + [f"{label}: {text}" for label, text in summary_lines(summary(self.lora))]
         if self.report is not None:
             r = self.report
             lines.append(f"made by {r.operation}: avg rank {r.avg_rank:.1f}, max rel error {r.max_rel_error:.2e}, "
@@ -58,7 +48,3 @@ def summary_line(report: Report) -> str:
         line += (f"; size budget {budget['target_bytes'] / 2**20:.1f} MB: ranks {budget['min_rank']}-"
                  f"{budget['max_rank']}, {100 * budget['energy_kept']:.1f} % of the energy kept")
     return line
-
-
-def _counts(counts: dict) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))) or "-"

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..keys.profiles import PROFILES
-from ..lora_file import load_lora, summary
+from ..lora_file import load_lora, summary, summary_lines
 from ..merge.rank_table import rank_table
 from .common import add_device, size_text
 
@@ -23,15 +23,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "share of ‖ΔW‖² kept and the fp16 file size (from every module's exact singular values)")
     add_device(p)
     p.set_defaults(run=run)
-
-
-def _counts(d: dict) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))) or "-"
-
-
-def _modules(names: list, verb: str = "have") -> str:
-    """'1 module has' / '3 modules have' (verb in the plural: have, hold)."""
-    return f"1 module {'has' if verb == 'have' else verb + 's'}" if len(names) == 1 else f"{len(names)} modules {verb}"
 
 
 def _rank_lines(rows: list) -> list[str]:
@@ -54,27 +45,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"file:          {info['path']}")
-    print(f"format:        {info['profile']} names, architecture {info['architecture']}")
-    print(f"modules:       {info['modules']}  ({_counts(info['kinds'])})")
-    print(f"parts:         {_counts(info['parts'])}")
-    print(f"ranks:         {_counts(info['ranks'])}")
-    print(f"alphas:        {_counts(info['alphas'])}")
-    print(f"dtypes:        {_counts(info['dtypes'])}")
-    print(f"parameters:    {info['parameters']:,}")
-    if info["dora_modules"]:
-        print(f"DoRA:          {info['dora_modules']} modules carry dora_scale (cannot be merged linearly)")
-    damaged = info["non_finite_modules"]
-    if damaged:
-        print(f"NaN/inf:       {_modules(damaged, 'hold')} NaN or infinite values, e.g. '{damaged[0]}' (a damaged "
-              "file; merge, fuse and bake refuse it)")
-    zero, negative = info["zero_alpha_modules"], info["negative_alpha_modules"]
-    if zero:
-        print(f"alpha 0:       {_modules(zero)} alpha 0, e.g. '{zero[0]}': ComfyUI, A1111 and "
-              "merges scale by α/r = 0, so they change nothing")
-    if negative:
-        print(f"alpha < 0:     {_modules(negative)} a negative alpha, e.g. '{negative[0]}': applied with the sign "
-              "flipped (α/r < 0); trainers write α > 0, so the file may be damaged or mis-converted")
+    for label, text in [("file", info["path"]), *summary_lines(info)]:
+        print(f"{label + ':':<15}{text}")
     if args.ranks:
         print("\n".join(_rank_lines(info["resize"])) if info["resize"] is not None else
               "resize:        not computed: the file holds NaN or infinite values (see NaN/inf above)")

@@ -122,6 +122,22 @@ def test_resized_lora_loads_in_comfy_with_every_key(comfy_dirs):
     assert set(new_model.patches) | set(new_clip.patcher.patches) == {s.key for s in table}
 
 
+def test_load_info_names_what_needs_care(comfy_dirs):
+    """The Load LoRA node's info output: the file's description, and an alpha 0 / negative alpha named as inspect
+    names it."""
+    tensors = lora_tensors(specs(), rank=2, seed=4)
+    names = [s.name for s in specs()]
+    tensors[f"{names[0]}.alpha"], tensors[f"{names[1]}.alpha"] = torch.tensor(0.0), torch.tensor(-2.0)
+    write(comfy_dirs["loras"] / "odd_alpha.safetensors", tensors)
+    result = node("LoRArSVD_Load").load("odd_alpha.safetensors", "auto")
+    info = result["result"][1]
+    assert result["ui"]["text"] == [info]
+    lines = info.splitlines()
+    assert lines[0] == "odd_alpha.safetensors" and lines[1] == "format: sdxl names, architecture sdxl"
+    assert f"alpha 0: 1 module has alpha 0, e.g. '{names[0]}'" in info
+    assert f"alpha < 0: 1 module has a negative alpha, e.g. '{names[1]}'" in info
+
+
 def test_apply_patches_what_loraloader_would(comfy_dirs):
     tensors = lora_tensors(SPECS, rank=4, seed=3)
     write(comfy_dirs["loras"] / "a.safetensors", tensors)
