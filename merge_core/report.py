@@ -66,3 +66,12 @@ class Report:
         lines.append(f"{self.operation}: {len(self.modules)} modules, total params {self.total_params:,}, "
                      f"avg rank {self.avg_rank:.2f}, max rel error {self.max_rel_error:.2e}, {self.seconds:.2f} s")
         return "\n".join(lines)
+
+
+def size_text(n: int) -> str:
+    """Bytes as people read file sizes: 812 B, 85.0 KiB, 47.7 MiB, 6.46 GiB."""
+    if n < 1024:
+        return f"{n} B"
+    if n < 2**20:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"

@@ -1,10 +1,13 @@
 """Resize LoRA: one LoRA / LoCon / LoHa / LoKr re-factored as a LoRA at new ranks (a merge of one input:
-T = ΔW, truncated by its SVD from the factors)."""
+T = ΔW, truncated by its SVD from the factors); LoRA Rank Table: what each choice of ranks would keep."""
 from __future__ import annotations
+
+from merge_core.merge.rank_table import rank_table, table_lines
 
 from .inputs import CATEGORY, device_input, dora_input, rank_inputs, seed_input, target_size_input
 from .merge import run_merge
-from .pack_lora import LORA_TYPE
+from .pack_lora import LORA_TYPE, PackLora
+from .runtime import run_job, torch_device
 
 METHODS = ("svd", "rsvd")
 METHOD_TOOLTIP = ("svd: exact truncated SVD of ΔW computed from the factors (QR core); rsvd: seeded randomized "
@@ -37,4 +40,28 @@ class ResizeLora:
                          dora, target_size_mb=target_size_mb, label="resize")
 
 
-NODES = (ResizeLora,)
+class RankTable:
+    NODE_ID = "LoRArSVD_RankTable"
+    DISPLAY_NAME = "LoRA Rank Table (rSVD Merge)"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Shows what resizing a LoRA would keep, before you resize it: for energy levels 0.5-0.999 (with "
+                   "min_rank 1) and fixed ranks, the ranks its modules would get, the share of ‖ΔW‖² kept and the "
+                   "size of the fp16 file — from every module's exact singular values.")
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("text",)
+    OUTPUT_TOOLTIPS = ("the table as text",)
+    OUTPUT_NODE = True  # it runs on its own: the table is what it is for
+    FUNCTION = "table"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"lora": (LORA_TYPE, {"tooltip": "the LoRA to size up"}), **device_input()}}
+
+    def table(self, lora: PackLora, device: str) -> dict:
+        rows = run_job(lambda progress: rank_table(lora.lora, title=lora.label, device=torch_device(device),
+                                                   progress=progress))
+        text = "\n".join([f"{lora.label}: what a resize would keep", *table_lines(rows)])
+        return {"ui": {"text": [text]}, "result": (text,)}
+
+
+NODES = (ResizeLora, RankTable)

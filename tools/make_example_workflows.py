@@ -74,7 +74,8 @@ def resize() -> dict:
     return {**load("1", LOKR_B),
             "2": {"class_type": "LoRArSVD_Resize", "inputs": {"lora": ["1", 0], "method": "svd", "rank": 0,
                                                               "energy": 0.99, "min_rank": 4, "max_rank": 16}},
-            **save("3", "2", "loras/resized"), **report("4", "2")}
+            **save("3", "2", "loras/resized"), **report("4", "2"),
+            "6": {"class_type": "LoRArSVD_RankTable", "inputs": {"lora": ["1", 0]}}}
 
 
 def extraction() -> dict:
@@ -125,8 +126,8 @@ EXAMPLES = {
     "resize_lora": (resize, (
         "## Resize a LoRA\nRe-factors one LoRA (or a LoHa/LoKr, as here) as a plain LoRA: per module the exact "
         "truncated SVD of its ΔW, at the smallest rank keeping 99 % of ‖ΔW‖² (ranks 4–16). Set `rank` for one "
-        "rank everywhere, or `target_size_mb` to fit a file size. **Merge Report** shows what each module "
-        "kept.")),
+        "rank everywhere, or `target_size_mb` to fit a file size. **LoRA Rank Table** shows beforehand what each "
+        "energy level or rank would keep and the file size; **Merge Report** what each module kept.")),
     "extract_lora_from_two_checkpoints": (extraction, (
         "## Extract a LoRA from two checkpoints\nStreams both files one tensor pair at a time (no model is "
         "loaded) and keeps rank 32 per layer (set rank 0 for the energy rule). Text encoders included.")),

@@ -14,7 +14,7 @@ from ..errors import MergeCoreError, NonFiniteError, OutputWriteError, finite_nu
 from ..files.atomic import atomic_write, refuse_existing
 from ..files.tensor_source import PICKLE_OUTPUTS
 from ..lowrank.rank_select import RankRule
-from ..report import Report
+from ..report import Report, size_text
 
 
 def finite_float(text: str) -> float:
@@ -166,15 +166,6 @@ def parse_size(text: str) -> int:
     if unit not in SIZE_UNITS:
         raise MergeCoreError(f"a size is a number with an optional unit (KB, MB, GB, KiB, MiB, GiB), got {text!r}")
     return int(float(found.group(1)) * SIZE_UNITS[unit])
-
-
-def size_text(n: int) -> str:
-    """Bytes as people read file sizes: 812 B, 85.0 KiB, 47.7 MiB, 6.46 GiB."""
-    if n < 1024:
-        return f"{n} B"
-    if n < 2**20:
-        return f"{n / 1024:.1f} KiB"
-    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
 def budget_line(summary: dict, path) -> str:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from ..keys.profiles import PROFILES
 from ..lora_file import load_lora, summary, summary_lines
-from ..merge.rank_table import rank_table
-from .common import add_device, size_text
+from ..merge.rank_table import rank_table, table_lines
+from .common import add_device
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,17 +25,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _rank_lines(rows: list) -> list[str]:
-    lines = ["resize:        what `merge FILE --energy E --min-rank 1` or `--rank R` would keep (exact):",
-             f"  {'choice':<14} {'ranks (avg)':<16} {'energy kept':>11} {'fp16 file':>12}"]
-    for r in rows:
-        span = f"{r['min_rank']}" if r["min_rank"] == r["max_rank"] else f"{r['min_rank']}-{r['max_rank']}"
-        ranks = f"{span} ({r['avg_rank']:.1f})"
-        lines.append(f"  {r['choice']:<14} {ranks:<16} {100 * r['energy_kept']:>10.2f}% "
-                     f"{size_text(r['file_bytes']):>12}")
-    return lines
-
-
 def run(args: argparse.Namespace) -> int:
     lset = load_lora(args.file, profile=args.profile)
     info = summary(lset)
@@ -48,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     for label, text in [("file", info["path"]), *summary_lines(info)]:
         print(f"{label + ':':<15}{text}")
     if args.ranks:
-        print("\n".join(_rank_lines(info["resize"])) if info["resize"] is not None else
+        print("\n".join(["resize:        what `merge FILE --energy E --min-rank 1` or `--rank R` would keep (exact):",
+                         *("  " + line for line in table_lines(info["resize"]))]) if info["resize"] is not None else
               "resize:        not computed: the file holds NaN or infinite values (see NaN/inf above)")
     meta = info["metadata"]
     if meta:

@@ -1,10 +1,11 @@
-"""What resizing one LoRA would keep (`inspect --ranks`): for a few energy levels and fixed ranks, the ranks
-its modules would get, the share of Σ‖ΔW‖² kept and the size of the file — from every module's exact
-singular values (the Gram core's, as the size budget finds them), before anything is written.
+"""What resizing one LoRA would keep (`inspect --ranks`, the LoRA Rank Table node): for a few energy levels and
+fixed ranks, the ranks its modules would get, the share of Σ‖ΔW‖² kept and the size of the file — from every
+module's exact singular values (the Gram core's, as the size budget finds them), before anything is written.
 
-energy e: kₘ = min{k : Σ_{i≤k} σ²ₘᵢ ≥ e·‖ΔWₘ‖²} (at least 1, at most the non-null σ); fixed r: kₘ = min(r, non-null σ);
-bytes = header + fixed tensors + Σₘ kₘ·(out + in·kh·kw)·width: the file `merge FILE` writes at those ranks (to within
-the few header bytes by which its recipe's rank options differ).
+energy e: kₘ = min{k : Σ_{i≤k} σ²ₘᵢ ≥ e·‖ΔWₘ‖²} (at least 1, at most the non-null σ);
+fixed r:  kₘ = min(r, non-null σ);
+bytes = header + fixed tensors + Σₘ kₘ·(out + in·kh·kw)·width: the file `merge FILE` writes at those ranks
+(to within the few header bytes by which its recipe's rank options differ).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ..device import resolve_device
 from ..lora_file import LoraSet, dtype_of
 from ..lowrank import RankRule
 from ..lowrank.size_budget import Spectrum, kept
+from ..report import Progress, size_text
 from .budget import fixed_bytes, spectra_of
 from .engine import plan_merge
 
@@ -40,16 +42,26 @@ def _row(choice: str, spectra: Sequence[Spectrum], ranks: dict[str, int], fixed:
 
 
 def rank_table(lset: LoraSet, energies: Sequence[float] = ENERGIES, dtype: str = "fp16", title: str = "resized",
-               device: str = "auto") -> list[dict]:
+               device: str = "auto", progress: Progress = None) -> list[dict]:
     """One row per energy level, then per fixed rank up to the largest non-null rank: {choice, min_rank,
     max_rank, avg_rank, energy_kept, file_bytes} (a file of `dtype` titled `title`; DoRA magnitudes left out,
     as `merge --dora ignore` does)."""
     plan = plan_merge([lset], "rsvd", rule=RankRule(energy=1.0, min_rank=1, max_rank=WIDEST), dora="ignore")
     width = dtype_of(dtype).itemsize
     fixed = fixed_bytes(plan, width, dtype, title)
-    spectra = spectra_of(plan, width, resolve_device(device))
+    spectra = spectra_of(plan, width, resolve_device(device), progress)
     rows = [_row(f"energy {e:g}", spectra, {s.name: energy_rank(s, e) for s in spectra}, fixed) for e in energies]
     top = max((len(s.sq) for s in spectra), default=0)
     for r in sorted({r for r in RANKS if r < top} | {top} - {0}):
         rows.append(_row(f"rank {r}", spectra, {s.name: min(r, len(s.sq)) for s in spectra}, fixed))
     return rows
+
+
+def table_lines(rows: Sequence[dict]) -> list[str]:
+    """rank_table's rows as a text table: choice, ranks (min-max and average), energy kept, file size."""
+    lines = [f"{'choice':<14} {'ranks (avg)':<16} {'energy kept':>11} {'fp16 file':>12}"]
+    for r in rows:
+        span = f"{r['min_rank']}" if r["min_rank"] == r["max_rank"] else f"{r['min_rank']}-{r['max_rank']}"
+        ranks = f"{span} ({r['avg_rank']:.1f})"
+        lines.append(f"{r['choice']:<14} {ranks:<16} {100 * r['energy_kept']:>10.2f}% {size_text(r['file_bytes']):>12}")
+    return lines

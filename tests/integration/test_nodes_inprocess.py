@@ -58,7 +58,7 @@ def test_pack_imports_like_comfyui():
     from comfy_host import comfyui_dir
 
     ids = set(pack.NODE_CLASS_MAPPINGS)
-    assert len(ids) == 13 and all(i.startswith("LoRArSVD_") for i in ids)
+    assert len(ids) == 14 and all(i.startswith("LoRArSVD_") for i in ids)
     assert not ids & set(comfy_nodes.NODE_CLASS_MAPPINGS)
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == ids
     assert pack.WEB_DIRECTORY == "./js"

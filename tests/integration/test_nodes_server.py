@@ -41,6 +41,7 @@ EXPECTED = {  # node id: (required inputs, optional inputs, output types, output
                                    ["RSVD_LORA"], False),
     "LoRArSVD_Resize": (["lora", "method", *RANK_RULE, "seed", "device", "dora"], ["target_size_mb"], ["RSVD_LORA"],
                         False),
+    "LoRArSVD_RankTable": (["lora", "device"], [], ["STRING"], True),
     "LoRArSVD_Fuse": (["lora_1", "weight_1", "lora_2", "weight_2", "strategy", "norm_threshold", "output_format",
                        *RANK_RULE, "device", "dora"], SLOTS, ["RSVD_LORA"], False),
     "LoRArSVD_ExtractModels": (["base_model", "tuned_model", *RANK_RULE, "conv_rank", "diff_only", "min_diff",
@@ -262,6 +263,21 @@ def test_resize_a_lokr_to_a_lora(server, files):
         U, S, Vh = torch.linalg.svd(T, full_matrices=False)
         assert saved[f"{s.name}.lora_down.weight"].shape[0] == 4
         assert rel_err(dense_delta(saved, s.name, s.shape), U[:, :4] * S[:4] @ Vh[:4]) < 1e-5, s.name
+
+
+def test_rank_table_shows_what_each_resize_keeps(server, files):
+    """The table over the HTTP API; its numbers are inspect --ranks' (checked against dense SVDs in the unit
+    tests): here, one row per energy level and fixed rank, energies rising, and the full rank keeping all."""
+    prompt = {"1": load_node("sdxl_style_a.safetensors"),
+              "2": {"class_type": "LoRArSVD_RankTable", "inputs": {"lora": ["1", 0], "device": "cpu"}}}
+    text = server.run(prompt, timeout=120)["outputs"]["2"]["text"][0]
+    lines = text.splitlines()
+    assert lines[0] == "sdxl_style_a.safetensors: what a resize would keep" and lines[1].startswith("choice")
+    rows = {line.split()[0] + " " + line.split()[1]: line for line in lines[2:]}
+    assert list(rows) == ["energy 0.5", "energy 0.8", "energy 0.9", "energy 0.95", "energy 0.99", "energy 0.999",
+                          "rank 4"]
+    kept = [float(line.split("%")[0].split()[-1]) for line in rows.values()]
+    assert kept[:6] == sorted(kept[:6]) and kept[-1] == 100.0  # rank 4 = the files' rank: everything
 
 
 def test_extract_from_two_checkpoint_files(server, files):
