@@ -1,9 +1,10 @@
-"""Properties of the merges over generated inputs (hypothesis, derandomized: the same examples on every run):
-N = 1..4 LoRAs of ranks 1..10 on one module of shape up to 48×48 (often wider rank than the module allows),
-any alphas and signed weights, against dense references in fp64 written here —
-concat is the exact weighted sum; a fixed-rank svd/rsvd has exactly the optimal error at that rank (0 once the
-rank reaches T's); the energy rule picks the true energy rank; the reported error is the true error (up to
-the round-off of fp32 Grams when the weighted terms cancel)."""
+"""Properties of the merges and fusion over generated inputs (hypothesis, derandomized: the same examples on
+every run): N = 1..4 inputs of ranks 1..10 on one module of shape up to 48×48 (often a wider rank than the
+module allows), any alphas and signed weights, against dense references in fp64 written here — concat is the
+exact weighted sum; a fixed-rank svd/rsvd has the optimal error at that rank (0 once the rank reaches T's); the
+energy rule picks the true energy rank; the reported error is the true error (up to the round-off of fp32
+Grams when the weighted terms cancel); TIES/DARE at density 1 give back one input; fuse's weighted_sum of any
+mix of LoRA, LoHa and LoKr (w2 full or factorised) is exact as a full diff and as a LoRA."""
 from __future__ import annotations
 
 import math
@@ -13,7 +14,8 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from merge_core.adapters import LoRA
+from merge_core.adapters import LoHa, LoKr, LoRA
+from merge_core.fuse import fuse_models
 from merge_core.lowrank import RankRule
 from merge_core.merge import merge_loras
 from merge_testlib import one_torch_thread  # noqa: F401  (autouse)
@@ -43,12 +45,7 @@ def merges(draw) -> tuple[list, list[float]]:
 
 
 def dense_target(sets: list, weights: list[float]) -> torch.Tensor:
-    total = 0
-    for s, w in zip(sets, weights):
-        m = s.modules[NAME]
-        r = m.down.shape[0]
-        total = total + w * (1.0 if m.alpha is None else m.alpha / r) * (m.up.to(F64) @ m.down.to(F64))
-    return total
+    return sum(w * dense_lycoris(s.modules[NAME]) for s, w in zip(sets, weights))
 
 
 def cancellation(sets: list, weights: list[float], T: torch.Tensor) -> float:
@@ -112,3 +109,70 @@ def test_the_energy_rule_keeps_the_true_energy_rank(case, energy, lo, hi):
     k = result.modules[NAME].rank
     assert min(wanted, hi, reliable) <= k <= min(wanted, hi, *T.shape)  # the floor as in the fixed-rank test
     assert rel(merged_dense(result), T) == pytest.approx(math.sqrt(float(s2[k:].sum() / s2.sum())), abs=5e-4)
+
+
+@PROFILE
+@given(merges(), st.sampled_from(["ties", "dare", "dare_ties"]), st.integers(0, 2**16))
+def test_at_density_one_ties_and_dare_keep_the_sum_of_one_input(case, method, seed):
+    """One input at density 1: nothing is trimmed or dropped, no sign conflict exists, so T comes back — exactly,
+    with a rule that keeps every singular value."""
+    sets, weights = case
+    sets, weights = sets[:1], weights[:1]
+    T = dense_target(sets, weights)
+    assume(float(T.norm()) > 0)
+    result = merge_loras(sets, method, weights=weights, density=1.0, seed=seed, device="cpu",
+                         rule=RankRule(energy=1.0, min_rank=1, max_rank=64))
+    assert rel(merged_dense(result), T) < 5e-4
+
+
+@st.composite
+def lycoris(draw, out_in: tuple[int, int], g: torch.Generator):
+    """A LoHa or LoKr (w2 factorised or not) of matrix shape out_in, or a LoRA, with random factors."""
+    out, inn = out_in
+    kind = draw(st.sampled_from(["lora", "loha", "lokr"]))
+    r = draw(st.integers(1, 4))
+    alpha = draw(st.one_of(st.none(), st.floats(0.5, 16.0)))
+    if kind == "lora":
+        return LoRA(torch.randn(out, r, generator=g), torch.randn(r, inn, generator=g), alpha)
+    if kind == "loha":
+        return LoHa(*(torch.randn(*shape, generator=g) for shape in ((out, r), (r, inn), (out, r), (r, inn))), alpha)
+    a, c = draw(st.sampled_from([d for d in range(1, out + 1) if out % d == 0])), \
+        draw(st.sampled_from([d for d in range(1, inn + 1) if inn % d == 0]))
+    w1 = torch.randn(a, c, generator=g)
+    if draw(st.booleans()):
+        return LoKr(w1=w1, w2=torch.randn(out // a, inn // c, generator=g))
+    return LoKr(w1=w1, w2a=torch.randn(out // a, r, generator=g), w2b=torch.randn(r, inn // c, generator=g),
+                alpha=alpha)
+
+
+def dense_lycoris(m) -> torch.Tensor:
+    """ΔW of a LoRA/LoHa/LoKr from its factors, fp64, written out here (scale α/r; LoKr full-full: 1)."""
+    d = lambda t: t.to(F64)  # noqa: E731
+    if isinstance(m, LoRA):
+        return (1.0 if m.alpha is None else m.alpha / m.down.shape[0]) * d(m.up) @ d(m.down)
+    if isinstance(m, LoHa):
+        r = m.w1b.shape[0]
+        return (1.0 if m.alpha is None else m.alpha / r) * (d(m.w1a) @ d(m.w1b)) * (d(m.w2a) @ d(m.w2b))
+    if m.w2 is not None:
+        return torch.kron(d(m.w1), d(m.w2))
+    r = m.w2b.shape[0]
+    return (1.0 if m.alpha is None else m.alpha / r) * torch.kron(d(m.w1), d(m.w2a) @ d(m.w2b))
+
+
+@PROFILE
+@given(st.data(), st.integers(1, 24), st.integers(1, 24), st.integers(1, 3),
+       st.sampled_from(["full", "lora"]))
+def test_fuse_weighted_sum_is_exact_for_any_mix_of_kinds(data, out, inn, n, form):
+    """weighted_sum of LoRA/LoHa/LoKr inputs = Σ wᵢΔWᵢ: as a full diff, or as a LoRA keeping every singular
+    value (exact up to the fp32 Gram floor)."""
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    modules = [data.draw(lycoris((out, inn), g)) for _ in range(n)]
+    weights = [data.draw(st.floats(-2.0, 2.0).filter(lambda w: abs(w) > 1e-2)) for _ in range(n)]
+    T = sum(w * dense_lycoris(m) for w, m in zip(weights, modules))
+    assume(float(T.norm()) > 1e-6 * sum(float(dense_lycoris(m).norm()) for m in modules))
+    sets = [lora_set({NAME: m}, arch="other") for m in modules]
+    result = fuse_models(sets, weights, strategy="weighted_sum", output_format=form, device="cpu",
+                         rule=RankRule(energy=1.0, min_rank=1, max_rank=64))
+    got = result.modules[NAME]
+    fused = got.diff.to(F64) if form == "full" else dense_lycoris(got)
+    assert rel(fused, T) < (1e-5 if form == "full" else 5e-4 * cancellation(sets, weights, T))
