@@ -34,7 +34,7 @@ class ResizeLora:
                              **rank_inputs(), **seed_input(), **device_input(), **dora_input()},
                 "optional": target_size_input()}
 
-    def resize(self, lora, method: str, rank: int, energy: float, min_rank: int, max_rank: int, seed: int,
+    def resize(self, lora: PackLora, method: str, rank: int, energy: float, min_rank: int, max_rank: int, seed: int,
                device: str, dora: str, target_size_mb: float = 0.0) -> dict:
         return run_merge(method, {"lora_1": lora, "weight_1": 1.0}, rank, energy, min_rank, max_rank, seed, device,
                          dora, target_size_mb=target_size_mb, label="resize")

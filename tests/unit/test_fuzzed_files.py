@@ -1,7 +1,8 @@
-"""Damaged input files, made by seeded mutations of a good LoRA (header bytes, header fragments, valid
-headers that lie about a tensor's dtype, shape or offsets, the length field, tensor bytes, truncation): the same for checkpoints given to extract and bake: every command that reads one either succeeds or fails with exit
-code 2 and exactly one line `error: …` — no traceback, no internal-error line — and a failed command leaves
-no output and no temp file behind."""
+"""Damaged input files, made by seeded mutations of a good file (header bytes, header fragments, valid headers
+that lie about a tensor's dtype, shape or offsets, the length field, tensor bytes, truncation): LoRAs given to
+inspect, merge and fuse, and checkpoints given to extract and bake.  Every command either succeeds or fails
+with exit code 2 and exactly one line `error: …` — no traceback, no internal-error line — and a failed command
+leaves no output and no temp file behind."""
 from __future__ import annotations
 
 import json
