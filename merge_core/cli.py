@@ -28,7 +28,7 @@ VERBOSE_HELP = "log progress per module"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m merge_core",
-                           description="Merge, fuse, extract and inspect LoRA / LyCORIS files exactly.")
+                           description="Merge, resize, fuse, extract and inspect LoRA / LyCORIS files exactly.")
     parser.add_argument("--version", action="version", version=f"lora-rsvd-merge {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

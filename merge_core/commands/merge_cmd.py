@@ -1,5 +1,6 @@
 """`merge A [B ...] -o OUT`: merge LoRAs into one by rSVD (dynamic rank) or a conventional method, on the
-target T = Σ wᵢΔWᵢ (each strength applied once, as stacking LoRAs in LoraLoader)."""
+target T = Σ wᵢΔWᵢ (each strength applied once, as stacking LoRAs in LoraLoader); `resize A -o OUT` is the
+merge of one input."""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +48,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", metavar="LORA",
                    help="one or more LoRA/LoCon/LoHa/LoKr files (.safetensors/.pt) or PEFT folders: kohya, "
                         "diffusers/PEFT names, any ranks")
+    add_options(p)
+    r = sub.add_parser("resize", help="resize one LoRA/LoCon/LoHa/LoKr to a LoRA of new ranks (merge of one input)",
+                       description="Re-factor one LoRA as a LoRA/LoCon with alpha = rank: per module the best "
+                                   "approximation of its ΔW at the rank the options choose (--rank, the energy "
+                                   "rule, or --target-size); LoHa/LoKr inputs become LoRAs. The same as `merge` "
+                                   "with one input; `inspect FILE --ranks` shows beforehand what each choice keeps.")
+    r.add_argument("inputs", nargs=1, metavar="LORA", help="a LoRA/LoCon/LoHa/LoKr file (.safetensors/.pt) or a "
+                                                           "PEFT folder")
+    add_options(r)
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    """Every option of merge (and resize) after the inputs."""
     p.add_argument("--method", choices=METHODS, default="rsvd", help=METHOD_HELP)
     p.add_argument("--weights", type=finite_float, nargs="+", metavar="W", help=WEIGHTS_HELP)
     add_rank_rule(p)

@@ -132,3 +132,19 @@ def test_inspect_ranks_predicts_what_each_resize_keeps_and_its_file_size(lora, t
     assert main(["inspect", str(lora), "--ranks"]) == 0
     text = capsys.readouterr().out
     assert "resize:" in text and "  energy 0.9 " in text and " KiB" in text
+
+
+def test_the_resize_command_is_merge_with_one_input(lora, tmp_path, capsys):
+    """`resize FILE` writes what `merge FILE` does (same tensors), and takes exactly one input."""
+    outs = []
+    for command in ("resize", "merge"):
+        out = tmp_path / f"{command}.safetensors"
+        assert main([command, str(lora), "--rank", "3", "--threads", "1", "-o", str(out)]) == 0
+        with safe_open(str(out), "pt") as f:
+            outs.append({k: f.get_tensor(k) for k in f.keys()})
+    assert outs[0].keys() == outs[1].keys() and all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["resize", str(lora), str(lora), "-o", str(tmp_path / "two.safetensors")])
+    assert "unrecognized arguments" in capsys.readouterr().err
+    assert not (tmp_path / "two.safetensors").exists()
