@@ -259,15 +259,17 @@ def save_lora(modules: dict[str, AdapterModule], path: PathLike, arch: str = "sd
         suffixes = suffixes or KOHYA
         entries = [(key, _file_dtype(role, dt), tuple(t.shape)) for key, role, t in _file_tensors(modules, suffixes)]
         tensors_of = partial(module_state, dtype=dt, suffixes=suffixes)
+    def file_tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        """(key, tensor as written), module by module, each module's made as they are needed."""
+        return (item for name, m in modules.items() for item in tensors_of(name, m).items())
+
     if path.suffix.lower() in PICKLE_OUTPUTS:  # torch.save needs the whole state dict at once
-        return atomic_write(path, lambda tmp: save_pickle(
-            {k: t for name, m in modules.items() for k, t in tensors_of(name, m).items()}, tmp), overwrite)
+        return atomic_write(path, lambda tmp: save_pickle(dict(file_tensors()), tmp), overwrite)
 
     def write(tmp: Path) -> None:
-        """Module by module, each module's file tensors made as they are written: memory holds one module's,
-        not the whole state dict and a serialised copy of it."""
-        write_safetensors(tmp, (item for name, m in modules.items() for item in tensors_of(name, m).items()),
-                          header_bound(entries, meta), meta)
+        """Module by module: memory holds one module's file tensors, not the whole state dict and a serialised
+        copy of it."""
+        write_safetensors(tmp, file_tensors(), header_bound(entries, meta), meta)
 
     if profile == "peft" and path.suffix.lower() != ".safetensors":
         return peft_layout.write_folder(path, write, lambda: config, overwrite)

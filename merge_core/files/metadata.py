@@ -24,16 +24,16 @@ def pack_version() -> str:
 
 
 def make_recipe(operation: str, inputs: Iterable[Union[str, os.PathLike]], parameters: dict,
-                hash_inputs: bool = True, digests: Optional[Sequence[Optional[str]]] = None) -> dict:
+                digests: Optional[Sequence[Optional[str]]] = None) -> dict:
     """{operation, inputs [{name, sha256}], parameters, pack version, time}; `digests`: the inputs' sha256
-    when the caller has them already (else they are computed here, if hash_inputs)."""
+    when the caller has them already (else they are computed here)."""
     entries = []
     for i, p in enumerate(inputs):
         p = Path(p)
         if digests is not None:
             digest = digests[i]
         else:
-            digest = input_sha256(p) if hash_inputs and p.exists() else None
+            digest = input_sha256(p) if p.exists() else None
         entries.append({"name": p.name, "sha256": digest})
     return {"operation": operation, "inputs": entries, "parameters": parameters,
             "pack": "lora-rsvd-merge", "version": pack_version(),

@@ -3,19 +3,20 @@ fixed ranks, the ranks its modules would get, the share of Σ‖ΔW‖² kept an
 module's exact singular values (the Gram core's, as the size budget finds them), before anything is written.
 
 energy e: kₘ = min{k : Σ_{i≤k} σ²ₘᵢ ≥ e·‖ΔWₘ‖²} (at least 1, at most the non-null σ);
-fixed r:  kₘ = min(r, non-null σ);
+fixed r:  kₘ = min(r, non-null σ) — each chosen by the merge's own rule (rank_select.choose_ranks);
 bytes = header + fixed tensors + Σₘ kₘ·(out + in·kh·kw)·width: the file `merge FILE` writes at those ranks
 (to within the few header bytes by which its recipe's rank options differ).
 """
 from __future__ import annotations
 
-import bisect
-import itertools
 from typing import Sequence
+
+import torch
 
 from ..device import resolve_device
 from ..lora_file import LoraSet, dtype_of
 from ..lowrank import RankRule
+from ..lowrank.rank_select import choose_ranks
 from ..lowrank.size_budget import Spectrum, kept
 from ..report import Progress, size_text
 from .budget import fixed_bytes, spectra_of
@@ -26,12 +27,12 @@ RANKS = (4, 8, 16, 32, 64, 128, 256)
 WIDEST = 1 << 16  # a rule with no practical upper bound: every non-null σ is found
 
 
-def energy_rank(s: Spectrum, energy: float) -> int:
-    """The smallest k keeping `energy` of ‖T‖² (every non-null σ when that is not reached; 0 for T = 0)."""
-    if not s.sq:
-        return 0
-    k = bisect.bisect_left(list(itertools.accumulate(s.sq)), energy * s.total) + 1
-    return min(k, len(s.sq))
+def singular_values(spectra: Sequence[Spectrum]) -> torch.Tensor:
+    """The modules' non-null σ as rows (fp64, zero-padded to the longest), as choose_ranks takes them."""
+    S = torch.zeros(len(spectra), max((len(s.sq) for s in spectra), default=0), dtype=torch.float64)
+    for row, s in zip(S, spectra):
+        row[:len(s.sq)] = torch.tensor(s.sq, dtype=torch.float64).sqrt()
+    return S
 
 
 def _row(choice: str, spectra: Sequence[Spectrum], ranks: dict[str, int], fixed: int) -> dict:
@@ -50,10 +51,14 @@ def rank_table(lset: LoraSet, energies: Sequence[float] = ENERGIES, dtype: str =
     width = dtype_of(dtype).itemsize
     fixed = fixed_bytes(plan, width, dtype, title)
     spectra = spectra_of(plan, width, resolve_device(device), progress)
-    rows = [_row(f"energy {e:g}", spectra, {s.name: energy_rank(s, e) for s in spectra}, fixed) for e in energies]
-    top = max((len(s.sq) for s in spectra), default=0)
-    for r in sorted({r for r in RANKS if r < top} | {top} - {0}):
-        rows.append(_row(f"rank {r}", spectra, {s.name: min(r, len(s.sq)) for s in spectra}, fixed))
+    S, totals = singular_values(spectra), [s.total for s in spectra]
+    top = S.shape[1]  # the most non-null σ of any module
+    rules = [(f"energy {e:g}", RankRule(energy=e, min_rank=1, max_rank=WIDEST)) for e in energies]
+    rules += [(f"rank {r}", RankRule(rank=r)) for r in sorted({r for r in RANKS if r < top} | {top} - {0})]
+    rows = []
+    for choice, rule in rules:
+        ks = choose_ranks(S, totals, rule, (WIDEST, WIDEST)) if spectra else []
+        rows.append(_row(choice, spectra, dict(zip((s.name for s in spectra), ks)), fixed))
     return rows
 
 
