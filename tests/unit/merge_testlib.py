@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from merge_core.adapters import LoRA
@@ -76,6 +77,14 @@ def dense(m: LoRA) -> torch.Tensor:
     r = m.down.shape[0]
     scale = 1.0 if m.alpha is None else m.alpha / r
     return scale * (m.up.flatten(1).to(F64) @ m.down.flatten(1).to(F64))
+
+
+def dense_of(path: Path, name: str) -> torch.Tensor:
+    """(α/r)·up@down of module `name` of a kohya file, fp64, matrix form, read straight from its tensors."""
+    with safe_open(str(path), "pt") as f:
+        up, down = f.get_tensor(f"{name}.lora_up.weight"), f.get_tensor(f"{name}.lora_down.weight")
+        alpha = float(f.get_tensor(f"{name}.alpha"))
+    return alpha / down.shape[0] * (up.flatten(1).to(F64) @ down.flatten(1).to(F64))
 
 
 def target(sets: Sequence[LoraSet], weights: Sequence[float], name: str) -> torch.Tensor:

@@ -19,7 +19,7 @@ from merge_core.errors import NonFiniteError, OutputWriteError
 from merge_core.lora_file import load_lora, save_lora
 from merge_core.merge import merge_loras, parse_block_weights
 from merge_testlib import one_torch_thread  # noqa: F401  (autouse)
-from merge_testlib import CONV, F64, NAMES, cli_inputs, rel, run_in_process
+from merge_testlib import CONV, NAMES, cli_inputs, dense_of, rel, run_in_process
 from synth import lora_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,13 +33,6 @@ def cli(*args) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     return cli_inputs(tmp_path_factory.mktemp("merge_cli"))
-
-
-def dense_of(path: Path, name: str) -> torch.Tensor:
-    with safe_open(str(path), "pt") as f:
-        up, down = f.get_tensor(f"{name}.lora_up.weight"), f.get_tensor(f"{name}.lora_down.weight")
-        alpha = float(f.get_tensor(f"{name}.alpha"))
-    return alpha / down.shape[0] * (up.flatten(1).to(F64) @ down.flatten(1).to(F64))
 
 
 def test_rsvd_end_to_end_report_recipe_and_no_overwrite(inputs, tmp_path):

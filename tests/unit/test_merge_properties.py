@@ -19,7 +19,7 @@ from merge_core.fuse import fuse_models
 from merge_core.lowrank import RankRule
 from merge_core.merge import merge_loras
 from merge_testlib import one_torch_thread  # noqa: F401  (autouse)
-from merge_testlib import F64, lora_set
+from merge_testlib import F64, dense, lora_set
 
 NAME = "layer"
 PROFILE = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -149,7 +149,7 @@ def dense_lycoris(m) -> torch.Tensor:
     """ΔW of a LoRA/LoHa/LoKr from its factors, fp64, written out here (scale α/r; LoKr full-full: 1)."""
     d = lambda t: t.to(F64)  # noqa: E731
     if isinstance(m, LoRA):
-        return (1.0 if m.alpha is None else m.alpha / m.down.shape[0]) * d(m.up) @ d(m.down)
+        return dense(m)
     if isinstance(m, LoHa):
         r = m.w1b.shape[0]
         return (1.0 if m.alpha is None else m.alpha / r) * (d(m.w1a) @ d(m.w1b)) * (d(m.w2a) @ d(m.w2b))

@@ -12,17 +12,9 @@ from safetensors import safe_open
 from merge_core.cli import main
 from merge_core.lora_file import load_lora, save_lora
 from merge_testlib import one_torch_thread  # noqa: F401  (autouse)
-from merge_testlib import (CONV, F64, NAMES, decaying_lora, energy_rank, optimal_error, rel, run_in_process,
-                           shape_of)
+from merge_testlib import (CONV, F64, NAMES, decaying_lora, dense_of, energy_rank, optimal_error, rel,
+                           run_in_process, shape_of)
 from synth import FUSE_NAMES, write_loha, write_lokr
-
-
-def dense_lora(path, name: str) -> torch.Tensor:
-    """(α/r)·up@down of a kohya module, fp64, matrix form."""
-    with safe_open(str(path), "pt") as f:
-        up, down = f.get_tensor(f"{name}.lora_up.weight"), f.get_tensor(f"{name}.lora_down.weight")
-        alpha = float(f.get_tensor(f"{name}.alpha"))
-    return alpha / down.shape[0] * (up.flatten(1).to(F64) @ down.flatten(1).to(F64))
 
 
 def dense_lycoris(path, name: str) -> torch.Tensor:
@@ -52,8 +44,8 @@ def test_one_input_at_a_fixed_rank_is_its_optimal_truncation(lora, tmp_path, cap
     resized = load_lora(out)
     assert {m.rank for m in resized.modules.values()} == {3}
     for name in NAMES + [CONV]:
-        T = dense_lora(lora, name)
-        got = dense_lora(out, name)
+        T = dense_of(lora, name)
+        got = dense_of(out, name)
         assert rel(got, T) == pytest.approx(optimal_error(T, 3), abs=1e-5), name
         s = torch.linalg.svd(T)  # the optimum itself, not just its error: the leading 3 singular triplets
         assert rel(got, s.U[:, :3] @ torch.diag(s.S[:3]) @ s.Vh[:3]) < 1e-5, name
@@ -67,10 +59,10 @@ def test_one_input_with_the_energy_rule_keeps_the_true_energy_rank(lora, tmp_pat
     assert code == 0, err
     resized = load_lora(out)
     for name in NAMES + [CONV]:
-        T = dense_lora(lora, name)
+        T = dense_of(lora, name)
         k = energy_rank(T, 0.9, 1, 32)
         assert resized.modules[name].rank == k < 8, name
-        assert rel(dense_lora(out, name), T) == pytest.approx(optimal_error(T, k), abs=2e-3), name  # fp16 file
+        assert rel(dense_of(out, name), T) == pytest.approx(optimal_error(T, k), abs=2e-3), name  # fp16 file
 
 
 @pytest.mark.parametrize("writer", [write_lokr, write_loha], ids=["lokr", "loha"])
@@ -83,7 +75,7 @@ def test_a_lycoris_input_becomes_a_lora(writer, tmp_path, capsys):
     assert {m.kind for m in resized.modules.values()} == {"lora"}
     for name in FUSE_NAMES:
         T = dense_lycoris(src, name)
-        assert rel(dense_lora(out, name), T) == pytest.approx(optimal_error(T, 6), abs=1e-5), name
+        assert rel(dense_of(out, name), T) == pytest.approx(optimal_error(T, 6), abs=1e-5), name
 
 
 def test_one_input_fits_a_size_budget(lora, tmp_path, capsys):
@@ -99,8 +91,8 @@ def test_one_input_fits_a_size_budget(lora, tmp_path, capsys):
     ranks = {n: m.rank for n, m in load_lora(out).modules.items()}
     assert set(ranks) == set(NAMES + [CONV]) and all(1 <= r < 8 for r in ranks.values())
     for name, k in ranks.items():
-        T = dense_lora(lora, name)
-        assert rel(dense_lora(out, name), T) == pytest.approx(optimal_error(T, k), abs=2e-3), name
+        T = dense_of(lora, name)
+        assert rel(dense_of(out, name), T) == pytest.approx(optimal_error(T, k), abs=2e-3), name
 
 
 def test_inspect_ranks_predicts_what_each_resize_keeps_and_its_file_size(lora, tmp_path, capsys):
@@ -111,7 +103,7 @@ def test_inspect_ranks_predicts_what_each_resize_keeps_and_its_file_size(lora, t
     rows = {r["choice"]: r for r in json.loads(capsys.readouterr().out)["resize"]}
     assert list(rows) == ["energy 0.5", "energy 0.8", "energy 0.9", "energy 0.95", "energy 0.99", "energy 0.999",
                           "rank 4", "rank 8"]
-    dense = {n: dense_lora(lora, n) for n in NAMES + [CONV]}
+    dense = {n: dense_of(lora, n) for n in NAMES + [CONV]}
     total = sum(float(T.norm() ** 2) for T in dense.values())
     for choice, row in rows.items():
         if choice.startswith("energy"):
