@@ -27,6 +27,7 @@ from ..lowrank import RankRule
 from ..memory import available_on
 from ..report import ModuleReport, Progress, Report
 from ..result import MergeResult
+from .flux_match import match_flux_naming
 from .heap import HeapTrimmer
 from .methods import Method, describe, method_named, resolve_options, resolve_weights
 from .options import MergeOptions
@@ -92,7 +93,7 @@ def plan_merge(sets: Sequence[LoraSet], method: str = "rsvd", weights: Sequence[
                rule: RankRule | None = None, solver: str | None = None, seed: int = 0, density: float = 0.5,
                block_weights: Sequence[Sequence[float] | None] | None = None, dora: str = "error") -> MergePlan:
     """Check everything and group the modules into batches; see merge_loras for the arguments."""
-    sets = list(sets)
+    sets = match_flux_naming(sets)
     if not sets:
         raise MergeCoreError("merge needs at least one input")
     spec = method_named(method)

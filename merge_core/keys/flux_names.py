@@ -1,0 +1,112 @@
+"""Flux's namings of one transformer, as ComfyUI maps them onto the model's weights.
+
+- kohya (sd-scripts, and what ComfyUI names every weight): `lora_unet_double_blocks_0_img_attn_qkv`, BFL's
+  module paths with `_`, q|k|v fused in one weight;
+- BFL with dots: `diffusion_model.double_blocks.0.img_attn.qkv` (the same weights);
+- diffusers (AI-Toolkit, SimpleTuner, PEFT): `transformer.transformer_blocks.0.attn.to_q`, q, k and v apart;
+  OneTrainer's `lora_transformer_transformer_blocks_0_attn_to_q` and SimpleTuner LyCORIS's `lycoris_…` are
+  the same names with `_`.
+
+A diffusers module is one row block of a BFL weight: img_attn.qkv = [to_q; to_k; to_v], txt_attn.qkv =
+[add_q_proj; add_k_proj; add_v_proj], linear1 = [to_q; to_k; to_v; proj_mlp] (h rows each, the MLP 4h);
+norm_out.linear is final_layer.adaLN_modulation.1 with its two row halves swapped (scale|shift, shift|scale).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+KOHYA = "lora_unet_"
+BFL = "diffusion_model."
+MLP_RATIO = 4  # linear1's MLP rows per hidden unit (Flux.1 dev/schnell)
+
+# diffusers path inside a double block -> (BFL path, row block of a fused q|k|v weight or None)
+_DOUBLE = {"attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),
+           "attn.add_q_proj": ("txt_attn.qkv", 0), "attn.add_k_proj": ("txt_attn.qkv", 1),
+           "attn.add_v_proj": ("txt_attn.qkv", 2), "attn.to_out.0": ("img_attn.proj", None),
+           "attn.to_add_out": ("txt_attn.proj", None), "norm1.linear": ("img_mod.lin", None),
+           "norm1_context.linear": ("txt_mod.lin", None), "ff.net.0.proj": ("img_mlp.0", None),
+           "ff.net.2": ("img_mlp.2", None), "ff_context.net.0.proj": ("txt_mlp.0", None),
+           "ff_context.net.2": ("txt_mlp.2", None)}
+_SINGLE = {"attn.to_q": ("linear1", 0), "attn.to_k": ("linear1", 1), "attn.to_v": ("linear1", 2),
+           "proj_mlp": ("linear1", 3), "proj_out": ("linear2", None), "norm.linear": ("modulation.lin", None)}
+_GLOBAL = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+           "norm_out.linear": "final_layer.adaLN_modulation.1",
+           "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+           "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+           "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+           "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+           "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+           "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer"}
+_SWAPPED = "final_layer.adaLN_modulation.1"
+_BLOCKS = {"transformer_blocks": ("double_blocks", _DOUBLE), "single_transformer_blocks": ("single_blocks", _SINGLE)}
+# (pattern: block kind, index, path inside; the separator of its paths)
+_DIFFUSERS = ((re.compile(r"^(?:transformer\.|base_model\.model\.)(?:(transformer_blocks|single_transformer_blocks)"
+                          r"\.(\d+)\.)?(.+)$"), "."),
+              (re.compile(r"^(?:lora_transformer_|lycoris_)(?:(transformer_blocks|single_transformer_blocks)_(\d+)_)?"
+                          r"(.+)$"), "_"))
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a module sits in the kohya-named model: `name`, and for a diffusers part of a fused weight its
+    row block `part` of `parts` (q, k, v[, mlp]); `swap`: its two row halves are the other way round."""
+
+    name: str
+    part: Optional[int] = None
+    swap: bool = False
+
+    @property
+    def parts(self) -> int:
+        return 4 if self.name.endswith("_linear1") else 3
+
+
+def kohya_name(bfl_path: str) -> str:
+    return KOHYA + bfl_path.replace(".", "_")
+
+
+def place_of(name: str) -> Optional[Place]:
+    """The kohya place of a BFL- or diffusers-named Flux module (None: not a Flux transformer name)."""
+    if name.startswith(BFL + "double_blocks.") or name.startswith(BFL + "single_blocks.") or (
+            name.startswith(BFL) and name[len(BFL):] in _GLOBAL.values()):
+        return Place(kohya_name(name[len(BFL):]))
+    for pattern, sep in _DIFFUSERS:
+        found = pattern.match(name)
+        if found is not None:
+            return _diffusers_place(*found.groups(), sep)
+    return None
+
+
+def _diffusers_place(blocks: Optional[str], index: Optional[str], path: str, sep: str) -> Optional[Place]:
+    if blocks is None:
+        bfl = _GLOBALS[sep].get(path)
+        return Place(kohya_name(bfl), swap=bfl == _SWAPPED) if bfl is not None else None
+    bfl_blocks, table = _IN_BLOCKS[sep][blocks]
+    found = table.get(path)
+    if found is None:
+        return None
+    bfl, part = found
+    return Place(kohya_name(f"{bfl_blocks}.{index}.{bfl}"), part)
+
+
+def _underscored(table: dict) -> dict:
+    return {path.replace(".", "_"): value for path, value in table.items()}
+
+
+_GLOBALS = {".": _GLOBAL, "_": _underscored(_GLOBAL)}
+_IN_BLOCKS = {sep: {kind: (bfl, table if sep == "." else _underscored(table)) for kind, (bfl, table) in _BLOCKS.items()}
+              for sep in "._"}
+
+
+def naming_style(names: Iterable[str]) -> Optional[str]:
+    """"kohya", "bfl" or "diffusers" for a set of Flux module names (the first block module decides); None
+    when no name is a Flux block's."""
+    for name in names:
+        if name.startswith((KOHYA + "double_blocks_", KOHYA + "single_blocks_")):
+            return "kohya"
+        if name.startswith((BFL + "double_blocks.", BFL + "single_blocks.")):
+            return "bfl"
+        if any((found := pattern.match(name)) is not None and found.group(1) is not None for pattern, _ in _DIFFUSERS):
+            return "diffusers"
+    return None

@@ -1,0 +1,107 @@
+"""Flux LoRAs named two ways, merged: names are brought to the kohya ones where that lines modules up.
+
+When every Flux input names its modules one way (all kohya, all BFL or all diffusers) the names already
+match and nothing changes.  Otherwise BFL names become kohya names (keys/flux_names.py), and so does a
+diffusers module whose kohya module another input holds: a diffusers LoRA's q, k, v (and proj_mlp) modules
+of one block become one LoRA of the fused weight, exactly — row blocks ΔW = [c₁·up₁·down₁; …] =
+blockdiag(c₁·up₁, …)·[down₁; …], rank Σrᵢ, zero rows for a part the file does not hold (cᵢ = αᵢ/rᵢ: kept
+as α/rank when the parts share it, else folded into up in fp32 with α = rank) — and
+norm_out.linear's up has its two row halves swapped.  The other diffusers modules keep their names (ComfyUI
+reads both namings; a look-alike model such as HunyuanVideo is not renamed into modules it lacks).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional, Sequence
+
+import torch
+
+from ..adapters import AdapterModule, LoRA
+from ..errors import FormatError
+from ..keys import Naming
+from ..keys.flux_names import MLP_RATIO, Place, naming_style, place_of
+from ..lora_file import LoraSet, input_label
+
+
+def match_flux_naming(sets: Sequence[LoraSet]) -> list[LoraSet]:
+    """`sets`, with kohya names for every Flux input when they do not all name their modules one way."""
+    styles = [naming_style(s.modules) for s in sets]
+    if len({style for style in styles if style is not None}) <= 1:
+        return list(sets)
+    sets = [kohya_named(s, i) if style == "bfl" else s for i, (s, style) in enumerate(zip(sets, styles))]
+    held = {name for s, style in zip(sets, styles) if style in ("kohya", "bfl") for name in s.modules}
+    return [kohya_named(s, i, held) if style == "diffusers" else s for i, (s, style) in enumerate(zip(sets, styles))]
+
+
+def kohya_named(s: LoraSet, index: int = 0, held: Optional[set[str]] = None) -> LoraSet:
+    """One input with its Flux modules under kohya names (fused weights' parts joined), only those whose kohya
+    name is in `held` when given; the others as they are."""
+    modules: dict[str, Optional[AdapterModule]] = {}
+    parts: dict[str, dict[int, tuple[str, AdapterModule]]] = {}
+    for name, module in s.modules.items():
+        place = place_of(name)
+        if place is not None and held is not None and place.name not in held:
+            place = None
+        target = place.name if place is not None else name
+        if place is not None and place.part is not None:
+            parts.setdefault(target, {})[place.part] = (name, module)
+            modules.setdefault(target, None)
+            continue
+        if target in modules:
+            raise FormatError(f"{input_label(s, index)} holds Flux module '{target}' twice (as '{name}' and another name)")
+        modules[target] = swapped_halves(name, module) if place is not None and place.swap else module
+    for target, blocks in parts.items():
+        if modules[target] is not None:
+            raise FormatError(f"{input_label(s, index)} holds Flux module '{target}' both whole and in parts "
+                              f"(e.g. '{next(iter(blocks.values()))[0]}')")
+        modules[target] = joined_rows(target, blocks)
+    names = {n: n for n in modules}
+    return replace(s, modules=modules, naming=Naming("kohya", s.naming.arch, names), peft_config=None,
+                   peft_embeddings=frozenset())
+
+
+def _linear_lora(name: str, module: AdapterModule, why: str) -> LoRA:
+    if not isinstance(module, LoRA) or module.mid is not None or len(module.weight_shape) != 2:
+        raise FormatError(f"Flux module '{name}' is a {module.kind} module; {why} only for a linear LoRA")
+    if module.dora_scale is not None:
+        raise FormatError(f"Flux module '{name}' is a DoRA module; {why} only for a plain LoRA")
+    return module
+
+
+def swapped_halves(name: str, module: AdapterModule) -> LoRA:
+    """norm_out.linear as final_layer.adaLN_modulation.1: its output rows' two halves exchanged."""
+    m = _linear_lora(name, module, "the swap of its two halves to the kohya name is done")
+    half = m.up.shape[0] // 2
+    order = torch.cat([torch.arange(half, 2 * half), torch.arange(half)])
+    return replace(m, up=m.up[order], diff_b=m.diff_b[order] if m.diff_b is not None else None)
+
+
+def joined_rows(target: str, blocks: dict[int, tuple[str, AdapterModule]]) -> LoRA:
+    """The LoRA of a fused Flux weight from the diffusers LoRAs of its row blocks (see the module docstring)."""
+    loras = {i: _linear_lora(name, m, "joining q, k, v into one weight is done") for i, (name, m) in blocks.items()}
+    widths = {m.down.shape[1] for m in loras.values()}
+    if len(widths) != 1:
+        raise FormatError(f"the parts of Flux module '{target}' read inputs of different widths {sorted(widths)}")
+    hidden = widths.pop()
+    heights = [hidden] * Place(target).parts
+    if len(heights) == 4:
+        heights[3] = loras[3].up.shape[0] if 3 in loras else MLP_RATIO * hidden
+    for i, m in loras.items():
+        if m.up.shape[0] != heights[i]:
+            raise FormatError(f"Flux module '{blocks[i][0]}' has {m.up.shape[0]} output rows; as row block {i} of "
+                              f"'{target}' it needs {heights[i]}")
+    starts = [sum(heights[:i]) for i in range(len(heights))]
+    rank = sum(m.rank for m in loras.values())
+    scales, dtypes = {m.scale for m in loras.values()}, {m.up.dtype for m in loras.values()}
+    same = len(scales) == 1 and len(dtypes) == 1  # α/r kept as α, the factors in their dtype: no copy in fp32
+    up = torch.zeros(sum(heights), rank, dtype=dtypes.pop() if same else torch.float32)
+    downs, at = [], 0
+    bias = None
+    for i, m in sorted(loras.items()):
+        up[starts[i]:starts[i] + heights[i], at:at + m.rank] = m.up if same else m.up.float() * m.scale
+        downs.append(m.down if same else m.down.float())
+        at += m.rank
+        if m.diff_b is not None:
+            bias = torch.zeros(sum(heights)) if bias is None else bias
+            bias[starts[i]:starts[i] + heights[i]] = m.diff_b.float()
+    return LoRA(up, torch.cat(downs), rank * scales.pop() if same else float(rank), diff_b=bias)
