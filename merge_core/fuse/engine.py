@@ -21,6 +21,7 @@ from ..errors import MergeCoreError, NonFiniteError, ShapeMismatchError, finite_
 from ..files.metadata import carried_metadata, make_recipe
 from ..lora_file import LoraSet, check_dora, damaged_module_error, input_label
 from ..lowrank import RankRule
+from ..merge.flux_match import match_flux_naming
 from ..merge.scheduler import run_in_order
 from ..report import ModuleReport, Progress, Report
 from ..result import MergeResult
@@ -106,7 +107,7 @@ def plan_fuse(sets: Sequence[LoraSet], weights: Optional[Sequence[float]] = None
               dora: str = "error") -> FusePlan:
     """Check everything that can be checked before any work (weights, strategy, form, DoRA, architecture, every
     module's shapes) and start hashing the inputs for the recipe."""
-    sets = list(sets)
+    sets = match_flux_naming(sets)
     if not sets:
         raise MergeCoreError("fuse needs at least one model")
     w = resolve_weights(weights, len(sets))

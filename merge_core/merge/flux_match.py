@@ -7,10 +7,12 @@ of one block become one LoRA of the fused weight, exactly — row blocks ΔW = [
 blockdiag(c₁·up₁, …)·[down₁; …], rank Σrᵢ, zero rows for a part the file does not hold (cᵢ = αᵢ/rᵢ: kept
 as α/rank when the parts share it, else folded into up in fp32 with α = rank) — and
 norm_out.linear's up has its two row halves swapped.  The other diffusers modules keep their names (ComfyUI
-reads both namings; a look-alike model such as HunyuanVideo is not renamed into modules it lacks).
+reads both namings; a look-alike model such as HunyuanVideo is not renamed into modules it lacks), and so do
+parts that are not plain LoRAs (LoKr, LoHa, DoRA), merged beside the fused module rather than into it.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import Optional, Sequence
 
@@ -21,6 +23,8 @@ from ..errors import FormatError
 from ..keys import Naming
 from ..keys.flux_names import MLP_RATIO, Place, naming_style, place_of
 from ..lora_file import LoraSet, input_label
+
+log = logging.getLogger(__name__)
 
 
 def match_flux_naming(sets: Sequence[LoraSet]) -> list[LoraSet]:
@@ -35,12 +39,17 @@ def match_flux_naming(sets: Sequence[LoraSet]) -> list[LoraSet]:
 
 def kohya_named(s: LoraSet, index: int = 0, held: Optional[set[str]] = None) -> LoraSet:
     """One input with its Flux modules under kohya names (fused weights' parts joined), only those whose kohya
-    name is in `held` when given; the others as they are."""
+    name is in `held` when given; the others as they are.  A part or norm_out that is not a plain linear LoRA
+    keeps its name too (with a warning): side by side with the kohya module it is what ComfyUI's stack does."""
     modules: dict[str, Optional[AdapterModule]] = {}
-    parts: dict[str, dict[int, tuple[str, AdapterModule]]] = {}
+    parts: dict[str, dict[int, tuple[str, LoRA]]] = {}
+    kept = []
     for name, module in s.modules.items():
         place = place_of(name)
         if place is not None and held is not None and place.name not in held:
+            place = None
+        if place is not None and (place.part is not None or place.swap) and not plain_lora(module):
+            kept.append(name)
             place = None
         target = place.name if place is not None else name
         if place is not None and place.part is not None:
@@ -49,36 +58,37 @@ def kohya_named(s: LoraSet, index: int = 0, held: Optional[set[str]] = None) -> 
             continue
         if target in modules:
             raise FormatError(f"{input_label(s, index)} holds Flux module '{target}' twice (as '{name}' and another name)")
-        modules[target] = swapped_halves(name, module) if place is not None and place.swap else module
+        modules[target] = swapped_halves(module) if place is not None and place.swap else module
     for target, blocks in parts.items():
         if modules[target] is not None:
             raise FormatError(f"{input_label(s, index)} holds Flux module '{target}' both whole and in parts "
                               f"(e.g. '{next(iter(blocks.values()))[0]}')")
         modules[target] = joined_rows(target, blocks)
+    if kept:
+        log.warning("%d Flux module(s) of %s are not plain linear LoRAs (e.g. '%s', %s) and keep their diffusers "
+                    "names: only a LoRA's rows join a fused kohya weight; they are carried beside it, as ComfyUI "
+                    "stacks them", len(kept), input_label(s, index), kept[0], s.modules[kept[0]].kind)
     names = {n: n for n in modules}
     return replace(s, modules=modules, naming=Naming("kohya", s.naming.arch, names), peft_config=None,
                    peft_embeddings=frozenset())
 
 
-def _linear_lora(name: str, module: AdapterModule, why: str) -> LoRA:
-    if not isinstance(module, LoRA) or module.mid is not None or len(module.weight_shape) != 2:
-        raise FormatError(f"Flux module '{name}' is a {module.kind} module; {why} only for a linear LoRA")
-    if module.dora_scale is not None:
-        raise FormatError(f"Flux module '{name}' is a DoRA module; {why} only for a plain LoRA")
-    return module
+def plain_lora(module: AdapterModule) -> bool:
+    """A linear LoRA without DoRA: its rows can be joined or reordered."""
+    return (isinstance(module, LoRA) and module.mid is None and len(module.weight_shape) == 2
+            and module.dora_scale is None)
 
 
-def swapped_halves(name: str, module: AdapterModule) -> LoRA:
+def swapped_halves(m: LoRA) -> LoRA:
     """norm_out.linear as final_layer.adaLN_modulation.1: its output rows' two halves exchanged."""
-    m = _linear_lora(name, module, "the swap of its two halves to the kohya name is done")
     half = m.up.shape[0] // 2
     order = torch.cat([torch.arange(half, 2 * half), torch.arange(half)])
     return replace(m, up=m.up[order], diff_b=m.diff_b[order] if m.diff_b is not None else None)
 
 
-def joined_rows(target: str, blocks: dict[int, tuple[str, AdapterModule]]) -> LoRA:
+def joined_rows(target: str, blocks: dict[int, tuple[str, LoRA]]) -> LoRA:
     """The LoRA of a fused Flux weight from the diffusers LoRAs of its row blocks (see the module docstring)."""
-    loras = {i: _linear_lora(name, m, "joining q, k, v into one weight is done") for i, (name, m) in blocks.items()}
+    loras = {i: m for i, (_, m) in blocks.items()}
     widths = {m.down.shape[1] for m in loras.values()}
     if len(widths) != 1:
         raise FormatError(f"the parts of Flux module '{target}' read inputs of different widths {sorted(widths)}")

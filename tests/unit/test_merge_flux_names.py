@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merge_core.errors import MergeCoreError
 from merge_core.lora_file import load_lora
 from merge_core.lowrank import RankRule
+from merge_core.fuse import fuse_models
 from merge_core.merge import merge_loras
 
 from flux_synth import DIFFUSERS, H, diffusers_file, kohya_file
@@ -64,13 +64,35 @@ def test_flux_loras_named_one_way_keep_their_names(tmp_path):
     assert set(result.modules) == {"transformer." + n for n in DIFFUSERS} | {"transformer.norm_out.linear"}
 
 
-def test_a_flux_part_that_is_not_a_lora_is_one_clear_error(tmp_path):
-    kohya_file(tmp_path / "k.safetensors")
+def test_a_flux_part_that_is_not_a_lora_keeps_its_name_with_a_warning(tmp_path, caplog):
+    """A LoKr q cannot join the fused qkv LoRA: it is carried beside it under its own name (ComfyUI applies it
+    to q's rows, as when stacking), the LoRA parts are still joined."""
+    kohya = kohya_file(tmp_path / "k.safetensors")
     g = torch.Generator().manual_seed(0)
-    save_file({"transformer.transformer_blocks.0.attn.to_q.lokr_w1": torch.randn(2, 2, generator=g),
-               "transformer.transformer_blocks.0.attn.to_q.lokr_w2": torch.randn(4, 4, generator=g)},
-              str(tmp_path / "x.safetensors"))
+    w1, w2 = torch.randn(2, 2, generator=g), torch.randn(4, 4, generator=g)
+    up, down = torch.randn(H, 2, generator=g), torch.randn(2, H, generator=g)
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lokr_w1": w1,
+               "transformer.transformer_blocks.0.attn.to_q.lokr_w2": w2,
+               "transformer.transformer_blocks.0.attn.to_k.lora_A.weight": down,
+               "transformer.transformer_blocks.0.attn.to_k.lora_B.weight": up}, str(tmp_path / "x.safetensors"))
     sets = [load_lora(tmp_path / "k.safetensors"), load_lora(tmp_path / "x.safetensors")]
-    with pytest.raises(MergeCoreError, match=r"Flux module 'transformer\.transformer_blocks\.0\.attn\.to_q' is a lokr "
-                                             r"module; joining q, k, v into one weight is done only for a linear LoRA"):
-        merge_loras(sets, "concat")
+    with caplog.at_level("WARNING"):
+        result = merge_loras(sets, "concat")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"1 Flux module(s) of {tmp_path / 'x.safetensors'} are not plain linear LoRAs (e.g. "
+        "'transformer.transformer_blocks.0.attn.to_q', lokr) and keep their diffusers names: only a LoRA's rows join "
+        "a fused kohya weight; they are carried beside it, as ComfyUI stacks them"]
+    qkv = torch.zeros(3 * H, H, dtype=torch.float64)
+    qkv[H:2 * H] = up.double() @ down.double()
+    got = dense_result(result)
+    assert torch.allclose(got["lora_unet_double_blocks_0_img_attn_qkv"],
+                          kohya["lora_unet_double_blocks_0_img_attn_qkv"] + qkv, atol=1e-5)
+    assert torch.allclose(got["transformer.transformer_blocks.0.attn.to_q"], torch.kron(w1, w2).double(), atol=1e-6)
+
+
+def test_fuse_matches_the_two_flux_namings_too(tmp_path):
+    """fuse's weighted_sum is the same T = Σ wᵢΔWᵢ per kohya module (output form full: exact deltas)."""
+    kohya, diffusers = kohya_file(tmp_path / "k.safetensors"), diffusers_file(tmp_path / "d.safetensors")
+    sets = [load_lora(tmp_path / "k.safetensors"), load_lora(tmp_path / "d.safetensors")]
+    result = fuse_models(sets, [0.6, 0.9], strategy="weighted_sum", output_format="full")
+    check_sum(result, [kohya, diffusers], [0.6, 0.9])
