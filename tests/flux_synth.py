@@ -63,8 +63,8 @@ ROWS = {"double_blocks_0_img_attn_qkv": 3 * H, "double_blocks_0_txt_attn_qkv": 3
 
 def diffusers_file(path, prefix: str = "transformer.", sep: str = ".", seed: int = 2) -> dict[str, torch.Tensor]:
     """diffusers/PEFT-named Flux LoRA (rank 2, no alpha), or OneTrainer's names (prefix lora_transformer_,
-    sep _, kohya suffixes, α 1 on to_q): the dense ΔW it puts on each kohya module, rows placed by hand — under its own name
-    for the two modules whose kohya twin kohya_file lacks (they keep their names)."""
+    sep _, kohya suffixes, α 1 on to_q): the dense ΔW it puts on each kohya module, rows placed by hand —
+    under its own name for the two modules whose kohya twin kohya_file lacks (they keep their names)."""
     deltas, sd = {}, {}
     peft = sep == "."
     for i, (name, (kohya, start, rows)) in enumerate({**DIFFUSERS, "norm_out.linear": (None, 0, 2 * H)}.items()):

@@ -10,6 +10,8 @@
 A diffusers module is one row block of a BFL weight: img_attn.qkv = [to_q; to_k; to_v], txt_attn.qkv =
 [add_q_proj; add_k_proj; add_v_proj], linear1 = [to_q; to_k; to_v; proj_mlp] (h rows each, the MLP 4h);
 norm_out.linear is final_layer.adaLN_modulation.1 with its two row halves swapped (scale|shift, shift|scale).
+Flux's CLIP-L: diffusers `text_encoder.text_model.encoder.layers.0.mlp.fc1` is kohya
+`lora_te1_text_model_encoder_layers_0_mlp_fc1` (ComfyUI maps no diffusers name onto the T5).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Iterable, Optional
 
 KOHYA = "lora_unet_"
 BFL = "diffusion_model."
+CLIP_L = "text_encoder.text_model.encoder.layers."
 MLP_RATIO = 4  # linear1's MLP rows per hidden unit (Flux.1 dev/schnell)
 
 # diffusers path inside a double block -> (BFL path, row block of a fused q|k|v weight or None)
@@ -67,10 +70,13 @@ def kohya_name(bfl_path: str) -> str:
 
 
 def place_of(name: str) -> Optional[Place]:
-    """The kohya place of a BFL- or diffusers-named Flux module (None: not a Flux transformer name)."""
+    """The kohya place of a BFL- or diffusers-named Flux module (None: not a name of Flux's transformer or
+    CLIP-L)."""
     if name.startswith(BFL + "double_blocks.") or name.startswith(BFL + "single_blocks.") or (
             name.startswith(BFL) and name[len(BFL):] in _GLOBAL.values()):
         return Place(kohya_name(name[len(BFL):]))
+    if name.startswith(CLIP_L):
+        return Place("lora_te1_" + name[len("text_encoder."):].replace(".", "_"))
     for pattern, sep in _DIFFUSERS:
         found = pattern.match(name)
         if found is not None:

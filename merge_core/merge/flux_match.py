@@ -4,9 +4,9 @@ When every Flux input names its modules one way (all kohya, all BFL or all diffu
 match and nothing changes.  Otherwise BFL names become kohya names (keys/flux_names.py), and so does a
 diffusers module whose kohya module another input holds: a diffusers LoRA's q, k, v (and proj_mlp) modules
 of one block become one LoRA of the fused weight, exactly — row blocks ΔW = [c₁·up₁·down₁; …] =
-blockdiag(c₁·up₁, …)·[down₁; …], rank Σrᵢ, zero rows for a part the file does not hold (cᵢ = αᵢ/rᵢ: kept
-as α/rank when the parts share it, else folded into up in fp32 with α = rank) — and
-norm_out.linear's up has its two row halves swapped.  The other diffusers modules keep their names (ComfyUI
+blockdiag(c₁·up₁, …)·[down₁; …], rank Σrᵢ, zero rows for a part the file does not hold (cᵢ = αᵢ/rᵢ:
+kept as α/rank when the parts share it, else folded into up in fp32 with α = rank) — and norm_out.linear's
+up has its two row halves swapped.  The other diffusers modules keep their names (ComfyUI
 reads both namings; a look-alike model such as HunyuanVideo is not renamed into modules it lacks), and so do
 parts that are not plain LoRAs (LoKr, LoHa, DoRA), merged beside the fused module rather than into it.
 """
@@ -57,7 +57,8 @@ def kohya_named(s: LoraSet, index: int = 0, held: Optional[set[str]] = None) -> 
             modules.setdefault(target, None)
             continue
         if target in modules:
-            raise FormatError(f"{input_label(s, index)} holds Flux module '{target}' twice (as '{name}' and another name)")
+            raise FormatError(f"{input_label(s, index)} holds Flux module '{target}' twice (as '{name}' and another "
+                              "name)")
         modules[target] = swapped_halves(module) if place is not None and place.swap else module
     for target, blocks in parts.items():
         if modules[target] is not None:

@@ -96,3 +96,25 @@ def test_fuse_matches_the_two_flux_namings_too(tmp_path):
     sets = [load_lora(tmp_path / "k.safetensors"), load_lora(tmp_path / "d.safetensors")]
     result = fuse_models(sets, [0.6, 0.9], strategy="weighted_sum", output_format="full")
     check_sum(result, [kohya, diffusers], [0.6, 0.9])
+
+
+def test_flux_clip_l_modules_match_across_namings(tmp_path):
+    """CLIP-L of a Flux LoRA: diffusers text_encoder.text_model.… is kohya's lora_te1_text_model_…."""
+    g = torch.Generator().manual_seed(5)
+    te = "text_model.encoder.layers.0.mlp.fc1"
+    ku, kd, du, dd = (torch.randn(*shape, generator=g) for shape in ((12, 2), (2, 6), (12, 3), (3, 6)))
+    qkv_up, qkv_down, q_up, q_down = (torch.randn(*shape, generator=g)
+                                      for shape in ((3 * H, 2), (2, H), (H, 2), (2, H)))
+    save_file({"lora_te1_" + te.replace(".", "_") + ".lora_up.weight": ku,
+               "lora_te1_" + te.replace(".", "_") + ".lora_down.weight": kd,
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": qkv_up,
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": qkv_down}, str(tmp_path / "k.safetensors"))
+    save_file({f"text_encoder.{te}.lora_B.weight": du, f"text_encoder.{te}.lora_A.weight": dd,
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": q_up,
+               "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": q_down}, str(tmp_path / "d.safetensors"))
+    result = merge_loras([load_lora(tmp_path / "k.safetensors"), load_lora(tmp_path / "d.safetensors")], "concat",
+                         weights=[1.0, 0.25])
+    assert set(result.modules) == {"lora_te1_text_model_encoder_layers_0_mlp_fc1",
+                                   "lora_unet_double_blocks_0_img_attn_qkv"}
+    want = ku.double() @ kd.double() + 0.25 * du.double() @ dd.double()
+    assert torch.allclose(dense_result(result)["lora_te1_text_model_encoder_layers_0_mlp_fc1"], want, atol=1e-5)
