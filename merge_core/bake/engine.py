@@ -161,7 +161,7 @@ def bake_lora(base_path: Union[str, os.PathLike, WeightSource], lora: Union[Lora
     began = time.perf_counter()
     alpha = finite_numbers([alpha], "the bake strength")[0]
     path = Path(output)
-    refuse_existing(path, overwrite)  # fail before reading anything
+    refuse_existing(path, overwrite, (base_path, lora))  # fail before reading anything
     base = open_weights(base_path, base_kind, "--source-model")
     lset = _open_lora(lora, lora_kind)
     damaged = next((name for name, m in lset.modules.items() if not m.is_finite()), None)

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     resolve_weights(args.weights, len(args.models))  # count mismatch fails before any file is read
     apply_threads(args)
     out = output_path(args.output)
-    refuse_existing(out, args.overwrite)
+    refuse_existing(out, args.overwrite, args.models)
     check_side_files(args, out, args.models)
     sets = [load_lora(m) for m in args.models]
     plan = plan_fuse(sets, args.weights, args.strategy, args.norm_threshold, args.output_format, rank_rule(args),

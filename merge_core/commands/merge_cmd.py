@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         log.warning("--energy does not apply with --target-size (the budget chooses the ranks); ignored")
     apply_threads(args)
     out = Path(args.output)
-    refuse_existing(out, args.overwrite)
+    refuse_existing(out, args.overwrite, args.inputs)
     check_side_files(args, out, args.inputs)  # before reading (again below if a bare -o gains .safetensors)
     # each file's sha256 (for the recipe) is hashed on a spare core from now on, beside the parsing and the merge
     sets = [load_lora(p, profile=args.profile, digest=True) for p in args.inputs]
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     # a name without a file suffix gets .safetensors, unless an input was a PEFT folder (then it names one)
     if not (writes_folder(out, plan) and plan.layout[2] is not None) and named != out:
         out = named
-        refuse_existing(out, args.overwrite)
+        refuse_existing(out, args.overwrite, args.inputs)
         check_side_files(args, out, args.inputs)
     budget = None
     if args.target_size is not None:

@@ -27,7 +27,7 @@ def extract_to_file(base: Source, tuned: Source, output: Union[str, os.PathLike]
     """extract_lora(...).save(output), streamed for .safetensors; returns the report.  `target_size` (bytes):
     ranks chosen to keep the most of Σ‖ΔW‖² in a file of at most that size (extract/budget.py)."""
     path = Path(output)
-    refuse_existing(path, overwrite)  # before any work
+    refuse_existing(path, overwrite, (base, tuned))  # before any work
     if target_size is not None and path.suffix.lower() in PICKLE_OUTPUTS:
         raise MergeCoreError(f"--target-size sizes a .safetensors file, not {path.name}")
     args = dict(rule=rule, conv_rank=conv_rank, diff_only=diff_only, min_diff=min_diff, text_encoders=text_encoders,

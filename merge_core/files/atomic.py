@@ -9,7 +9,7 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import Callable, Iterable, Iterator, Union
 
 from ..errors import OutputExistsError, OutputWriteError, UnsafePathError
 
@@ -24,6 +24,8 @@ def _errnos(*names: str) -> frozenset:
 UNNAMED_WRITE_ERRNOS = _errnos("ENOSPC", "EDQUOT", "EFBIG")
 WRITE_ERRNOS = UNNAMED_WRITE_ERRNOS | _errnos("EROFS", "EACCES", "EPERM", "ENOENT", "EISDIR")
 NOT_A_FOLDER_ERRNOS = _errnos("EEXIST", "ENOTDIR")  # making the output's folder, where a file stands on the way
+# Windows cannot replace a file that is open (our inputs are memory-mapped while the output is written)
+OPEN_FILES_LOCKED = os.name == "nt"
 
 
 def inside(root: PathLike, relative: PathLike) -> Path:
@@ -35,10 +37,19 @@ def inside(root: PathLike, relative: PathLike) -> Path:
     return target
 
 
-def refuse_existing(path: PathLike, overwrite: bool) -> None:
-    """OutputExistsError when `path` exists and overwriting it was not asked for."""
-    if not overwrite and Path(path).exists():
+def refuse_existing(path: PathLike, overwrite: bool, inputs: Iterable[object] = ()) -> None:
+    """OutputExistsError when `path` exists and overwriting it was not asked for; on Windows, an
+    OutputWriteError when it is one of the `inputs` (paths; other sources skipped): replacing it would fail
+    only once all the work is done."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not overwrite:
         raise OutputExistsError(f"output exists, not overwriting (pass --overwrite to replace it): {path}")
+    if OPEN_FILES_LOCKED and any(isinstance(p, (str, os.PathLike)) and Path(p).is_file() and os.path.samefile(p, path)
+                                 for p in inputs):
+        raise OutputWriteError(f"cannot write {path}: it is an input, which stays open while the output is written, "
+                               "and Windows cannot replace an open file; write to a new name.")
 
 
 def _temp_beside(path: Path, suffix: str) -> Path:

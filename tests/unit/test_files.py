@@ -212,3 +212,22 @@ def test_narrowing_refuses_exactly_the_finite_values_that_would_become_inf(dtype
     special = torch.tensor([float("nan"), float("inf"), 1.0])  # not the writer's to refuse: inputs are checked
     assert narrowed(special, dtype, "'k'").isinf().sum() == 1
     assert narrowed(torch.tensor([1e30]), torch.float32, "'k'").item() == pytest.approx(1e30)  # no narrowing
+
+
+def test_an_output_that_is_an_input_is_refused_where_open_files_cannot_be_replaced(tmp_path, monkeypatch):
+    """Any spelling of the same file counts; sources that are not files (tensors in memory, folders) do not."""
+    import merge_core.files.atomic as atomic
+    from merge_core.files import refuse_existing
+
+    (tmp_path / "sub").mkdir()
+    out, other = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    out.write_bytes(b"x")
+    other.write_bytes(b"y")
+    inputs = [{"w": torch.zeros(1)}, tmp_path / "sub", str(other)]
+    monkeypatch.setattr(atomic, "OPEN_FILES_LOCKED", True)
+    refuse_existing(out, True, inputs)
+    refuse_existing(tmp_path / "new.safetensors", True, [tmp_path / "new.safetensors"])  # not there yet: nothing open
+    with pytest.raises(OutputWriteError, match="it is an input"):
+        refuse_existing(out, True, [*inputs, tmp_path / "sub" / ".." / "a.safetensors"])
+    monkeypatch.setattr(atomic, "OPEN_FILES_LOCKED", False)
+    refuse_existing(out, True, [out])

@@ -297,3 +297,24 @@ def test_a_report_that_cannot_be_written_says_the_output_stands(tmp_path):
     with pytest.raises(OutputWriteError, match=r"^cannot write .*afile/r\.json: a folder on its path is a file\. The "
                                                r"output was written; only this file is missing\.$"):
         write_report(str(tmp_path / "afile" / "r.json"), {"modules": []}, overwrite=False)
+
+
+def test_writing_over_an_input_is_refused_up_front_on_windows_only(tmp_path, capsys, monkeypatch):
+    """Windows cannot replace a file that is open, and the inputs stay open (memory-mapped) until the output is
+    in place: there, `-o` naming an input fails before any work, leaving it as it was; elsewhere it works."""
+    import merge_core.files.atomic as atomic
+
+    a, b = cli_inputs(tmp_path)
+    before = a.read_bytes()
+    monkeypatch.setattr(atomic, "OPEN_FILES_LOCKED", True)
+    code, out, err = run_in_process(capsys, a, b, "-o", a, "--overwrite")
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [
+        f"error: cannot write {a}: it is an input, which stays open while the output is written, and Windows cannot "
+        "replace an open file; write to a new name. Nothing was changed."]
+    assert a.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]
+    code, _, _ = run_in_process(capsys, a, b, "-o", tmp_path / "new.safetensors", "--overwrite")
+    assert code == 0
+    monkeypatch.setattr(atomic, "OPEN_FILES_LOCKED", False)
+    code, _, _ = run_in_process(capsys, a, b, "-o", a, "--overwrite")
+    assert code == 0 and a.read_bytes() != before
