@@ -1,0 +1,56 @@
+"""Interrupt injection on a real CLI process: Ctrl-C (SIGINT) or a kill's SIGTERM while the merge writes its
+output.  The process exits 128 + the signal with one `error: interrupted` line, leaves no temp file, and an
+output it was replacing stays as it was.  The merge is slow on purpose (the kohya-style dense SVD of every
+module), so the signal lands mid-write, after the temp file appears."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from merge_core.errors import INTERRUPTED
+from merge_core.lora_file import save_lora
+from synth import sdxl_lora, sdxl_specs
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("interrupts")
+    specs = sdxl_specs(per_group=40)
+    paths = [folder / "a.safetensors", folder / "b.safetensors"]
+    for seed, path in enumerate(paths):
+        save_lora(sdxl_lora(specs, rank=4, seed=seed), path)
+    return paths
+
+
+def temp_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_mid_write_leaves_no_temp_file_and_the_old_output(inputs, tmp_path, sig):
+    out = tmp_path / "merged.safetensors"
+    out.write_bytes(b"the output of an earlier run")
+    proc = subprocess.Popen([sys.executable, "-m", "merge_core", "merge", *map(str, inputs), "--method", "svd",
+                             "--solver", "dense", "--rank", "4", "-o", str(out), "--overwrite", "--threads", "1"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not temp_files(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the merge ended before it could be interrupted"
+    assert temp_files(tmp_path), "no temp file appeared"
+    time.sleep(0.3)  # some modules written
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig
+    assert err.strip().splitlines()[-1] == INTERRUPTED and "Traceback" not in err
+    assert temp_files(tmp_path) == []
+    assert out.read_bytes() == b"the output of an earlier run"
