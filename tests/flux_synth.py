@@ -29,7 +29,7 @@ KOHYA = {"double_blocks_0_img_attn_qkv": ("double_blocks.0.img_attn.qkv", 3 * H)
          "final_layer_adaLN_modulation_1": ("final_layer.adaLN_modulation.1", 2 * H), "img_in": ("img_in", H)}
 
 
-def kohya_file(path, seed: int = 1, bfl: bool = False) -> dict[str, torch.Tensor]:
+def kohya_file(path, seed: int = 1, bfl: bool = False, metadata: dict | None = None) -> dict[str, torch.Tensor]:
     """kohya Flux LoRA, rank 4, α 2 (or BFL's dotted names, PEFT suffixes, α folded into up): the dense ΔW per
     kohya module."""
     deltas, sd = {}, {}
@@ -42,7 +42,7 @@ def kohya_file(path, seed: int = 1, bfl: bool = False) -> dict[str, torch.Tensor
             key = "lora_unet_" + name
             sd.update({f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": down, f"{key}.alpha": torch.tensor(2.0)})
         deltas["lora_unet_" + name] = 0.5 * up.double() @ down.double()
-    save_file(sd, str(path))
+    save_file(sd, str(path), metadata)
     return deltas
 
 

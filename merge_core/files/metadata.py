@@ -15,6 +15,8 @@ TAG_FREQUENCY, TRIGGER_PHRASE = "ss_tag_frequency", "modelspec.trigger_phrase"  
 NETWORK_MODULE = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya", "full": "lycoris.kohya"}
 BASE_MODEL = {"sdxl": "sdxl_base_v1-0", "sd15": "sd_v1"}
 ARCHITECTURE = {"sdxl": "stable-diffusion-xl-v1-base", "sd15": "stable-diffusion-v1"}
+# what the base model is, kept when every input says the same (written anew for the architectures above)
+MODEL_KEYS = ("ss_base_model_version", "modelspec.architecture", "modelspec.implementation")
 
 
 def pack_version() -> str:
@@ -42,11 +44,15 @@ def make_recipe(operation: str, inputs: Iterable[Union[str, os.PathLike]], param
 
 def carried_metadata(inputs: Iterable[dict[str, str]]) -> dict[str, str]:
     """What a file made from `inputs` (their metadata) keeps of theirs: the trigger words and training tags UIs
-    show.  ss_tag_frequency ({folder: {tag: count}}) summed over the inputs (one that is not valid JSON is
-    left out); modelspec.trigger_phrase joined, each distinct phrase once."""
+    show, and which base model it is for.  ss_tag_frequency ({folder: {tag: count}}) summed over the inputs
+    (one that is not valid JSON is left out); modelspec.trigger_phrase joined, each distinct phrase once; the
+    MODEL_KEYS each when every input has it and all agree (e.g. a Flux LoRA's `flux1` and `flux-1-dev/lora`)."""
     tags: dict[str, dict[str, int]] = {}
     phrases: list[str] = []
+    model: dict[str, set] = {key: set() for key in MODEL_KEYS}
     for meta in inputs:
+        for key in MODEL_KEYS:
+            model[key].add(meta.get(key))
         try:
             folders = json.loads(meta.get(TAG_FREQUENCY) or "{}")
             for folder, counts in folders.items():
@@ -58,7 +64,7 @@ def carried_metadata(inputs: Iterable[dict[str, str]]) -> dict[str, str]:
         phrase = (meta.get(TRIGGER_PHRASE) or "").strip()
         if phrase and phrase not in phrases:
             phrases.append(phrase)
-    out = {}
+    out = {key: values.pop() for key, values in model.items() if len(values) == 1 and None not in values}
     if tags:
         out[TAG_FREQUENCY] = json.dumps(tags, ensure_ascii=False)
     if phrases:
@@ -79,11 +85,15 @@ def lora_metadata(kinds: set[str], ranks: list[int], alphas: list[float], arch: 
     dims, alphs = sorted(set(ranks)), sorted(set(alphas))
     meta["ss_network_dim"] = str(dims[0]) if len(dims) == 1 else "Dynamic"
     meta["ss_network_alpha"] = (f"{alphs[0]:g}" if len(alphs) == 1 else "Dynamic") if alphs else "Dynamic"
+    form = "lora" if kind == "lora" else "lycoris"
     if arch in BASE_MODEL:
         meta["ss_base_model_version"] = BASE_MODEL[arch]
-        meta["modelspec.architecture"] = f"{ARCHITECTURE[arch]}/{'lora' if kind == 'lora' else 'lycoris'}"
+        meta["modelspec.architecture"] = f"{ARCHITECTURE[arch]}/{form}"
+        meta["modelspec.implementation"] = "https://github.com/Stability-AI/generative-models"
+    elif "modelspec.architecture" in meta:  # the inputs' (carried): this file's form after the model's name
+        meta["modelspec.architecture"] = f"{meta['modelspec.architecture'].split('/')[0]}/{form}"
+    meta.setdefault("modelspec.implementation", "peft")
     meta["modelspec.sai_model_spec"] = "1.0.0"
-    meta["modelspec.implementation"] = "https://github.com/Stability-AI/generative-models" if arch in BASE_MODEL else "peft"
     if title:
         meta["modelspec.title"] = title
     if recipe is not None:

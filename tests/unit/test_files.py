@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from merge_core.errors import NonFiniteError, OutputExistsError, OutputWriteError, UnsafePathError
 from merge_core.files import RECIPE_KEY, atomic_folder, atomic_write, inside, make_recipe
-from merge_core.files.metadata import carried_metadata
+from merge_core.files.metadata import carried_metadata, lora_metadata
 from merge_core.files.narrow import narrowed
 from merge_core.lora_file import save_lora
 from synth import sdxl_lora, sdxl_specs
@@ -182,6 +182,25 @@ def test_carried_metadata_sums_tags_joins_phrases_and_skips_damaged_json():
     assert json.loads(got.pop("ss_tag_frequency")) == {"1_a": {"x": 5, "y": 1}}
     assert got == {"modelspec.trigger_phrase": "cat ears, sks"}
     assert carried_metadata([{}, {"ss_seed": "1"}]) == {}
+
+
+def test_the_base_model_is_kept_when_the_inputs_agree_and_the_form_follows_the_file(tmp_path):
+    """A Flux LoRA's ss_base_model_version / modelspec.architecture / .implementation (what sd-scripts writes)
+    survive a merge of such files; any disagreement or absence drops the key; the architecture's form suffix is
+    the written file's (a LoKr is `lycoris`); SDXL's keys are always written anew."""
+    flux = {"ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-dev/lora",
+            "modelspec.implementation": "https://github.com/black-forest-labs/flux"}
+    assert carried_metadata([flux, dict(flux)]) == flux
+    assert carried_metadata([flux, {**flux, "ss_base_model_version": "flux1-schnell"}, flux]) == {
+        k: v for k, v in flux.items() if k != "ss_base_model_version"}
+    assert carried_metadata([flux, {}]) == {}
+    lokr = lora_metadata({"lokr"}, [4], [4.0], "other", carried=carried_metadata([flux]))
+    assert (lokr["modelspec.architecture"], lokr["ss_base_model_version"]) == ("flux-1-dev/lycoris", "flux1")
+    assert lokr["modelspec.implementation"] == flux["modelspec.implementation"]
+    assert lora_metadata({"lora"}, [4], [4.0], "other")["modelspec.implementation"] == "peft"
+    sdxl = lora_metadata({"lora"}, [4], [4.0], "sdxl", carried=carried_metadata([flux]))
+    assert sdxl["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert sdxl["ss_base_model_version"] == "sdxl_base_v1-0"
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")

@@ -118,3 +118,13 @@ def test_flux_clip_l_modules_match_across_namings(tmp_path):
                                    "lora_unet_double_blocks_0_img_attn_qkv"}
     want = ku.double() @ kd.double() + 0.25 * du.double() @ dd.double()
     assert torch.allclose(dense_result(result)["lora_te1_text_model_encoder_layers_0_mlp_fc1"], want, atol=1e-5)
+
+
+def test_a_flux_merge_keeps_the_base_model_its_inputs_name(tmp_path):
+    meta = {"ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-dev/lora"}
+    kohya_file(tmp_path / "a.safetensors", seed=1, metadata=meta)
+    kohya_file(tmp_path / "b.safetensors", seed=2, metadata=meta)
+    out = merge_loras([load_lora(tmp_path / "a.safetensors"), load_lora(tmp_path / "b.safetensors")]).save(
+        tmp_path / "m.safetensors")
+    written = load_lora(out).metadata
+    assert {k: written[k] for k in meta} == meta
