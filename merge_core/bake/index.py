@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..checkpoint.layout import UNET, is_checkpoint
+from ..checkpoint.layout import UNET, source_layout
 from ..checkpoint.lora_names import Target, split_role, targets_of
 from ..checkpoint.sources import WeightSource
 from ..keys.sdxl_table import sdxl_aliases
@@ -32,12 +32,12 @@ class Slot:
 class BakeIndex:
     def __init__(self, base: WeightSource):
         keys = base.keys()
-        checkpoint = is_checkpoint(keys)
+        checkpoint, prefix = source_layout(keys)
         self.slots: dict[tuple[str, str], Slot] = {}
         self.aliases: dict[str, str] = {}
         for key in keys:
             shape = tuple(base.shape(key))
-            for t in targets_of(key, shape, checkpoint):
+            for t in targets_of(key, shape, checkpoint, prefix):
                 self.slots.setdefault((t.name, t.role), Slot(key, t, t.part_shape(shape)))
                 for alias in self._aliases(key, t):
                     self.aliases.setdefault(alias, t.name)

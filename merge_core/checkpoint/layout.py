@@ -9,6 +9,8 @@ Understood layouts (per key, by prefix):
   `layer_norm1/2`, `positional_embedding`/`token_embedding`/`ln_final` -> embeddings / final_layer_norm, and
   `text_projection` (used as x @ P) -> the Linear weight Pᵀ (transposed).
 - ComfyUI-internal keys (what ModelPatcher holds): `diffusion_model.*`, `clip_l.transformer.*`, `clip_g.transformer.*`.
+- A diffusion transformer saved on its own with BFL's names, as Flux is shipped (`double_blocks.0.img_attn.qkv.weight`,
+  `img_in.weight`, no prefix): ComfyUI holds every key under `diffusion_model.` (`source_layout`).
 
 `placements(key, shape)` is None for a key in no understood layout (a generic state dict), and [] for a key
 of an understood checkpoint that no LoRA can patch (VAE, `logit_scale`, position ids, EMA copies, ...).
@@ -95,6 +97,21 @@ def placements(key: str, shape: tuple[int, ...]) -> Optional[list[Placement]]:
     if key.startswith(OTHER_PARTS):
         return []
     return None
+
+
+BARE_TRANSFORMER = ("double_blocks.", "single_blocks.")  # a BFL-style transformer's blocks (Flux, Chroma, ...)
+
+
+def source_layout(keys: Iterable[str]) -> tuple[bool, str]:
+    """(checkpoint, prefix) of a weight source: `prefix` puts its keys in an understood layout —
+    `diffusion_model.` for a bare BFL-style transformer (no key placed as it is, some under
+    double_blocks./single_blocks.), else nothing — and `checkpoint` says whether they then are (is_checkpoint)."""
+    keys = list(keys)
+    if is_checkpoint(keys):
+        return True, ""
+    if any(k.startswith(BARE_TRANSFORMER) for k in keys):
+        return True, "diffusion_model."
+    return False, ""
 
 
 def is_checkpoint(keys: Iterable[str]) -> bool:

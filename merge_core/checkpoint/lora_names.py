@@ -78,10 +78,11 @@ def comfy_name(p: Placement) -> Optional[tuple[str, str]]:
     return f"text_encoders.{stem}", role
 
 
-def targets_of(key: str, shape: tuple[int, ...], checkpoint: bool) -> list[Target]:
+def targets_of(key: str, shape: tuple[int, ...], checkpoint: bool, prefix: str = "") -> list[Target]:
     """Where the delta of `key` goes in a LoRA file ([] = nowhere).  `checkpoint`: the source is in an
-    understood SD/SDXL layout (then keys outside it are skipped); otherwise every key is named generically."""
-    found = placements(key, shape)
+    understood SD/SDXL layout (then keys outside it are skipped); otherwise every key is named generically.
+    `prefix`: the source's (layout.source_layout), put before the key to place it."""
+    found = placements(prefix + key, shape)
     if found is None:
         if checkpoint:
             return []

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..checkpoint.layout import UNET, is_checkpoint
+from ..checkpoint.layout import UNET, source_layout
 from ..checkpoint.lora_names import GENERIC, Target, targets_of
 from ..checkpoint.sources import WeightSource
 from ..keys.sdxl_table import sdxl_modules
@@ -51,7 +51,7 @@ def detect_arch(tasks: list[Task]) -> str:
 def make_plan(base: WeightSource, tuned: WeightSource, text_encoders: bool = True) -> Plan:
     base_keys = base.keys()
     tuned_keys = set(tuned.keys())
-    checkpoint = is_checkpoint(base_keys)
+    checkpoint, prefix = source_layout(base_keys)
     plan = Plan([])
     seen: set[tuple[str, str]] = set()
     for key in base_keys:
@@ -65,7 +65,7 @@ def make_plan(base: WeightSource, tuned: WeightSource, text_encoders: bool = Tru
         if not shape:  # a LoRA file cannot hold scalar parameters (merge_core's readers need a matrix)
             plan.skip("scalar", key)
             continue
-        targets = targets_of(key, shape, checkpoint)
+        targets = targets_of(key, shape, checkpoint, prefix)
         if not targets:
             plan.skip("no_lora_target", key)
             continue

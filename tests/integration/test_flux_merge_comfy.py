@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 if str(TESTS_DIR) not in sys.path:
@@ -72,3 +72,33 @@ def test_kohya_and_diffusers_flux_merge_applies_as_the_stack_in_comfyui(flux, tm
     assert len(stacked) == 8 and set(merged) == set(stacked)  # every weight either file patches
     for key, want in stacked.items():
         assert float((merged[key] - want).norm()) <= 1e-5 * float(want.norm()), key
+
+
+def test_a_lora_extracted_from_bare_flux_transformers_patches_every_changed_weight(flux, tmp_path):
+    """Base and tuned saved as BFL ships Flux (no prefix); the extracted LoRA, through ComfyUI's LoraLoader on
+    the base, gives the tuned weights back (changes of rank 2 at extraction rank 4: exact up to fp32)."""
+    patcher, key_map = flux
+    g = torch.Generator().manual_seed(0)
+    base = {k[len("diffusion_model."):]: torch.randn(v.shape, generator=g)
+            for k, v in patcher.model.state_dict().items() if k.startswith("diffusion_model.")}
+    tuned = {k: v + 0.1 * (torch.randn(v.shape[0], 2, generator=g) @ torch.randn(2, v[0].numel(), generator=g)
+                           ).reshape(v.shape) if v.dim() >= 2 else v + 0.1 * torch.randn(v.shape, generator=g)
+             for k, v in base.items()}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    lora = tmp_path / "lora.safetensors"
+    assert main(["extract", "--source-model", str(tmp_path / "base.safetensors"), "--target-model",
+                 str(tmp_path / "tuned.safetensors"), "--rank", "4", "--output-dtype", "fp32", "-o", str(lora)]) == 0
+    patches, not_loaded = load_lora_with_comfy(load_file(str(lora)), key_map)
+    assert not_loaded == []
+    import comfy.lora
+
+    patched = {}
+    for k, adapter in patches.items():
+        key = k if isinstance(k, str) else k[0]
+        patched[key] = comfy.lora.calculate_weight([(1.0, adapter, 1.0, None, None)],
+                                                   base[key[len("diffusion_model."):]].clone(), key)
+    assert set(patched) == {"diffusion_model." + k for k in base}  # every tensor changed, every one patched
+    for key, weight in patched.items():
+        want = tuned[key[len("diffusion_model."):]]
+        assert torch.allclose(weight, want, atol=1e-4 * float(want.abs().max())), key
