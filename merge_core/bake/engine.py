@@ -31,6 +31,7 @@ from ..files.metadata import RECIPE_KEY, make_recipe
 from ..files.narrow import narrowed
 from ..files.stream_writer import header_bound, write_safetensors
 from ..files.tensor_source import PICKLE_OUTPUTS
+from ..flux_match import for_base
 from ..lora_file import LoraSet, damaged_module_error, dtype_of, load_lora, save_pickle
 from ..report import Progress
 from .index import BakeIndex, Slot
@@ -168,7 +169,9 @@ def bake_lora(base_path: Union[str, os.PathLike, WeightSource], lora: Union[Lora
     if damaged is not None:  # one fp32 sum per tensor: a NaN baked in would ruin the whole layer
         raise damaged_module_error(damaged, lset, 0)
     out_dtype = dtype_of(output_dtype) if output_dtype else None
-    patches, matched, skipped = plan_patches(lset, BakeIndex(base))
+    index = BakeIndex(base)
+    lset = for_base(lset, index.names())
+    patches, matched, skipped = plan_patches(lset, index)
     base_label = label_of(base_path, "base (in memory)")
     if not patches:
         raise MergeCoreError(f"nothing to bake: none of the {len(lset.modules)} modules of {lset.source or 'the LoRA'} "

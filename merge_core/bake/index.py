@@ -50,7 +50,7 @@ class BakeIndex:
             names.append("text_encoders." + comfy_stem)
         if t.placement.rows is None and not t.placement.transpose:
             stem = split_role(key)[0]
-            names += [stem, "diffusion_model." + stem, PEFT_PREFIX + stem]
+            names += [stem, "diffusion_model." + stem, "transformer." + stem, PEFT_PREFIX + stem]
         return names
 
     def resolve(self, name: str) -> Optional[str]:
@@ -59,6 +59,10 @@ class BakeIndex:
             return self.aliases[name]
         kohya = sdxl_aliases().get(name)
         return self.aliases.get(kohya) if kohya is not None else None
+
+    def names(self) -> set[str]:
+        """The canonical module name of every layer the base holds."""
+        return {name for name, _ in self.slots}
 
     def slot(self, name: str, role: str) -> Optional[Slot]:
         return self.slots.get((name, role))

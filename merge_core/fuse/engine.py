@@ -19,9 +19,9 @@ import torch
 from ..device import resolve_device
 from ..errors import MergeCoreError, NonFiniteError, ShapeMismatchError, finite_numbers
 from ..files.metadata import carried_metadata, make_recipe
+from ..flux_match import match_flux_naming
 from ..lora_file import LoraSet, check_dora, damaged_module_error, input_label
 from ..lowrank import RankRule
-from ..merge.flux_match import match_flux_naming
 from ..merge.scheduler import run_in_order
 from ..report import ModuleReport, Progress, Report
 from ..result import MergeResult

@@ -22,12 +22,12 @@ from ..adapters import AdapterModule, parameter_count
 from ..device import resolve_device
 from ..errors import MergeCoreError, NonFiniteError
 from ..files.metadata import carried_metadata, make_recipe
+from ..flux_match import match_flux_naming
 from ..lora_file import LoraSet, check_dora, damaged_module_error, input_label
 from ..lowrank import RankRule
 from ..memory import available_on
 from ..report import ModuleReport, Progress, Report
 from ..result import MergeResult
-from .flux_match import match_flux_naming
 from .heap import HeapTrimmer
 from .methods import Method, describe, method_named, resolve_options, resolve_weights
 from .options import MergeOptions

@@ -1,7 +1,8 @@
 """A diffusion transformer saved on its own with BFL's names (Flux as Black Forest Labs ships it:
 `double_blocks.0.img_attn.qkv.weight`, no prefix) is placed where ComfyUI holds it, under `diffusion_model.`:
 extract names its modules `lora_unet_…` (what ComfyUI's LoRA loader maps), and bake finds a kohya Flux
-LoRA's layers in it.  An extract then a bake gives the tuned file back."""
+LoRA's layers in it — and a diffusers-named one's, in the fused weights' rows.  An extract then a bake gives
+the tuned file back."""
 from __future__ import annotations
 
 import torch
@@ -9,6 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from merge_core.cli import main
 from merge_core.lora_file import load_lora
+
+from flux_synth import H, diffusers_file
 
 # key -> shape: a tiny Flux with BFL's names (hidden 32)
 KEYS = {"img_in.weight": (32, 4), "img_in.bias": (32,), "double_blocks.0.img_attn.qkv.weight": (96, 32),
@@ -44,3 +47,36 @@ def test_extract_names_a_bare_flux_transformer_as_comfyui_maps_it_and_bake_rever
     assert set(got) == set(tuned)
     for k, v in tuned.items():
         assert torch.allclose(got[k], v, atol=1e-5), k
+
+
+def test_a_diffusers_flux_lora_bakes_into_the_fused_weights_of_a_bfl_model(tmp_path):
+    """AI-Toolkit-style names (to_q, to_k, proj_mlp, norm_out, …) find their rows of the BFL model's fused
+    weights, as ComfyUI applies them; a base of zeros gives back each weight's ΔW."""
+    shapes = {"double_blocks.0.img_attn.qkv": (3 * H, H), "double_blocks.0.txt_attn.qkv": (3 * H, H),
+              "double_blocks.0.img_attn.proj": (H, H), "single_blocks.0.linear1": (7 * H, H),
+              "single_blocks.0.linear2": (H, 5 * H), "img_in": (H, 4), "guidance_in.in_layer": (H, 256),
+              "final_layer.adaLN_modulation.1": (2 * H, H)}
+    save_file({f"{k}.weight": torch.zeros(s) for k, s in shapes.items()}, str(tmp_path / "base.safetensors"))
+    deltas = diffusers_file(tmp_path / "d.safetensors")
+    assert main(["bake", "--source-model", str(tmp_path / "base.safetensors"), "--lora-model",
+                 str(tmp_path / "d.safetensors"), "--output-dtype", "fp32", "-o", str(tmp_path / "b.safetensors")]) == 0
+    got = load_file(str(tmp_path / "b.safetensors"))
+    own = {"transformer.transformer_blocks.0.attn.to_out.0": "double_blocks.0.img_attn.proj",
+           "transformer.time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer"}
+    for name, delta in deltas.items():
+        key = own.get(name) or next(k for k in shapes if "lora_unet_" + k.replace(".", "_") == name)
+        assert torch.allclose(got[key + ".weight"].double(), delta, atol=1e-5), name
+
+
+def test_a_diffusers_lora_bakes_into_a_diffusers_format_transformer(tmp_path):
+    """FluxTransformer2DModel's own keys (transformer_blocks.0.attn.to_q.weight) take the LoRA's
+    transformer.transformer_blocks.0.attn.to_q as they are."""
+    save_file({"transformer_blocks.0.attn.to_q.weight": torch.zeros(H, H)}, str(tmp_path / "base.safetensors"))
+    g = torch.Generator().manual_seed(1)
+    up, down = torch.randn(H, 2, generator=g), torch.randn(2, H, generator=g)
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_B.weight": up,
+               "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": down}, str(tmp_path / "d.safetensors"))
+    assert main(["bake", "--source-model", str(tmp_path / "base.safetensors"), "--lora-model",
+                 str(tmp_path / "d.safetensors"), "--output-dtype", "fp32", "-o", str(tmp_path / "b.safetensors")]) == 0
+    assert torch.allclose(load_file(str(tmp_path / "b.safetensors"))["transformer_blocks.0.attn.to_q.weight"], up @ down,
+                          atol=1e-6)

@@ -1,4 +1,5 @@
-"""Flux LoRAs named two ways, merged: names are brought to the kohya ones where that lines modules up.
+"""Flux LoRAs named two ways, merged (or baked into a BFL-named model): names are brought to the kohya ones
+where that lines modules up.
 
 When every Flux input names its modules one way (all kohya, all BFL or all diffusers) the names already
 match and nothing changes.  Otherwise BFL names become kohya names (keys/flux_names.py), and so does a
@@ -18,11 +19,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..adapters import AdapterModule, LoRA
-from ..errors import FormatError
-from ..keys import Naming
-from ..keys.flux_names import MLP_RATIO, Place, naming_style, place_of
-from ..lora_file import LoraSet, input_label
+from .adapters import AdapterModule, LoRA
+from .errors import FormatError
+from .keys import Naming
+from .keys.flux_names import MLP_RATIO, Place, naming_style, place_of
+from .lora_file import LoraSet, input_label
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,11 @@ def match_flux_naming(sets: Sequence[LoraSet]) -> list[LoraSet]:
     sets = [kohya_named(s, i) if style == "bfl" else s for i, (s, style) in enumerate(zip(sets, styles))]
     held = {name for s, style in zip(sets, styles) if style in ("kohya", "bfl") for name in s.modules}
     return [kohya_named(s, i, held) if style == "diffusers" else s for i, (s, style) in enumerate(zip(sets, styles))]
+
+
+def for_base(s: LoraSet, names: set[str]) -> LoraSet:
+    """A diffusers-named Flux LoRA under the kohya names of the layers a bake's base holds (`names`)."""
+    return kohya_named(s, 0, names) if naming_style(s.modules) == "diffusers" else s
 
 
 def kohya_named(s: LoraSet, index: int = 0, held: Optional[set[str]] = None) -> LoraSet:
