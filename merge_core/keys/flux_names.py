@@ -23,6 +23,7 @@ KOHYA = "lora_unet_"
 BFL = "diffusion_model."
 CLIP_L = "text_encoder.text_model.encoder.layers."
 MLP_RATIO = 4  # linear1's MLP rows per hidden unit (Flux.1 dev/schnell)
+FLUX_NAMING = {"bfl": "BFL module names", "diffusers": "diffusers module names, q/k/v split"}  # for people
 
 # diffusers path inside a double block -> (BFL path, row block of a fused q|k|v weight or None)
 _DOUBLE = {"attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merge_core.lora_file import load_lora
+from merge_core.lora_file import load_lora, summary, summary_lines
 from merge_core.lowrank import RankRule
 from merge_core.fuse import fuse_models
 from merge_core.merge import merge_loras
@@ -128,3 +128,12 @@ def test_a_flux_merge_keeps_the_base_model_its_inputs_name(tmp_path):
         tmp_path / "m.safetensors")
     written = load_lora(out).metadata
     assert {k: written[k] for k in meta} == meta
+
+
+def test_inspect_names_flux_and_its_naming(tmp_path):
+    kohya_file(tmp_path / "k.safetensors")
+    diffusers_file(tmp_path / "d.safetensors")
+    k, d = (summary(load_lora(tmp_path / f"{n}.safetensors")) for n in "kd")
+    assert (k["architecture"], k["flux_naming"], d["architecture"], d["flux_naming"]) == ("flux", "kohya", "flux",
+                                                                                          "diffusers")
+    assert dict(summary_lines(d))["format"] == "peft names, architecture flux (diffusers module names, q/k/v split)"
