@@ -31,8 +31,8 @@ from ..files.metadata import RECIPE_KEY, make_recipe
 from ..files.narrow import narrowed
 from ..files.stream_writer import header_bound, write_safetensors
 from ..files.tensor_source import PICKLE_OUTPUTS
-from ..flux_match import for_base
 from ..lora_file import LoraSet, damaged_module_error, dtype_of, load_lora, save_pickle
+from ..name_match import for_base
 from ..report import Progress
 from .index import BakeIndex, Slot
 

@@ -19,10 +19,10 @@ import torch
 from ..device import resolve_device
 from ..errors import MergeCoreError, NonFiniteError, ShapeMismatchError, finite_numbers
 from ..files.metadata import carried_metadata, make_recipe
-from ..flux_match import match_flux_naming
 from ..lora_file import LoraSet, check_dora, damaged_module_error, input_label
 from ..lowrank import RankRule
 from ..merge.scheduler import run_in_order
+from ..name_match import match_names
 from ..report import ModuleReport, Progress, Report
 from ..result import MergeResult
 from .output_forms import FALLBACK_NOTE, Built, build_module, check_output_format, fused_bias
@@ -107,7 +107,7 @@ def plan_fuse(sets: Sequence[LoraSet], weights: Optional[Sequence[float]] = None
               dora: str = "error") -> FusePlan:
     """Check everything that can be checked before any work (weights, strategy, form, DoRA, architecture, every
     module's shapes) and start hashing the inputs for the recipe."""
-    sets = match_flux_naming(sets)
+    sets = match_names(sets)
     if not sets:
         raise MergeCoreError("fuse needs at least one model")
     w = resolve_weights(weights, len(sets))

@@ -71,10 +71,9 @@ def kohya_name(bfl_path: str) -> str:
 
 
 def place_of(name: str) -> Optional[Place]:
-    """The kohya place of a BFL- or diffusers-named Flux module (None: not a name of Flux's transformer or
-    CLIP-L)."""
-    if name.startswith(BFL + "double_blocks.") or name.startswith(BFL + "single_blocks.") or (
-            name.startswith(BFL) and name[len(BFL):] in _GLOBAL.values()):
+    """The kohya place of a module named `diffusion_model.<path>` (any model's, BFL's for Flux) or with a Flux
+    diffusers name (None: neither, nor Flux's CLIP-L)."""
+    if name.startswith(BFL):
         return Place(kohya_name(name[len(BFL):]))
     if name.startswith(CLIP_L):
         return Place("lora_te1_" + name[len("text_encoder."):].replace(".", "_"))

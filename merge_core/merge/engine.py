@@ -22,10 +22,10 @@ from ..adapters import AdapterModule, parameter_count
 from ..device import resolve_device
 from ..errors import MergeCoreError, NonFiniteError
 from ..files.metadata import carried_metadata, make_recipe
-from ..flux_match import match_flux_naming
 from ..lora_file import LoraSet, check_dora, damaged_module_error, input_label
 from ..lowrank import RankRule
 from ..memory import available_on
+from ..name_match import match_names
 from ..report import ModuleReport, Progress, Report
 from ..result import MergeResult
 from .heap import HeapTrimmer
@@ -93,7 +93,7 @@ def plan_merge(sets: Sequence[LoraSet], method: str = "rsvd", weights: Sequence[
                rule: RankRule | None = None, solver: str | None = None, seed: int = 0, density: float = 0.5,
                block_weights: Sequence[Sequence[float] | None] | None = None, dora: str = "error") -> MergePlan:
     """Check everything and group the modules into batches; see merge_loras for the arguments."""
-    sets = match_flux_naming(sets)
+    sets = match_names(sets)
     if not sets:
         raise MergeCoreError("merge needs at least one input")
     spec = method_named(method)

@@ -137,3 +137,21 @@ def test_inspect_names_flux_and_its_naming(tmp_path):
     assert (k["architecture"], k["flux_naming"], d["architecture"], d["flux_naming"]) == ("flux", "kohya", "flux",
                                                                                           "diffusers")
     assert dict(summary_lines(d))["format"] == "peft names, architecture flux (diffusers module names, q/k/v split)"
+
+
+def test_kohya_and_comfyui_names_of_any_model_match(tmp_path):
+    """Wan as musubi-tuner names it (lora_unet_blocks_0_self_attn_q) and as ComfyUI-side trainers do
+    (diffusion_model.blocks.0.self_attn.q): one weight, merged under the kohya name."""
+    g = torch.Generator().manual_seed(7)
+    ku, kd, du, dd = (torch.randn(*shape, generator=g) for shape in ((6, 2), (2, 6), (6, 3), (3, 6)))
+    save_file({"lora_unet_blocks_0_self_attn_q.lora_up.weight": ku,
+               "lora_unet_blocks_0_self_attn_q.lora_down.weight": kd}, str(tmp_path / "k.safetensors"))
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_B.weight": du,
+               "diffusion_model.blocks.0.self_attn.q.lora_A.weight": dd,
+               "diffusion_model.blocks.0.ffn.0.lora_B.weight": du.clone(),
+               "diffusion_model.blocks.0.ffn.0.lora_A.weight": dd.clone()}, str(tmp_path / "d.safetensors"))
+    result = merge_loras([load_lora(tmp_path / "k.safetensors"), load_lora(tmp_path / "d.safetensors")], "concat",
+                         weights=[1.0, -1.0])
+    assert set(result.modules) == {"lora_unet_blocks_0_self_attn_q", "lora_unet_blocks_0_ffn_0"}
+    want = ku.double() @ kd.double() - du.double() @ dd.double()
+    assert torch.allclose(dense_result(result)["lora_unet_blocks_0_self_attn_q"], want, atol=1e-5)

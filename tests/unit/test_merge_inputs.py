@@ -297,12 +297,12 @@ def test_a_malformed_adapter_config_is_one_clear_error(tmp_path, config, needle)
 
 def test_inputs_that_share_no_module_are_merged_with_a_warning(tmp_path, caplog):
     """Nothing to merge with anything: a warning naming an example per input, and for a non-SDXL model named
-    in two styles (kohya and PEFT/diffusers, which only the SDXL and Flux tables match; here a video model's)
-    the styles; shared modules: none."""
+    in two styles (kohya and PEFT/diffusers, which only the SDXL and Flux tables match; here Wan's diffusers
+    names) the styles; shared modules: none."""
     kohya = {"lora_unet_blocks_0_self_attn_q.lora_down.weight": torch.randn(4, 64),
              "lora_unet_blocks_0_self_attn_q.lora_up.weight": torch.randn(64, 4)}
-    diffusers = {"diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.randn(4, 64),
-                 "diffusion_model.blocks.0.self_attn.q.lora_B.weight": torch.randn(64, 4)}
+    diffusers = {"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.randn(4, 64),
+                 "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.randn(64, 4)}
     save_file(kohya, str(tmp_path / "k.safetensors"))
     save_file(diffusers, str(tmp_path / "d.safetensors"))
     sets = [load_lora(tmp_path / "k.safetensors"), load_lora(tmp_path / "d.safetensors")]
@@ -313,7 +313,7 @@ def test_inputs_that_share_no_module_are_merged_with_a_warning(tmp_path, caplog)
         "no module is in more than one input (they name modules in different styles: kohya and peft; only SDXL and "
         "Flux names are matched across styles): the result holds each input's modules side by side, merged with "
         f"nothing (e.g. 'lora_unet_blocks_0_self_attn_q' in {tmp_path / 'k.safetensors'}, "
-        f"'diffusion_model.blocks.0.self_attn.q' in {tmp_path / 'd.safetensors'})"]
+        f"'transformer.blocks.0.attn1.to_q' in {tmp_path / 'd.safetensors'})"]
 
     caplog.clear()
     te, unet = lora_set({NAMES[3]: random_lora(shape_of(NAMES[3]), 2, 1.0, 1)}), \

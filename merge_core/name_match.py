@@ -1,15 +1,16 @@
-"""Flux LoRAs named two ways, merged (or baked into a BFL-named model): names are brought to the kohya ones
-where that lines modules up.
+"""One model's LoRAs named two ways, merged (or baked into a model named the other way): names are brought to
+the kohya ones where that lines modules up, as ComfyUI maps both onto the same weights.
 
-When every Flux input names its modules one way (all kohya, all BFL or all diffusers) the names already
-match and nothing changes.  Otherwise BFL names become kohya names (keys/flux_names.py), and so does a
-diffusers module whose kohya module another input holds: a diffusers LoRA's q, k, v (and proj_mlp) modules
-of one block become one LoRA of the fused weight, exactly — row blocks ΔW = [c₁·up₁·down₁; …] =
-blockdiag(c₁·up₁, …)·[down₁; …], rank Σrᵢ, zero rows for a part the file does not hold (cᵢ = αᵢ/rᵢ:
-kept as α/rank when the parts share it, else folded into up in fp32 with α = rank) — and norm_out.linear's
-up has its two row halves swapped.  The other diffusers modules keep their names (ComfyUI
-reads both namings; a look-alike model such as HunyuanVideo is not renamed into modules it lacks), and so do
-parts that are not plain LoRAs (LoKr, LoHa, DoRA), merged beside the fused module rather than into it.
+When every input names its diffusion model's modules one way nothing changes.  Otherwise:
+- `diffusion_model.<path>` (ComfyUI's own keys; BFL's Flux names; Wan's, HunyuanVideo's …) becomes kohya's
+  `lora_unet_<path with _>` — the same weight for every model;
+- a Flux diffusers name (keys/flux_names.py) becomes its kohya name where another input holds that module:
+  a diffusers LoRA's q, k, v (and proj_mlp) modules of one block become one LoRA of the fused weight, exactly
+  — row blocks ΔW = [c₁·up₁·down₁; …] = blockdiag(c₁·up₁, …)·[down₁; …], rank Σrᵢ, zero rows for a part the
+  file does not hold (cᵢ = αᵢ/rᵢ: kept as α/rank when the parts share it, else folded into up in fp32 with
+  α = rank) — and norm_out.linear's up has its two row halves swapped.  The other diffusers modules keep
+  their names (ComfyUI reads both; a look-alike model such as HunyuanVideo is not renamed into modules it
+  lacks), and so do parts that are not plain LoRAs (LoKr, LoHa, DoRA), merged beside the fused module.
 """
 from __future__ import annotations
 
@@ -22,20 +23,32 @@ import torch
 from .adapters import AdapterModule, LoRA
 from .errors import FormatError
 from .keys import Naming
-from .keys.flux_names import MLP_RATIO, Place, naming_style, place_of
+from .keys.flux_names import BFL, KOHYA, MLP_RATIO, Place, naming_style, place_of
 from .lora_file import LoraSet, input_label
 
 log = logging.getLogger(__name__)
 
 
-def match_flux_naming(sets: Sequence[LoraSet]) -> list[LoraSet]:
-    """`sets`, with kohya names for every Flux input when they do not all name their modules one way."""
-    styles = [naming_style(s.modules) for s in sets]
+def match_names(sets: Sequence[LoraSet]) -> list[LoraSet]:
+    """`sets`, with kohya names where the inputs do not all name their diffusion model's modules one way."""
+    styles = [_style(s) for s in sets]
     if len({style for style in styles if style is not None}) <= 1:
         return list(sets)
-    sets = [kohya_named(s, i) if style == "bfl" else s for i, (s, style) in enumerate(zip(sets, styles))]
-    held = {name for s, style in zip(sets, styles) if style in ("kohya", "bfl") for name in s.modules}
+    sets = [kohya_named(s, i) if style == "dotted" else s for i, (s, style) in enumerate(zip(sets, styles))]
+    held = {name for s, style in zip(sets, styles) if style in ("kohya", "dotted") for name in s.modules}
     return [kohya_named(s, i, held) if style == "diffusers" else s for i, (s, style) in enumerate(zip(sets, styles))]
+
+
+def _style(s: LoraSet) -> Optional[str]:
+    """How an input names its diffusion model's modules: "kohya" (`lora_unet_…`), "dotted"
+    (`diffusion_model.…`), "diffusers" (Flux's diffusers names), or None (none of these: a text encoder only,
+    a language model, …)."""
+    for name in s.modules:
+        if name.startswith(KOHYA):
+            return "kohya"
+        if name.startswith(BFL):
+            return "dotted"
+    return "diffusers" if naming_style(s.modules) == "diffusers" else None
 
 
 def for_base(s: LoraSet, names: set[str]) -> LoraSet:
@@ -44,7 +57,7 @@ def for_base(s: LoraSet, names: set[str]) -> LoraSet:
 
 
 def kohya_named(s: LoraSet, index: int = 0, held: Optional[set[str]] = None) -> LoraSet:
-    """One input with its Flux modules under kohya names (fused weights' parts joined), only those whose kohya
+    """One input with its dotted and Flux modules under kohya names (fused weights' parts joined), only those whose kohya
     name is in `held` when given; the others as they are.  A part or norm_out that is not a plain linear LoRA
     keeps its name too (with a warning): side by side with the kohya module it is what ComfyUI's stack does."""
     modules: dict[str, Optional[AdapterModule]] = {}
@@ -63,7 +76,7 @@ def kohya_named(s: LoraSet, index: int = 0, held: Optional[set[str]] = None) -> 
             modules.setdefault(target, None)
             continue
         if target in modules:
-            raise FormatError(f"{input_label(s, index)} holds Flux module '{target}' twice (as '{name}' and another "
+            raise FormatError(f"{input_label(s, index)} holds module '{target}' twice (as '{name}' and another "
                               "name)")
         modules[target] = swapped_halves(module) if place is not None and place.swap else module
     for target, blocks in parts.items():
