@@ -1,7 +1,8 @@
-"""Interrupt injection on a real CLI process: Ctrl-C (SIGINT) or a kill's SIGTERM while the merge writes its
-output.  The process exits 128 + the signal with one `error: interrupted` line, leaves no temp file, and an
-output it was replacing stays as it was.  The merge is slow on purpose (the kohya-style dense SVD of every
-module), so the signal lands mid-write, after the temp file appears."""
+"""Faults injected into a real CLI process while the merge writes its output: Ctrl-C (SIGINT) or a kill's
+SIGTERM — exit 128 + the signal with one `error: interrupted` line — and a disk that fills — exit 2 with one
+line.  Either way no temp file is left and an output it was replacing stays as it was.  The interrupted merge
+is slow on purpose (the kohya-style dense SVD of every module), so the signal lands mid-write, after the temp
+file appears."""
 from __future__ import annotations
 
 import os
@@ -18,7 +19,7 @@ from merge_core.lora_file import save_lora
 from synth import sdxl_lora, sdxl_specs
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+pytestmark = pytest.mark.skipif(os.name == "nt", reason="POSIX signals and resource limits")
 
 
 @pytest.fixture(scope="module")
@@ -52,5 +53,26 @@ def test_a_signal_mid_write_leaves_no_temp_file_and_the_old_output(inputs, tmp_p
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig
     assert err.strip().splitlines()[-1] == INTERRUPTED and "Traceback" not in err
+    assert temp_files(tmp_path) == []
+    assert out.read_bytes() == b"the output of an earlier run"
+
+
+def test_a_disk_that_fills_mid_write_is_one_line_and_keeps_the_old_output(inputs, tmp_path):
+    """The file-size limit (RLIMIT_FSIZE) makes the output's writes fail part-way with EFBIG, as a full disk's
+    ENOSPC would: exit 2, one line, no temp file, the old output as it was."""
+    import resource
+
+    out = tmp_path / "merged.safetensors"
+    out.write_bytes(b"the output of an earlier run")
+    limit = 1 << 20  # the merged file is several MiB
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run([sys.executable, "-m", "merge_core", "merge", *map(str, inputs), "--method", "concat",
+                           "-o", str(out), "--overwrite", "--threads", "1"], cwd=ROOT, capture_output=True, text=True,
+                          preexec_fn=small_files, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: cannot write {out}: File too large. Nothing was changed."]
     assert temp_files(tmp_path) == []
     assert out.read_bytes() == b"the output of an earlier run"
