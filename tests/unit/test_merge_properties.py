@@ -4,7 +4,8 @@ module allows), any alphas and signed weights, against dense references in fp64 
 exact weighted sum; a fixed-rank svd/rsvd has the optimal error at that rank (0 once the rank reaches T's); the
 energy rule picks the true energy rank; the reported error is the true error (up to the round-off of fp32
 Grams when the weighted terms cancel); TIES/DARE at density 1 give back one input; fuse's weighted_sum of any
-mix of LoRA, LoHa and LoKr (w2 full or factorised) is exact as a full diff and as a LoRA."""
+mix of LoRA, LoHa and LoKr (w2 full or factorised) is exact as a full diff and as a LoRA; any subset of a fused
+Flux weight's diffusers parts joins into its exact row-block delta."""
 from __future__ import annotations
 
 import math
@@ -176,3 +177,27 @@ def test_fuse_weighted_sum_is_exact_for_any_mix_of_kinds(data, out, inn, n, form
     got = result.modules[NAME]
     fused = got.diff.to(F64) if form == "full" else dense_lycoris(got)
     assert rel(fused, T) < (1e-5 if form == "full" else 5e-4 * cancellation(sets, weights, T))
+
+
+@PROFILE
+@given(st.data(), st.integers(1, 6), st.booleans())
+def test_flux_row_blocks_join_into_the_exact_fused_delta(data, hidden, single):
+    """Any non-empty subset of a fused Flux weight's diffusers parts (q, k, v[, proj_mlp]), each of any rank,
+    alpha and dtype, joins into one LoRA whose ΔW is each part's at its rows and zero elsewhere."""
+    from merge_core.name_match import joined_rows
+
+    target = "lora_unet_single_blocks_0_linear1" if single else "lora_unet_double_blocks_0_img_attn_qkv"
+    heights = [hidden] * 3 + ([4 * hidden] if single else [])
+    present = data.draw(st.sets(st.integers(0, len(heights) - 1), min_size=1))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float16]))
+    blocks, want = {}, torch.zeros(sum(heights), hidden, dtype=F64)
+    for i in sorted(present):
+        r = data.draw(st.integers(1, 5))
+        alpha = data.draw(st.one_of(st.none(), st.sampled_from([1.0, 0.5 * r, float(r), -2.0])))
+        up, down = torch.randn(heights[i], r, generator=g).to(dtype), torch.randn(r, hidden, generator=g).to(dtype)
+        blocks[i] = (f"part{i}", LoRA(up, down, alpha))
+        start = sum(heights[:i])
+        want[start:start + heights[i]] = (1.0 if alpha is None else alpha / r) * up.double() @ down.double()
+    got = dense(joined_rows(target, blocks))
+    assert torch.allclose(got, want, rtol=1e-3 if dtype == torch.float16 else 1e-5, atol=1e-4)
