@@ -1,16 +1,18 @@
 """One model's LoRAs named two ways, merged (or baked into a model named the other way): names are brought to
 the kohya ones where that lines modules up, as ComfyUI maps both onto the same weights.
 
-When every input names its diffusion model's modules one way nothing changes.  Otherwise:
-- `diffusion_model.<path>` (ComfyUI's own keys; BFL's Flux names; Wan's, HunyuanVideo's …) becomes kohya's
-  `lora_unet_<path with _>` — the same weight for every model;
-- a Flux diffusers name (keys/flux_names.py) becomes its kohya name where another input holds that module:
-  a diffusers LoRA's q, k, v (and proj_mlp) modules of one block become one LoRA of the fused weight, exactly
-  — row blocks ΔW = [c₁·up₁·down₁; …] = blockdiag(c₁·up₁, …)·[down₁; …], rank Σrᵢ, zero rows for a part the
-  file does not hold (cᵢ = αᵢ/rᵢ: kept as α/rank when the parts share it, else folded into up in fp32 with
-  α = rank) — and norm_out.linear's up has its two row halves swapped.  The other diffusers modules keep
-  their names (ComfyUI reads both; a look-alike model such as HunyuanVideo is not renamed into modules it
-  lacks), and so do parts that are not plain LoRAs (LoKr, LoHa, DoRA), merged beside the fused module.
+When every input names its diffusion model's modules one way nothing changes.  Otherwise a module is renamed
+only where that lines it up with another input's (the rest keep their names, which ComfyUI reads):
+- `diffusion_model.<path>` (ComfyUI's own keys; BFL's Flux names; Wan's …) becomes kohya's
+  `lora_unet_<path with _>`, the name ComfyUI gives the same weight — when another input holds that name (some
+  trainers' dotted paths are not the model's: diffusion-pipe's HunyuanVideo `img_mod.linear` is the model's
+  `img_mod.lin`, so an unconditional rename could make a name no loader maps);
+- a Flux diffusers name (keys/flux_names.py) becomes its kohya name where another input holds that module
+  (under either name): a diffusers LoRA's q, k, v (and proj_mlp) modules of one block become one LoRA of the
+  fused weight, exactly — row blocks ΔW = [c₁·up₁·down₁; …] = blockdiag(c₁·up₁, …)·[down₁; …], rank Σrᵢ, zero
+  rows for a part the file does not hold (cᵢ = αᵢ/rᵢ: kept as α/rank when the parts share it, else folded into
+  up in fp32 with α = rank) — and norm_out.linear's up has its two row halves swapped.  Parts that are not
+  plain LoRAs (LoKr, LoHa, DoRA) keep their names, merged beside the fused module.
 """
 from __future__ import annotations
 
@@ -34,9 +36,14 @@ def match_names(sets: Sequence[LoraSet]) -> list[LoraSet]:
     styles = [_style(s) for s in sets]
     if len({style for style in styles if style is not None}) <= 1:
         return list(sets)
-    sets = [kohya_named(s, i) if style == "dotted" else s for i, (s, style) in enumerate(zip(sets, styles))]
-    held = {name for s, style in zip(sets, styles) if style in ("kohya", "dotted") for name in s.modules}
-    return [kohya_named(s, i, held) if style == "diffusers" else s for i, (s, style) in enumerate(zip(sets, styles))]
+    kohya = {name for s, style in zip(sets, styles) if style == "kohya" for name in s.modules}
+    dotted = {place.name for s, style in zip(sets, styles) if style == "dotted" for name in s.modules
+              if name.startswith(BFL) and (place := place_of(name)) is not None}
+    sets = [kohya_named(s, i, kohya | dotted) if style == "diffusers" else s
+            for i, (s, style) in enumerate(zip(sets, styles))]
+    joined = {name for s, style in zip(sets, styles) if style == "diffusers" for name in s.modules}
+    return [kohya_named(s, i, kohya | joined) if style == "dotted" else s
+            for i, (s, style) in enumerate(zip(sets, styles))]
 
 
 def _style(s: LoraSet) -> Optional[str]:
@@ -57,9 +64,10 @@ def for_base(s: LoraSet, names: set[str]) -> LoraSet:
 
 
 def kohya_named(s: LoraSet, index: int = 0, held: Optional[set[str]] = None) -> LoraSet:
-    """One input with its dotted and Flux modules under kohya names (fused weights' parts joined), only those whose kohya
-    name is in `held` when given; the others as they are.  A part or norm_out that is not a plain linear LoRA
-    keeps its name too (with a warning): side by side with the kohya module it is what ComfyUI's stack does."""
+    """One input with its dotted and Flux modules under kohya names (fused weights' parts joined), only those
+    whose kohya name is in `held` when given; the others as they are.  A part or norm_out that is not a plain
+    linear LoRA keeps its name too (with a warning): side by side with the kohya module it is what ComfyUI's
+    stack does."""
     modules: dict[str, Optional[AdapterModule]] = {}
     parts: dict[str, dict[int, tuple[str, LoRA]]] = {}
     kept = []

@@ -141,7 +141,8 @@ def test_inspect_names_flux_and_its_naming(tmp_path):
 
 def test_kohya_and_comfyui_names_of_any_model_match(tmp_path):
     """Wan as musubi-tuner names it (lora_unet_blocks_0_self_attn_q) and as ComfyUI-side trainers do
-    (diffusion_model.blocks.0.self_attn.q): one weight, merged under the kohya name."""
+    (diffusion_model.blocks.0.self_attn.q): one weight, merged under the kohya name; a dotted module no other
+    input holds keeps its name (ComfyUI reads it as it is)."""
     g = torch.Generator().manual_seed(7)
     ku, kd, du, dd = (torch.randn(*shape, generator=g) for shape in ((6, 2), (2, 6), (6, 3), (3, 6)))
     save_file({"lora_unet_blocks_0_self_attn_q.lora_up.weight": ku,
@@ -152,6 +153,6 @@ def test_kohya_and_comfyui_names_of_any_model_match(tmp_path):
                "diffusion_model.blocks.0.ffn.0.lora_A.weight": dd.clone()}, str(tmp_path / "d.safetensors"))
     result = merge_loras([load_lora(tmp_path / "k.safetensors"), load_lora(tmp_path / "d.safetensors")], "concat",
                          weights=[1.0, -1.0])
-    assert set(result.modules) == {"lora_unet_blocks_0_self_attn_q", "lora_unet_blocks_0_ffn_0"}
+    assert set(result.modules) == {"lora_unet_blocks_0_self_attn_q", "diffusion_model.blocks.0.ffn.0"}
     want = ku.double() @ kd.double() - du.double() @ dd.double()
     assert torch.allclose(dense_result(result)["lora_unet_blocks_0_self_attn_q"], want, atol=1e-5)
