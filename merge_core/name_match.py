@@ -63,9 +63,9 @@ def for_base(s: LoraSet, names: set[str]) -> LoraSet:
     return kohya_named(s, 0, names) if naming_style(s.modules) == "diffusers" else s
 
 
-def kohya_named(s: LoraSet, index: int = 0, held: Optional[set[str]] = None) -> LoraSet:
-    """One input with its dotted and Flux modules under kohya names (fused weights' parts joined), only those
-    whose kohya name is in `held` when given; the others as they are.  A part or norm_out that is not a plain
+def kohya_named(s: LoraSet, index: int, held: set[str]) -> LoraSet:
+    """One input with its dotted and Flux modules under kohya names (fused weights' parts joined), those whose
+    kohya name is in `held`; the others as they are.  A part or norm_out that is not a plain
     linear LoRA keeps its name too (with a warning): side by side with the kohya module it is what ComfyUI's
     stack does."""
     modules: dict[str, Optional[AdapterModule]] = {}
@@ -73,7 +73,7 @@ def kohya_named(s: LoraSet, index: int = 0, held: Optional[set[str]] = None) -> 
     kept = []
     for name, module in s.modules.items():
         place = place_of(name)
-        if place is not None and held is not None and place.name not in held:
+        if place is not None and place.name not in held:
             place = None
         if place is not None and (place.part is not None or place.swap) and not plain_lora(module):
             kept.append(name)
