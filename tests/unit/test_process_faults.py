@@ -76,3 +76,41 @@ def test_a_disk_that_fills_mid_write_is_one_line_and_keeps_the_old_output(inputs
     assert proc.stderr.strip().splitlines() == [f"error: cannot write {out}: File too large. Nothing was changed."]
     assert temp_files(tmp_path) == []
     assert out.read_bytes() == b"the output of an earlier run"
+
+
+@pytest.mark.parametrize("command", ["extract", "bake"])
+def test_extract_and_bake_on_a_disk_that_fills_are_one_line_too(tmp_path, command):
+    """The checkpoint paths write differently (extract streams a LoRA, bake a checkpoint whose header is written
+    last): the same one line, no temp file, the old output kept."""
+    import resource
+
+    from safetensors.torch import save_file
+
+    from extract_bake_fixtures import sdxl_pair
+
+    base, tuned = sdxl_pair(low_rank=16)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    out = tmp_path / "out.safetensors"
+    if command == "bake":
+        from merge_core.cli import main
+
+        assert main(["extract", "--source-model", str(tmp_path / "base.safetensors"), "--target-model",
+                     str(tmp_path / "tuned.safetensors"), "-o", str(tmp_path / "lora.safetensors")]) == 0
+        argv = ["bake", "--source-model", str(tmp_path / "base.safetensors"), "--lora-model",
+                str(tmp_path / "lora.safetensors")]
+    else:
+        argv = ["extract", "--source-model", str(tmp_path / "base.safetensors"), "--target-model",
+                str(tmp_path / "tuned.safetensors"), "--output-dtype", "fp32", "--rank", "16"]
+    out.write_bytes(b"the output of an earlier run")
+    limit = 1 << 18  # the output stops at 256 KiB (the LoRA is over 1 MiB, the checkpoint 50)
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run([sys.executable, "-m", "merge_core", *argv, "-o", str(out), "--overwrite"], cwd=ROOT,
+                          capture_output=True, text=True, preexec_fn=small_files, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: cannot write {out}: File too large. Nothing was changed."]
+    assert temp_files(tmp_path) == []
+    assert out.read_bytes() == b"the output of an earlier run"
