@@ -27,7 +27,7 @@ from .files.metadata import lora_metadata
 from .files.narrow import narrowed
 from .files.stream_writer import header_bound, write_safetensors
 from .files.tensor_source import PICKLE_OUTPUTS, TensorSource
-from .keys.flux_names import FLUX_NAMING, naming_style
+from .keys.flux_names import FLUX_NAMING, flux_naming
 from .keys.profiles import Naming, resolve
 from .keys.sdxl_table import sdxl_modules
 from .keys.suffixes import ALPHA, DOWN, KOHYA, PEFT_BIAS, PEFT_EMBEDDING_B, UP, Suffixes, group_keys, style_of
@@ -298,9 +298,8 @@ def summary(lset: LoraSet) -> dict:
             if role != ALPHA:
                 dtypes[str(t.dtype).replace("torch.", "")] = dtypes.get(str(t.dtype).replace("torch.", ""), 0) + 1
         params += parameter_count(m)
-    flux = naming_style(lset.modules)
-    return {"path": str(lset.source), "profile": lset.profile, "architecture": "flux" if flux else lset.arch,
-            "flux_naming": flux, "modules": len(lset.modules), "kinds": lset.kinds(), "parts": parts, "ranks": ranks, "alphas": alphas,
+    return {"path": str(lset.source), "profile": lset.profile, "architecture": lset.arch,
+            "flux_naming": flux_naming(lset.modules), "modules": len(lset.modules), "kinds": lset.kinds(), "parts": parts, "ranks": ranks, "alphas": alphas,
             "dtypes": dtypes, "parameters": params, "dora_modules": len(lset.dora_modules()),
             "non_finite_modules": [name for name, m in lset.modules.items() if not m.is_finite()],
             "zero_alpha_modules": [name for name, m in lset.modules.items() if getattr(m, "alpha", None) == 0],

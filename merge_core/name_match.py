@@ -2,17 +2,20 @@
 the kohya ones where that lines modules up, as ComfyUI maps both onto the same weights.
 
 When every input names its diffusion model's modules one way nothing changes.  Otherwise a module is renamed
-only where that lines it up with another input's (the rest keep their names, which ComfyUI reads):
-- `diffusion_model.<path>` (ComfyUI's own keys; BFL's Flux names; Wan's …) becomes kohya's
-  `lora_unet_<path with _>`, the name ComfyUI gives the same weight — when another input holds that name (some
-  trainers' dotted paths are not the model's: diffusion-pipe's HunyuanVideo `img_mod.linear` is the model's
-  `img_mod.lin`, so an unconditional rename could make a name no loader maps);
-- a Flux diffusers name (keys/flux_names.py) becomes its kohya name where another input holds that module
-  (under either name): a diffusers LoRA's q, k, v (and proj_mlp) modules of one block become one LoRA of the
-  fused weight, exactly — row blocks ΔW = [c₁·up₁·down₁; …] = blockdiag(c₁·up₁, …)·[down₁; …], rank Σrᵢ, zero
-  rows for a part the file does not hold (cᵢ = αᵢ/rᵢ: kept as α/rank when the parts share it, else folded into
-  up in fp32 with α = rank) — and norm_out.linear's up has its two row halves swapped.  Parts that are not
-  plain LoRAs (LoKr, LoHa, DoRA) keep their names, merged beside the fused module.
+only where that lines it up with a module named the model's own way (kohya, or ComfyUI's `diffusion_model.`)
+that another input holds (the rest keep their names, which ComfyUI reads), taking the first of its places
+(places_of) that one does:
+- a Flux diffusers name (keys/flux_names.py): its kohya module, or a row block of one.  The q, k, v (and
+  proj_mlp) LoRAs of one block become one LoRA of the fused weight, exactly — row blocks ΔW = [c₁·up₁·down₁;
+  …] = blockdiag(c₁·up₁, …)·[down₁; …], rank Σrᵢ, zero rows for a part the file does not hold (cᵢ = αᵢ/rᵢ:
+  kept as α/rank when the parts share it, else folded into up in fp32 with α = rank) — and norm_out.linear's
+  up has its two row halves swapped.  Parts that are not plain LoRAs (LoKr, LoHa, DoRA) keep their names,
+  merged beside the fused module;
+- any model's `<prefix><path>` (PREFIXES: ComfyUI's `diffusion_model.`, diffusers' `transformer.`, …): kohya's
+  `lora_unet_<path with _>`, the same weight wherever the trainer's path is the model's.  Not every trainer's
+  is (Wan's diffusers `attn1.to_q` is its `self_attn.q`; diffusion-pipe's HunyuanVideo `img_mod.linear` is
+  `img_mod.lin`), and Flux's `transformer_blocks.0.attn.to_q` is a third of a fused weight: renamed without
+  evidence, such names would load nowhere.
 """
 from __future__ import annotations
 
@@ -25,42 +28,52 @@ import torch
 from .adapters import AdapterModule, LoRA
 from .errors import FormatError
 from .keys import Naming
-from .keys.flux_names import BFL, KOHYA, MLP_RATIO, Place, naming_style, place_of
+from .keys.flux_names import BFL, KOHYA, MLP_RATIO, Place, flux_place
 from .lora_file import LoraSet, input_label
 
 log = logging.getLogger(__name__)
 
 
+# prefixes before a module's path in the diffusion model: kohya's form of it is lora_unet_<path with _>
+PREFIXES = (BFL, "transformer.", "base_model.model.", "lycoris_", "lora_transformer_")
+
+
 def match_names(sets: Sequence[LoraSet]) -> list[LoraSet]:
-    """`sets`, with kohya names where the inputs do not all name their diffusion model's modules one way."""
+    """`sets`, with kohya names where the inputs do not all name their diffusion model's modules one way.
+    Only the kohya and `diffusion_model.` names are the model's own; a module of the other inputs takes the first
+    of its places one of those holds (so two diffusers-style inputs alone are not renamed: nothing says which
+    reading of their paths is the model's), and a `diffusion_model.` module its kohya name where another input
+    holds that or now has it."""
     styles = [_style(s) for s in sets]
     if len({style for style in styles if style is not None}) <= 1:
         return list(sets)
-    kohya = {name for s, style in zip(sets, styles) if style == "kohya" for name in s.modules}
-    dotted = {place.name for s, style in zip(sets, styles) if style == "dotted" for name in s.modules
-              if name.startswith(BFL) and (place := place_of(name)) is not None}
-    sets = [kohya_named(s, i, kohya | dotted) if style == "diffusers" else s
+    kohya = {name for s, style in zip(sets, styles) if style == KOHYA for name in s.modules}
+    dotted = {p.name for s, style in zip(sets, styles) if style == BFL for name in s.modules for p in places_of(name)}
+    sets = [kohya_named(s, i, kohya | dotted) if style not in (None, KOHYA, BFL) else s
             for i, (s, style) in enumerate(zip(sets, styles))]
-    joined = {name for s, style in zip(sets, styles) if style == "diffusers" for name in s.modules}
-    return [kohya_named(s, i, kohya | joined) if style == "dotted" else s
-            for i, (s, style) in enumerate(zip(sets, styles))]
+    renamed = {name for s, style in zip(sets, styles) if style not in (None, KOHYA, BFL) for name in s.modules}
+    return [kohya_named(s, i, kohya | renamed) if style == BFL else s for i, (s, style) in enumerate(zip(sets, styles))]
 
 
 def _style(s: LoraSet) -> Optional[str]:
-    """How an input names its diffusion model's modules: "kohya" (`lora_unet_…`), "dotted"
-    (`diffusion_model.…`), "diffusers" (Flux's diffusers names), or None (none of these: a text encoder only,
-    a language model, …)."""
-    for name in s.modules:
-        if name.startswith(KOHYA):
-            return "kohya"
-        if name.startswith(BFL):
-            return "dotted"
-    return "diffusers" if naming_style(s.modules) == "diffusers" else None
+    """The prefix an input names its diffusion model's modules with: kohya's `lora_unet_`, or one of PREFIXES
+    (`diffusion_model.` first); None when no module has one (a text encoder only, …)."""
+    return next((p for name in s.modules for p in (KOHYA, *PREFIXES) if name.startswith(p)), None)
+
+
+def places_of(name: str) -> list[Place]:
+    """Where a module may sit in the kohya-named model, first choice first: its Flux place (a row block of a
+    fused weight, or norm_out swapped), then kohya's form of its path after the prefix."""
+    places = [p for p in (flux_place(name),) if p is not None]
+    prefix = next((p for p in PREFIXES if name.startswith(p)), None)
+    if prefix is not None:
+        places.append(Place(KOHYA + name[len(prefix):].replace(".", "_")))
+    return places
 
 
 def for_base(s: LoraSet, names: set[str]) -> LoraSet:
-    """A diffusers-named Flux LoRA under the kohya names of the layers a bake's base holds (`names`)."""
-    return kohya_named(s, 0, names) if naming_style(s.modules) == "diffusers" else s
+    """A LoRA under the kohya names of the layers a bake's base holds (`names`), where its own differ."""
+    return kohya_named(s, 0, names) if _style(s) not in (None, KOHYA) else s
 
 
 def kohya_named(s: LoraSet, index: int, held: set[str]) -> LoraSet:
@@ -72,9 +85,7 @@ def kohya_named(s: LoraSet, index: int, held: set[str]) -> LoraSet:
     parts: dict[str, dict[int, tuple[str, LoRA]]] = {}
     kept = []
     for name, module in s.modules.items():
-        place = place_of(name)
-        if place is not None and place.name not in held:
-            place = None
+        place = next((p for p in places_of(name) if p.name in held), None)
         if place is not None and (place.part is not None or place.swap) and not plain_lora(module):
             kept.append(name)
             place = None
@@ -96,6 +107,8 @@ def kohya_named(s: LoraSet, index: int, held: set[str]) -> LoraSet:
         log.warning("%d Flux module(s) of %s are not plain linear LoRAs (e.g. '%s', %s) and keep their diffusers "
                     "names: only a LoRA's rows join a fused kohya weight; they are carried beside it, as ComfyUI "
                     "stacks them", len(kept), input_label(s, index), kept[0], s.modules[kept[0]].kind)
+    if all(modules.get(name) is module for name, module in s.modules.items()):
+        return s  # nothing renamed: the input as it was (its naming style still shows in warnings)
     names = {n: n for n in modules}
     return replace(s, modules=modules, naming=Naming("kohya", s.naming.arch, names), peft_config=None,
                    peft_embeddings=frozenset())

@@ -23,7 +23,8 @@ KOHYA = "lora_unet_"
 BFL = "diffusion_model."
 CLIP_L = "text_encoder.text_model.encoder.layers."
 MLP_RATIO = 4  # linear1's MLP rows per hidden unit (Flux.1 dev/schnell)
-FLUX_NAMING = {"bfl": "BFL module names", "diffusers": "diffusers module names, q/k/v split"}  # for people
+FLUX_NAMING = {"kohya": "Flux-style blocks", "bfl": "Flux-style blocks, BFL module names",
+               "diffusers": "Flux-style blocks, diffusers module names with q/k/v split"}  # for people
 
 # diffusers path inside a double block -> (BFL path, row block of a fused q|k|v weight or None)
 _DOUBLE = {"attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),
@@ -70,11 +71,8 @@ def kohya_name(bfl_path: str) -> str:
     return KOHYA + bfl_path.replace(".", "_")
 
 
-def place_of(name: str) -> Optional[Place]:
-    """The kohya place of a module named `diffusion_model.<path>` (any model's, BFL's for Flux) or with a Flux
-    diffusers name (None: neither, nor Flux's CLIP-L)."""
-    if name.startswith(BFL):
-        return Place(kohya_name(name[len(BFL):]))
+def flux_place(name: str) -> Optional[Place]:
+    """The kohya place of a module with a Flux diffusers name, or of Flux's CLIP-L (None: neither)."""
     if name.startswith(CLIP_L):
         return Place("lora_te1_" + name[len("text_encoder."):].replace(".", "_"))
     for pattern, sep in _DIFFUSERS:
@@ -105,14 +103,18 @@ _IN_BLOCKS = {sep: {kind: (bfl, table if sep == "." else _underscored(table)) fo
               for sep in "._"}
 
 
-def naming_style(names: Iterable[str]) -> Optional[str]:
-    """"kohya", "bfl" or "diffusers" for a set of Flux module names (the first block module decides); None
-    when no name is a Flux block's."""
-    for name in names:
-        if name.startswith((KOHYA + "double_blocks_", KOHYA + "single_blocks_")):
-            return "kohya"
-        if name.startswith((BFL + "double_blocks.", BFL + "single_blocks.")):
-            return "bfl"
-        if any((found := pattern.match(name)) is not None and found.group(1) is not None for pattern, _ in _DIFFUSERS):
-            return "diffusers"
+# names only Flux's diffusers layout has: SD3, Qwen-Image and HiDream name their blocks transformer_blocks too
+_FLUX_DIFFUSERS = re.compile(r"(^|[._])(single_transformer_blocks|ff_context|norm1_context)[._]")
+
+
+def flux_naming(names: Iterable[str]) -> Optional[str]:
+    """"kohya", "bfl" or "diffusers" when the module names are Flux-style (BFL's double/single blocks, which
+    HunyuanVideo shares; or diffusers names only Flux has), for people; None otherwise."""
+    names = list(names)
+    if any(n.startswith((KOHYA + "double_blocks_", KOHYA + "single_blocks_")) for n in names):
+        return "kohya"
+    if any(n.startswith((BFL + "double_blocks.", BFL + "single_blocks.")) for n in names):
+        return "bfl"
+    if any(_FLUX_DIFFUSERS.search(n) for n in names):
+        return "diffusers"
     return None

@@ -130,13 +130,20 @@ def test_a_flux_merge_keeps_the_base_model_its_inputs_name(tmp_path):
     assert {k: written[k] for k in meta} == meta
 
 
-def test_inspect_names_flux_and_its_naming(tmp_path):
+def test_inspect_names_flux_style_blocks_and_how_they_are_named(tmp_path):
+    """Flux-style names (which HunyuanVideo shares, so not a claim about the model): kohya's double/single blocks,
+    or diffusers names only Flux's layout has; a diffusers LoRA of other models (SD3, Qwen-Image) is not."""
     kohya_file(tmp_path / "k.safetensors")
     diffusers_file(tmp_path / "d.safetensors")
-    k, d = (summary(load_lora(tmp_path / f"{n}.safetensors")) for n in "kd")
-    assert (k["architecture"], k["flux_naming"], d["architecture"], d["flux_naming"]) == ("flux", "kohya", "flux",
-                                                                                          "diffusers")
-    assert dict(summary_lines(d))["format"] == "peft names, architecture flux (diffusers module names, q/k/v split)"
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(2, 4),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.ones(4, 2)},
+              str(tmp_path / "q.safetensors"))
+    k, d, q = (summary(load_lora(tmp_path / f"{n}.safetensors")) for n in "kdq")
+    assert (k["flux_naming"], d["flux_naming"], q["flux_naming"]) == ("kohya", "diffusers", None)
+    assert dict(summary_lines(k))["format"] == "kohya names, architecture other (Flux-style blocks)"
+    assert dict(summary_lines(d))["format"] == ("peft names, architecture other (Flux-style blocks, diffusers module "
+                                                "names with q/k/v split)")
+    assert dict(summary_lines(q))["format"] == "peft names, architecture other"
 
 
 def test_kohya_and_comfyui_names_of_any_model_match(tmp_path):
@@ -156,3 +163,42 @@ def test_kohya_and_comfyui_names_of_any_model_match(tmp_path):
     assert set(result.modules) == {"lora_unet_blocks_0_self_attn_q", "diffusion_model.blocks.0.ffn.0"}
     want = ku.double() @ kd.double() - du.double() @ dd.double()
     assert torch.allclose(dense_result(result)["lora_unet_blocks_0_self_attn_q"], want, atol=1e-5)
+
+
+def test_prefixed_names_of_a_model_whose_diffusers_paths_are_its_own_match_kohya_ones(tmp_path):
+    """Qwen-Image's module paths are the same in its diffusers and ComfyUI forms: musubi-tuner's
+    lora_unet_transformer_blocks_0_attn_to_q, AI-Toolkit's transformer.…, SimpleTuner's lycoris_… and ComfyUI's
+    diffusion_model.… are one weight (Flux's own reading of transformer_blocks.0.attn.to_q, a third of a fused
+    qkv, is not taken: no input holds that fused module)."""
+    g = torch.Generator().manual_seed(9)
+    names = {"k": ("lora_unet_transformer_blocks_0_attn_to_q", "lora_up", "lora_down"),
+             "t": ("transformer.transformer_blocks.0.attn.to_q", "lora_B", "lora_A"),
+             "l": ("lycoris_transformer_blocks_0_attn_to_q", "lora_up", "lora_down"),
+             "d": ("diffusion_model.transformer_blocks.0.attn.to_q", "lora_B", "lora_A")}
+    want = torch.zeros(6, 6, dtype=torch.float64)
+    sets = []
+    for tag, (name, up_key, down_key) in names.items():
+        up, down = torch.randn(6, 2, generator=g), torch.randn(2, 6, generator=g)
+        save_file({f"{name}.{up_key}.weight": up, f"{name}.{down_key}.weight": down},
+                  str(tmp_path / f"{tag}.safetensors"))
+        sets.append(load_lora(tmp_path / f"{tag}.safetensors"))
+        want += 0.5 * up.double() @ down.double()
+    result = merge_loras(sets, "concat", weights=[0.5] * 4)
+    assert list(result.modules) == ["lora_unet_transformer_blocks_0_attn_to_q"]
+    assert torch.allclose(dense_result(result)["lora_unet_transformer_blocks_0_attn_to_q"], want, atol=1e-5)
+
+
+def test_two_diffusers_style_inputs_alone_keep_their_names(tmp_path):
+    """AI-Toolkit's transformer.… and SimpleTuner's lycoris_… with no input named the model's way: nothing says
+    whether transformer_blocks.0.attn.to_q is Qwen-Image's own layer or a third of Flux's fused qkv, so neither
+    is renamed (side by side, each as ComfyUI reads it, with the usual warning)."""
+    g = torch.Generator().manual_seed(3)
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(6, 2, generator=g),
+               "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(2, 6, generator=g)},
+              str(tmp_path / "t.safetensors"))
+    save_file({"lycoris_transformer_blocks_0_attn_to_q.lora_up.weight": torch.randn(6, 2, generator=g),
+               "lycoris_transformer_blocks_0_attn_to_q.lora_down.weight": torch.randn(2, 6, generator=g)},
+              str(tmp_path / "l.safetensors"))
+    result = merge_loras([load_lora(tmp_path / "t.safetensors"), load_lora(tmp_path / "l.safetensors")], "concat")
+    assert set(result.modules) == {"transformer.transformer_blocks.0.attn.to_q",
+                                   "lycoris_transformer_blocks_0_attn_to_q"}
