@@ -28,14 +28,14 @@ import torch
 from .adapters import AdapterModule, LoRA
 from .errors import FormatError
 from .keys import Naming
-from .keys.flux_names import BFL, KOHYA, MLP_RATIO, Place, flux_place
+from .keys.flux_names import BFL, KOHYA, MLP_RATIO, PATH_PREFIXES, Place, flux_place, kohya_name
 from .lora_file import LoraSet, input_label
 
 log = logging.getLogger(__name__)
 
 
 # prefixes before a module's path in the diffusion model: kohya's form of it is lora_unet_<path with _>
-PREFIXES = (BFL, "transformer.", "base_model.model.", "lycoris_", "lora_transformer_")
+PREFIXES = (BFL, *PATH_PREFIXES["."], *PATH_PREFIXES["_"])
 
 
 def match_names(sets: Sequence[LoraSet]) -> list[LoraSet]:
@@ -67,7 +67,7 @@ def places_of(name: str) -> list[Place]:
     places = [p for p in (flux_place(name),) if p is not None]
     prefix = next((p for p in PREFIXES if name.startswith(p)), None)
     if prefix is not None:
-        places.append(Place(KOHYA + name[len(prefix):].replace(".", "_")))
+        places.append(Place(kohya_name(name[len(prefix):])))
     return places
 
 

@@ -16,8 +16,8 @@ from typing import Optional
 from ..checkpoint.layout import UNET, source_layout
 from ..checkpoint.lora_names import Target, split_role, targets_of
 from ..checkpoint.sources import WeightSource
+from ..keys.flux_names import BFL, PATH_PREFIXES
 from ..keys.sdxl_table import sdxl_aliases
-from ..peft_layout import PREFIX as PEFT_PREFIX
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class BakeIndex:
             names.append("text_encoders." + comfy_stem)
         if t.placement.rows is None and not t.placement.transpose:
             stem = split_role(key)[0]
-            names += [stem, "diffusion_model." + stem, "transformer." + stem, PEFT_PREFIX + stem]
+            names += [stem] + [prefix + stem for prefix in (BFL, *PATH_PREFIXES["."])]
         return names
 
     def resolve(self, name: str) -> Optional[str]:

@@ -46,11 +46,13 @@ _GLOBAL = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "fi
            "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer"}
 _SWAPPED = "final_layer.adaLN_modulation.1"
 _BLOCKS = {"transformer_blocks": ("double_blocks", _DOUBLE), "single_transformer_blocks": ("single_blocks", _SINGLE)}
+# what trainers put before a module's path in a diffusers-style model, by the separator of the path: diffusers,
+# PEFT; OneTrainer, SimpleTuner LyCORIS
+PATH_PREFIXES = {".": ("transformer.", "base_model.model."), "_": ("lora_transformer_", "lycoris_")}
 # (pattern: block kind, index, path inside; the separator of its paths)
-_DIFFUSERS = ((re.compile(r"^(?:transformer\.|base_model\.model\.)(?:(transformer_blocks|single_transformer_blocks)"
-                          r"\.(\d+)\.)?(.+)$"), "."),
-              (re.compile(r"^(?:lora_transformer_|lycoris_)(?:(transformer_blocks|single_transformer_blocks)_(\d+)_)?"
-                          r"(.+)$"), "_"))
+_DIFFUSERS = tuple((re.compile(f"^(?:{'|'.join(map(re.escape, prefixes))})"
+                               f"(?:({'|'.join(_BLOCKS)}){re.escape(sep)}(\\d+){re.escape(sep)})?(.+)$"), sep)
+                   for sep, prefixes in PATH_PREFIXES.items())
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,8 @@ def _spectra_batch(batch: Sequence[ModuleTarget], plan: MergePlan, device: torch
         return [(t.name, core.S[b].cpu(), core.totals[b]) for b, t in enumerate(batch)]
     rows = []
     for t in batch:  # ties, dare, dare_ties: the dense module the method re-factors; else T, as approximate sees it
-        op = Dense(plan.spec.dense_target(t, opts, device)) if plan.spec.dense_target is not None else t.operator(device)
+        op = (Dense(plan.spec.dense_target(t, opts, device)) if plan.spec.dense_target is not None
+              else t.operator(device))
         rows.append((t.name, *spectrum_of(op, opts.rule, opts.solver, opts.seed_for(t.name))))
     return rows
 

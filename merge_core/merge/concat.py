@@ -1,7 +1,7 @@
 """concat: the exact merge.  Σ cᵢ ΔWᵢ = [P₁ … Pₙ] [Q₁; …; Qₙ] with each input's cᵢ·αᵢ/rᵢ folded into its
 factors (factors.py: √ on each side, sign on up), written with α = total rank (scale 1), each rank-1 term
-then balanced, ‖up column‖ = ‖down row‖ (Factored.balanced: the product is unchanged), so an input stored with a large up and
-a small down (or the reverse) still fits fp16 when its ΔW does.
+then balanced, ‖up column‖ = ‖down row‖ (Factored.balanced: the product is unchanged), so an input stored
+with a large up and a small down (or the reverse) still fits fp16 when its ΔW does.
 
 Rank Σ rᵢ over the inputs with a non-zero coefficient; LoHa/LoKr inputs enter in their exact factored
 form (rank r₁r₂ for LoHa).  Adding factors instead, (ΣBᵢ)(ΣAᵢ), would add cross terms BᵢAⱼ.

@@ -142,8 +142,7 @@ def plan_targets(sets: Sequence[LoraSet], weights: Sequence[float],
 
 def disjoint_note(targets: Sequence[ModuleTarget], sets: Sequence[LoraSet]) -> Optional[str]:
     """A warning when two or more inputs share no module: nothing is merged with anything (different layers
-    trained, or one model's modules named two ways — kohya and PEFT/diffusers names are matched for SDXL and Flux
-    only, kohya and `diffusion_model.` names for every model)."""
+    trained, or one model's modules named two ways that name_match cannot line up)."""
     if len(sets) < 2 or any(len(t.terms) > 1 for t in targets):
         return None
     firsts = [next(iter(s.modules), None) for s in sets]
