@@ -57,33 +57,36 @@ def test_a_signal_mid_write_leaves_no_temp_file_and_the_old_output(inputs, tmp_p
     assert out.read_bytes() == b"the output of an earlier run"
 
 
-def test_a_disk_that_fills_mid_write_is_one_line_and_keeps_the_old_output(inputs, tmp_path):
-    """The file-size limit (RLIMIT_FSIZE) makes the output's writes fail part-way with EFBIG, as a full disk's
-    ENOSPC would: exit 2, one line, no temp file, the old output as it was."""
+def check_full_disk(argv: list[str], out: Path, limit: int) -> None:
+    """`python -m merge_core ARGV -o OUT --overwrite` under a file-size limit of `limit` bytes (RLIMIT_FSIZE: the
+    output's writes fail part-way with EFBIG, as a full disk's ENOSPC would) over an existing OUT: exit 2, one
+    line, no temp file beside OUT, OUT as it was."""
     import resource
 
-    out = tmp_path / "merged.safetensors"
     out.write_bytes(b"the output of an earlier run")
-    limit = 1 << 20  # the merged file is several MiB
 
     def small_files():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    proc = subprocess.run([sys.executable, "-m", "merge_core", "merge", *map(str, inputs), "--method", "concat",
-                           "-o", str(out), "--overwrite", "--threads", "1"], cwd=ROOT, capture_output=True, text=True,
-                          preexec_fn=small_files, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "merge_core", *argv, "-o", str(out), "--overwrite"], cwd=ROOT,
+                          capture_output=True, text=True, preexec_fn=small_files, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: cannot write {out}: File too large. Nothing was changed."]
-    assert temp_files(tmp_path) == []
+    assert temp_files(out.parent) == []
     assert out.read_bytes() == b"the output of an earlier run"
+
+
+def test_a_disk_that_fills_mid_write_is_one_line_and_keeps_the_old_output(inputs, tmp_path):
+    """The merged file is several MiB; the disk fills at 1 MiB."""
+    check_full_disk(["merge", *map(str, inputs), "--method", "concat", "--threads", "1"],
+                    tmp_path / "merged.safetensors", 1 << 20)
 
 
 @pytest.mark.parametrize("command", ["extract", "bake"])
 def test_extract_and_bake_on_a_disk_that_fills_are_one_line_too(tmp_path, command):
     """The checkpoint paths write differently (extract streams a LoRA, bake a checkpoint whose header is written
-    last): the same one line, no temp file, the old output kept."""
-    import resource
-
+    last): the same one line, no temp file, the old output kept.  The disk fills at 256 KiB (the LoRA is over
+    1 MiB, the checkpoint 50)."""
     from safetensors.torch import save_file
 
     from extract_bake_fixtures import sdxl_pair
@@ -91,7 +94,6 @@ def test_extract_and_bake_on_a_disk_that_fills_are_one_line_too(tmp_path, comman
     base, tuned = sdxl_pair(low_rank=16)
     save_file(base, str(tmp_path / "base.safetensors"))
     save_file(tuned, str(tmp_path / "tuned.safetensors"))
-    out = tmp_path / "out.safetensors"
     if command == "bake":
         from merge_core.cli import main
 
@@ -102,15 +104,4 @@ def test_extract_and_bake_on_a_disk_that_fills_are_one_line_too(tmp_path, comman
     else:
         argv = ["extract", "--source-model", str(tmp_path / "base.safetensors"), "--target-model",
                 str(tmp_path / "tuned.safetensors"), "--output-dtype", "fp32", "--rank", "16"]
-    out.write_bytes(b"the output of an earlier run")
-    limit = 1 << 18  # the output stops at 256 KiB (the LoRA is over 1 MiB, the checkpoint 50)
-
-    def small_files():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    proc = subprocess.run([sys.executable, "-m", "merge_core", *argv, "-o", str(out), "--overwrite"], cwd=ROOT,
-                          capture_output=True, text=True, preexec_fn=small_files, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().splitlines() == [f"error: cannot write {out}: File too large. Nothing was changed."]
-    assert temp_files(tmp_path) == []
-    assert out.read_bytes() == b"the output of an earlier run"
+    check_full_disk(argv, tmp_path / "out.safetensors", 1 << 18)
