@@ -280,3 +280,39 @@ def test_peft_profile_refuses_a_kohya_file_instead_of_writing_peft_suffixes_on_k
     save_file(sd, str(tmp_path / "mixed.safetensors"))
     with pytest.raises(FormatError, match="profile peft reads PEFT adapters.*kohya name"):
         load_lora(tmp_path / "mixed.safetensors", profile="peft")
+
+
+def wan_pair(tmp_path):
+    """A Wan Fun LoRA (`lora_unet__blocks_…`, its marker module included) and a kohya Wan LoRA of the same two
+    layers; the Fun one's tensors by its own keys."""
+    paths = ("blocks_0_cross_attn_k", (64, 48)), ("blocks_0_self_attn_q", (64, 64))
+    fun = {f"lora_unet__{p}": lora_for(shape, 4, 2.0, seed=i) for i, (p, shape) in enumerate(paths)}
+    kohya = {f"lora_unet_{p}": lora_for(shape, 2, 1.0, seed=9 + i) for i, (p, shape) in enumerate(paths)}
+    return (save_lora(fun, tmp_path / "fun.safetensors", arch="other", profile="kohya", dtype="fp32"), fun,
+            save_lora(kohya, tmp_path / "k.safetensors", arch="other", profile="kohya", dtype="fp32"), kohya)
+
+
+def test_wan_fun_names_are_read_as_comfyui_reads_them_and_merge_with_kohya_ones(tmp_path, caplog):
+    fun_path, fun, kohya_path, kohya = wan_pair(tmp_path)
+    fun_set = load_lora(fun_path)
+    assert set(fun_set.modules) == set(kohya)  # lora_unet__… -> lora_unet_…, as comfy/lora_convert.py does
+    with caplog.at_level("WARNING"):
+        result = merge_loras([fun_set, load_lora(kohya_path)], "concat", weights=[1.0, -0.5])
+    assert caplog.records == []  # every module shared
+    for name, m in result.modules.items():
+        want = fun["lora_unet__" + name[len("lora_unet_"):]].delta() - 0.5 * kohya[name].delta()
+        assert torch.allclose(m.delta(), want, atol=1e-5), name
+
+
+def test_double_underscore_names_without_wan_funs_marker_are_kept(tmp_path):
+    mods = {"lora_unet__blocks_1_ffn_0": lora_for((32, 16), 2, 1.0)}
+    path = save_lora(mods, tmp_path / "x.safetensors", arch="other", profile="kohya", dtype="fp32")
+    assert set(load_lora(path).modules) == set(mods)  # ComfyUI renames only files holding the marker module
+
+
+def test_a_file_holding_a_module_under_both_wan_names_is_refused(tmp_path):
+    mods = {"lora_unet__blocks_0_cross_attn_k": lora_for((64, 48), 2, 1.0),
+            "lora_unet_blocks_0_cross_attn_k": lora_for((64, 48), 2, 1.0, seed=1)}
+    path = save_lora(mods, tmp_path / "x.safetensors", arch="other", profile="kohya", dtype="fp32")
+    with pytest.raises(FormatError, match="holds module 'lora_unet_blocks_0_cross_attn_k' twice"):
+        load_lora(path)
