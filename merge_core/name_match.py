@@ -5,13 +5,15 @@ When every input names its diffusion model's modules one way nothing changes.  O
 only where that lines it up with a module named the model's own way (kohya, or ComfyUI's `diffusion_model.`)
 that another input holds (the rest keep their names, which ComfyUI reads), taking the first of its places
 (places_of) that one does:
-- a Flux diffusers name (keys/flux_names.py): its kohya module, or a row block of one.  The q, k, v (and
+- a Flux or Z-Image diffusers name (keys/flux_names.py, keys/zimage_names.py): its kohya module, or a row
+  block of one.  The q, k, v (and
   proj_mlp) LoRAs of one block become one LoRA of the fused weight, exactly — row blocks ΔW = [c₁·up₁·down₁;
   …] = blockdiag(c₁·up₁, …)·[down₁; …], rank Σrᵢ, zero rows for a part the file does not hold (cᵢ = αᵢ/rᵢ:
   kept as α/rank when the parts share it, else folded into up in fp32 with α = rank) — and norm_out.linear's
   up has its two row halves swapped.  Parts that are not plain LoRAs (LoKr, LoHa, DoRA) keep their names,
   merged beside the fused module;
-- any model's `<prefix><path>` (PREFIXES: ComfyUI's `diffusion_model.`, diffusers' `transformer.`, …): kohya's
+- any model's `<prefix><path>` (PREFIXES: ComfyUI's `diffusion_model.`, diffusers' `transformer.`, …), or a
+  bare dotted path (Qwen-Image's DiffSynth-trained LoRAs, which ComfyUI maps as they are): kohya's
   `lora_unet_<path with _>`, the same weight wherever the trainer's path is the model's.  Not every trainer's
   is (Wan's diffusers `attn1.to_q` is its `self_attn.q`; diffusion-pipe's HunyuanVideo `img_mod.linear` is
   `img_mod.lin`), and Flux's `transformer_blocks.0.attn.to_q` is a third of a fused weight: renamed without
@@ -29,6 +31,7 @@ from .adapters import AdapterModule, LoRA
 from .errors import FormatError
 from .keys import Naming
 from .keys.flux_names import BFL, KOHYA, MLP_RATIO, PATH_PREFIXES, Place, flux_place, kohya_name
+from .keys.zimage_names import zimage_place
 from .lora_file import LoraSet, input_label
 
 log = logging.getLogger(__name__)
@@ -36,39 +39,53 @@ log = logging.getLogger(__name__)
 
 # prefixes before a module's path in the diffusion model: kohya's form of it is lora_unet_<path with _>
 PREFIXES = (BFL, *PATH_PREFIXES["."], *PATH_PREFIXES["_"])
+BARE = ""  # the style of an input whose dotted module paths have none of them
 
 
 def match_names(sets: Sequence[LoraSet]) -> list[LoraSet]:
     """`sets`, with kohya names where the inputs do not all name their diffusion model's modules one way.
-    Only the kohya and `diffusion_model.` names are the model's own; a module of the other inputs takes the first
-    of its places one of those holds (so two diffusers-style inputs alone are not renamed: nothing says which
-    reading of their paths is the model's), and a `diffusion_model.` module its kohya name where another input
-    holds that or now has it."""
+    Only the kohya and `diffusion_model.` names are the model's own — but for a `diffusion_model.` name that a
+    model's table reads otherwise (AI-Toolkit's Z-Image `diffusion_model.layers.0.attention.to_q`, a third of
+    the fused qkv).  A module of the other inputs, and such a name, takes the first of its places that is the
+    model's own in some input (so two diffusers-style inputs alone are not renamed: nothing says which reading
+    of their paths is the model's); a `diffusion_model.` module takes its kohya name where another input holds
+    that or now has it."""
     styles = [_style(s) for s in sets]
-    if len({style for style in styles if style is not None}) <= 1:
+    foreign = [style not in (None, KOHYA, BFL) for style in styles]
+    tabled = [{n for n in s.modules if _model_place(n) is not None} if style == BFL else set()
+              for s, style in zip(sets, styles)]
+    if len({style for style in styles if style is not None}) <= 1 and not any(tabled):
         return list(sets)
     kohya = {name for s, style in zip(sets, styles) if style == KOHYA for name in s.modules}
-    dotted = {p.name for s, style in zip(sets, styles) if style == BFL for name in s.modules for p in places_of(name)}
-    sets = [kohya_named(s, i, kohya | dotted) if style not in (None, KOHYA, BFL) else s
-            for i, (s, style) in enumerate(zip(sets, styles))]
-    renamed = {name for s, style in zip(sets, styles) if style not in (None, KOHYA, BFL) for name in s.modules}
+    own = kohya | {places_of(n)[0].name for s, style, t in zip(sets, styles, tabled) if style == BFL
+                   for n in s.modules if n not in t}
+    sets = [kohya_named(s, i, own) if f else s for i, (s, f) in enumerate(zip(sets, foreign))]
+    renamed = {name for s, f in zip(sets, foreign) if f for name in s.modules}
+    renamed |= {p for t in tabled for p in (places_of(n)[0].name for n in t) if p in own}
     return [kohya_named(s, i, kohya | renamed) if style == BFL else s for i, (s, style) in enumerate(zip(sets, styles))]
 
 
 def _style(s: LoraSet) -> Optional[str]:
     """The prefix an input names its diffusion model's modules with: kohya's `lora_unet_`, or one of PREFIXES
-    (`diffusion_model.` first); None when no module has one (a text encoder only, …)."""
-    return next((p for name in s.modules for p in (KOHYA, *PREFIXES) if name.startswith(p)), None)
+    (`diffusion_model.` first); BARE for dotted paths with none; None otherwise (kohya text encoders only, …)."""
+    prefix = next((p for name in s.modules for p in (KOHYA, *PREFIXES) if name.startswith(p)), None)
+    return BARE if prefix is None and any("." in name for name in s.modules) else prefix
 
 
 def places_of(name: str) -> list[Place]:
-    """Where a module may sit in the kohya-named model, first choice first: its Flux place (a row block of a
-    fused weight, or norm_out swapped), then kohya's form of its path after the prefix."""
-    places = [p for p in (flux_place(name),) if p is not None]
-    prefix = next((p for p in PREFIXES if name.startswith(p)), None)
+    """Where a module may sit in the kohya-named model, first choice first: its place by a model's table (a row
+    block of a fused weight, or Flux's norm_out swapped), then kohya's form of its path after the prefix (a bare dotted path: of
+    the whole name)."""
+    places = [p for p in (_model_place(name),) if p is not None]
+    prefix = next((p for p in PREFIXES if name.startswith(p)), BARE if "." in name else None)
     if prefix is not None:
         places.append(Place(kohya_name(name[len(prefix):])))
     return places
+
+
+def _model_place(name: str) -> Optional[Place]:
+    """A module's place by a model's table of diffusers names (Flux, Z-Image), None for other names."""
+    return flux_place(name) or zimage_place(name)
 
 
 def for_base(s: LoraSet, names: set[str]) -> LoraSet:
@@ -77,10 +94,10 @@ def for_base(s: LoraSet, names: set[str]) -> LoraSet:
 
 
 def kohya_named(s: LoraSet, index: int, held: set[str]) -> LoraSet:
-    """One input with its dotted and Flux modules under kohya names (fused weights' parts joined), those whose
-    kohya name is in `held`; the others as they are.  A part or norm_out that is not a plain
-    linear LoRA keeps its name too (with a warning): side by side with the kohya module it is what ComfyUI's
-    stack does."""
+    """One input with its dotted and tabled (Flux, Z-Image) modules under kohya names (fused weights' parts
+    joined), those whose kohya name is in `held`; the others as they are.  A part or norm_out that is not a
+    plain linear LoRA keeps its name too (with a warning): side by side with the kohya module it is what
+    ComfyUI's stack does."""
     modules: dict[str, Optional[AdapterModule]] = {}
     parts: dict[str, dict[int, tuple[str, LoRA]]] = {}
     kept = []
@@ -100,11 +117,11 @@ def kohya_named(s: LoraSet, index: int, held: set[str]) -> LoraSet:
         modules[target] = swapped_halves(module) if place is not None and place.swap else module
     for target, blocks in parts.items():
         if modules[target] is not None:
-            raise FormatError(f"{input_label(s, index)} holds Flux module '{target}' both whole and in parts "
+            raise FormatError(f"{input_label(s, index)} holds fused module '{target}' both whole and in parts "
                               f"(e.g. '{next(iter(blocks.values()))[0]}')")
         modules[target] = joined_rows(target, blocks)
     if kept:
-        log.warning("%d Flux module(s) of %s are not plain linear LoRAs (e.g. '%s', %s) and keep their diffusers "
+        log.warning("%d module(s) of %s that are parts of fused weights are not plain linear LoRAs (e.g. '%s', %s) and keep their diffusers "
                     "names: only a LoRA's rows join a fused kohya weight; they are carried beside it, as ComfyUI "
                     "stacks them", len(kept), input_label(s, index), kept[0], s.modules[kept[0]].kind)
     if all(modules.get(name) is module for name, module in s.modules.items()):
@@ -128,18 +145,19 @@ def swapped_halves(m: LoRA) -> LoRA:
 
 
 def joined_rows(target: str, blocks: dict[int, tuple[str, LoRA]]) -> LoRA:
-    """The LoRA of a fused Flux weight from the diffusers LoRAs of its row blocks (see the module docstring)."""
+    """The LoRA of a fused weight (Flux, Z-Image) from the diffusers LoRAs of its row blocks (see the module
+    docstring)."""
     loras = {i: m for i, (_, m) in blocks.items()}
     widths = {m.down.shape[1] for m in loras.values()}
     if len(widths) != 1:
-        raise FormatError(f"the parts of Flux module '{target}' read inputs of different widths {sorted(widths)}")
+        raise FormatError(f"the parts of fused module '{target}' read inputs of different widths {sorted(widths)}")
     hidden = widths.pop()
     heights = [hidden] * Place(target).parts
     if len(heights) == 4:
         heights[3] = loras[3].up.shape[0] if 3 in loras else MLP_RATIO * hidden
     for i, m in loras.items():
         if m.up.shape[0] != heights[i]:
-            raise FormatError(f"Flux module '{blocks[i][0]}' has {m.up.shape[0]} output rows; as row block {i} of "
+            raise FormatError(f"module '{blocks[i][0]}' has {m.up.shape[0]} output rows; as row block {i} of "
                               f"'{target}' it needs {heights[i]}")
     starts = [sum(heights[:i]) for i in range(len(heights))]
     rank = sum(m.rank for m in loras.values())

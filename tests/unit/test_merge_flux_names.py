@@ -79,7 +79,7 @@ def test_a_flux_part_that_is_not_a_lora_keeps_its_name_with_a_warning(tmp_path, 
     with caplog.at_level("WARNING"):
         result = merge_loras(sets, "concat")
     assert [r.getMessage() for r in caplog.records] == [
-        f"1 Flux module(s) of {tmp_path / 'x.safetensors'} are not plain linear LoRAs (e.g. "
+        f"1 module(s) of {tmp_path / 'x.safetensors'} that are parts of fused weights are not plain linear LoRAs (e.g. "
         "'transformer.transformer_blocks.0.attn.to_q', lokr) and keep their diffusers names: only a LoRA's rows join "
         "a fused kohya weight; they are carried beside it, as ComfyUI stacks them"]
     qkv = torch.zeros(3 * H, H, dtype=torch.float64)
@@ -167,14 +167,15 @@ def test_kohya_and_comfyui_names_of_any_model_match(tmp_path):
 
 def test_prefixed_names_of_a_model_whose_diffusers_paths_are_its_own_match_kohya_ones(tmp_path):
     """Qwen-Image's module paths are the same in its diffusers and ComfyUI forms: musubi-tuner's
-    lora_unet_transformer_blocks_0_attn_to_q, AI-Toolkit's transformer.…, SimpleTuner's lycoris_… and ComfyUI's
-    diffusion_model.… are one weight (Flux's own reading of transformer_blocks.0.attn.to_q, a third of a fused
+    lora_unet_transformer_blocks_0_attn_to_q, AI-Toolkit's transformer.…, SimpleTuner's lycoris_…, ComfyUI's
+    diffusion_model.… and DiffSynth-Studio's bare path (lora_A.default) are one weight (Flux's own reading of transformer_blocks.0.attn.to_q, a third of a fused
     qkv, is not taken: no input holds that fused module)."""
     g = torch.Generator().manual_seed(9)
     names = {"k": ("lora_unet_transformer_blocks_0_attn_to_q", "lora_up", "lora_down"),
              "t": ("transformer.transformer_blocks.0.attn.to_q", "lora_B", "lora_A"),
              "l": ("lycoris_transformer_blocks_0_attn_to_q", "lora_up", "lora_down"),
-             "d": ("diffusion_model.transformer_blocks.0.attn.to_q", "lora_B", "lora_A")}
+             "d": ("diffusion_model.transformer_blocks.0.attn.to_q", "lora_B", "lora_A"),
+             "b": ("transformer_blocks.0.attn.to_q", "lora_B.default", "lora_A.default")}
     want = torch.zeros(6, 6, dtype=torch.float64)
     sets = []
     for tag, (name, up_key, down_key) in names.items():
@@ -183,15 +184,15 @@ def test_prefixed_names_of_a_model_whose_diffusers_paths_are_its_own_match_kohya
                   str(tmp_path / f"{tag}.safetensors"))
         sets.append(load_lora(tmp_path / f"{tag}.safetensors"))
         want += 0.5 * up.double() @ down.double()
-    result = merge_loras(sets, "concat", weights=[0.5] * 4)
+    result = merge_loras(sets, "concat", weights=[0.5] * 5)
     assert list(result.modules) == ["lora_unet_transformer_blocks_0_attn_to_q"]
     assert torch.allclose(dense_result(result)["lora_unet_transformer_blocks_0_attn_to_q"], want, atol=1e-5)
 
 
 def test_two_diffusers_style_inputs_alone_keep_their_names(tmp_path):
-    """AI-Toolkit's transformer.… and SimpleTuner's lycoris_… with no input named the model's way: nothing says
-    whether transformer_blocks.0.attn.to_q is Qwen-Image's own layer or a third of Flux's fused qkv, so neither
-    is renamed (side by side, each as ComfyUI reads it, with the usual warning)."""
+    """AI-Toolkit's transformer.…, SimpleTuner's lycoris_… and a bare path with no input named the model's way:
+    nothing says whether transformer_blocks.0.attn.to_q is Qwen-Image's own layer or a third of Flux's fused qkv,
+    so none is renamed (side by side, each as ComfyUI reads it, with the usual warning)."""
     g = torch.Generator().manual_seed(3)
     save_file({"transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(6, 2, generator=g),
                "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(2, 6, generator=g)},
@@ -199,6 +200,9 @@ def test_two_diffusers_style_inputs_alone_keep_their_names(tmp_path):
     save_file({"lycoris_transformer_blocks_0_attn_to_q.lora_up.weight": torch.randn(6, 2, generator=g),
                "lycoris_transformer_blocks_0_attn_to_q.lora_down.weight": torch.randn(2, 6, generator=g)},
               str(tmp_path / "l.safetensors"))
-    result = merge_loras([load_lora(tmp_path / "t.safetensors"), load_lora(tmp_path / "l.safetensors")], "concat")
+    save_file({"transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(6, 2, generator=g),
+               "transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(2, 6, generator=g)},
+              str(tmp_path / "b.safetensors"))
+    result = merge_loras([load_lora(tmp_path / f"{tag}.safetensors") for tag in "tlb"], "concat")
     assert set(result.modules) == {"transformer.transformer_blocks.0.attn.to_q",
-                                   "lycoris_transformer_blocks_0_attn_to_q"}
+                                   "lycoris_transformer_blocks_0_attn_to_q", "transformer_blocks.0.attn.to_q"}
