@@ -9,8 +9,9 @@ Understood layouts (per key, by prefix):
   `layer_norm1/2`, `positional_embedding`/`token_embedding`/`ln_final` -> embeddings / final_layer_norm, and
   `text_projection` (used as x @ P) -> the Linear weight Pᵀ (transposed).
 - ComfyUI-internal keys (what ModelPatcher holds): `diffusion_model.*`, `clip_l.transformer.*`, `clip_g.transformer.*`.
-- A diffusion transformer saved on its own with BFL's names, as Flux is shipped (`double_blocks.0.img_attn.qkv.weight`,
-  `img_in.weight`, no prefix): ComfyUI holds every key under `diffusion_model.` (`source_layout`).
+- A diffusion model saved on its own, as ComfyUI's models/diffusion_models/ folder holds them (Flux as BFL ships
+  it, `double_blocks.0.img_attn.qkv.weight`; Z-Image, Wan, Qwen-Image, SD3, … as Comfy-Org repackages them; a
+  bare SDXL UNet): ComfyUI holds every key under `diffusion_model.` (`source_layout`).
 
 `placements(key, shape)` is None for a key in no understood layout (a generic state dict), and [] for a key
 of an understood checkpoint that no LoRA can patch (VAE, `logit_scale`, position ids, EMA copies, ...).
@@ -99,17 +100,27 @@ def placements(key: str, shape: tuple[int, ...]) -> Optional[list[Placement]]:
     return None
 
 
-BARE_TRANSFORMER = ("double_blocks.", "single_blocks.")  # a BFL-style transformer's blocks (Flux, Chroma, ...)
+# module names only a diffusion model saved on its own (no prefix) has, in ComfyUI's names, telling it from other
+# state dicts (an LLM's, a text encoder's); from ComfyUI's model detection
+BARE_DIFFUSION = ("double_blocks.", "single_blocks.",  # Flux, Chroma, HunyuanVideo (BFL's names)
+                  "joint_blocks.",  # SD3
+                  "input_blocks.", "middle_block.", "output_blocks.",  # SD1.x / SDXL UNet
+                  "noise_refiner.", "context_refiner.",  # Lumina 2, Z-Image
+                  "head.modulation", "head.head.",  # Wan
+                  "txt_norm.",  # Qwen-Image
+                  "double_stream_blocks.",  # HiDream
+                  "double_layers.",  # AuraFlow
+                  "adaln_single.")  # LTX-Video
 
 
 def source_layout(keys: Iterable[str]) -> tuple[bool, str]:
     """(checkpoint, prefix) of a weight source: `prefix` puts its keys in an understood layout —
-    `diffusion_model.` for a bare BFL-style transformer (no key placed as it is, some under
-    double_blocks./single_blocks.), else nothing — and `checkpoint` says whether they then are (is_checkpoint)."""
+    `diffusion_model.` for a diffusion model saved on its own (no key placed as it is, some with a module name
+    of BARE_DIFFUSION), else nothing — and `checkpoint` says whether they then are (is_checkpoint)."""
     keys = list(keys)
     if is_checkpoint(keys):
         return True, ""
-    if any(k.startswith(BARE_TRANSFORMER) for k in keys):
+    if any(k.startswith(BARE_DIFFUSION) for k in keys):
         return True, "diffusion_model."
     return False, ""
 

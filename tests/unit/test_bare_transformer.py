@@ -12,6 +12,7 @@ from merge_core.cli import main
 from merge_core.lora_file import load_lora
 
 from flux_synth import H, diffusers_file
+import zimage_synth
 
 # key -> shape: a tiny Flux with BFL's names (hidden 32)
 KEYS = {"img_in.weight": (32, 4), "img_in.bias": (32,), "double_blocks.0.img_attn.qkv.weight": (96, 32),
@@ -80,3 +81,20 @@ def test_a_diffusers_lora_bakes_into_a_diffusers_format_transformer(tmp_path):
                  str(tmp_path / "d.safetensors"), "--output-dtype", "fp32", "-o", str(tmp_path / "b.safetensors")]) == 0
     assert torch.allclose(load_file(str(tmp_path / "b.safetensors"))["transformer_blocks.0.attn.to_q.weight"], up @ down,
                           atol=1e-6)
+
+
+def test_an_ai_toolkit_zimage_lora_bakes_into_the_fused_qkv_of_a_comfyui_named_zimage(tmp_path):
+    """Z-Image as Comfy-Org ships it (bare, ComfyUI's names, q|k|v fused) is placed under `diffusion_model.`, and
+    AI-Toolkit's `diffusion_model.layers.0.attention.to_q`/`to_v` find their rows of the fused qkv (to_out.0,
+    all_final_layer.2-1, all_x_embedder.2-1 their ComfyUI weights); a base of zeros gives back each ΔW."""
+    D = zimage_synth.D
+    shapes = {path: (rows, D) for path, rows in zimage_synth.COMFY.values()}
+    shapes["context_refiner.0.attention.qkv"] = (3 * D, D)
+    save_file({f"{k}.weight": torch.zeros(s) for k, s in shapes.items()}, str(tmp_path / "base.safetensors"))
+    deltas = zimage_synth.diffusers_file(tmp_path / "d.safetensors")
+    assert main(["bake", "--source-model", str(tmp_path / "base.safetensors"), "--lora-model",
+                 str(tmp_path / "d.safetensors"), "--output-dtype", "fp32", "-o", str(tmp_path / "b.safetensors")]) == 0
+    got = load_file(str(tmp_path / "b.safetensors"))
+    for name, delta in deltas.items():
+        key = next(k for k in shapes if "lora_unet_" + k.replace(".", "_") == name)
+        assert torch.allclose(got[key + ".weight"].double(), delta, atol=1e-5), name
