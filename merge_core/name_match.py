@@ -6,11 +6,10 @@ only where that lines it up with a module named the model's own way (kohya, or C
 that another input holds (the rest keep their names, which ComfyUI reads), taking the first of its places
 (places_of) that one does:
 - a Flux or Z-Image diffusers name (keys/flux_names.py, keys/zimage_names.py): its kohya module, or a row
-  block of one.  The q, k, v (and
-  proj_mlp) LoRAs of one block become one LoRA of the fused weight, exactly — row blocks ΔW = [c₁·up₁·down₁;
-  …] = blockdiag(c₁·up₁, …)·[down₁; …], rank Σrᵢ, zero rows for a part the file does not hold (cᵢ = αᵢ/rᵢ:
-  kept as α/rank when the parts share it, else folded into up in fp32 with α = rank) — and norm_out.linear's
-  up has its two row halves swapped.  Parts that are not plain LoRAs (LoKr, LoHa, DoRA) keep their names,
+  block of one.  The q, k, v (and Flux's proj_mlp) LoRAs of one block become one LoRA of the fused weight,
+  exactly — row blocks ΔW = [c₁·up₁·down₁; …] = blockdiag(c₁·up₁, …)·[down₁; …], rank Σrᵢ, zero rows for a
+  part the file does not hold (cᵢ = αᵢ/rᵢ: kept as α/rank when the parts share it, else folded into up in fp32
+  with α = rank) — and Flux's norm_out.linear's up has its two row halves swapped.  Parts that are not plain LoRAs (LoKr, LoHa, DoRA) keep their names,
   merged beside the fused module;
 - any model's `<prefix><path>` (PREFIXES: ComfyUI's `diffusion_model.`, diffusers' `transformer.`, …), or a
   bare dotted path (Qwen-Image's DiffSynth-trained LoRAs, which ComfyUI maps as they are): kohya's
@@ -61,7 +60,7 @@ def match_names(sets: Sequence[LoraSet]) -> list[LoraSet]:
                    for n in s.modules if n not in t}
     sets = [kohya_named(s, i, own) if f else s for i, (s, f) in enumerate(zip(sets, foreign))]
     renamed = {name for s, f in zip(sets, foreign) if f for name in s.modules}
-    renamed |= {p for t in tabled for p in (places_of(n)[0].name for n in t) if p in own}
+    renamed |= {p for t in tabled for p in (_model_place(n).name for n in t) if p in own}
     return [kohya_named(s, i, kohya | renamed) if style == BFL else s for i, (s, style) in enumerate(zip(sets, styles))]
 
 
@@ -74,8 +73,8 @@ def _style(s: LoraSet) -> Optional[str]:
 
 def places_of(name: str) -> list[Place]:
     """Where a module may sit in the kohya-named model, first choice first: its place by a model's table (a row
-    block of a fused weight, or Flux's norm_out swapped), then kohya's form of its path after the prefix (a bare dotted path: of
-    the whole name)."""
+    block of a fused weight, or Flux's norm_out swapped), then kohya's form of its path after the prefix (a bare
+    dotted path: of the whole name)."""
     places = [p for p in (_model_place(name),) if p is not None]
     prefix = next((p for p in PREFIXES if name.startswith(p)), BARE if "." in name else None)
     if prefix is not None:
@@ -121,9 +120,10 @@ def kohya_named(s: LoraSet, index: int, held: set[str]) -> LoraSet:
                               f"(e.g. '{next(iter(blocks.values()))[0]}')")
         modules[target] = joined_rows(target, blocks)
     if kept:
-        log.warning("%d module(s) of %s that are parts of fused weights are not plain linear LoRAs (e.g. '%s', %s) and keep their diffusers "
-                    "names: only a LoRA's rows join a fused kohya weight; they are carried beside it, as ComfyUI "
-                    "stacks them", len(kept), input_label(s, index), kept[0], s.modules[kept[0]].kind)
+        log.warning("%d module(s) of %s that are parts of fused weights are not plain linear LoRAs (e.g. '%s', "
+                    "%s) and keep their diffusers names: only a LoRA's rows join a fused kohya weight; they are "
+                    "carried beside it, as ComfyUI stacks them", len(kept), input_label(s, index), kept[0],
+                    s.modules[kept[0]].kind)
     if all(modules.get(name) is module for name, module in s.modules.items()):
         return s  # nothing renamed: the input as it was (its naming style still shows in warnings)
     names = {n: n for n in modules}

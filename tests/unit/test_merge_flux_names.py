@@ -79,9 +79,9 @@ def test_a_flux_part_that_is_not_a_lora_keeps_its_name_with_a_warning(tmp_path, 
     with caplog.at_level("WARNING"):
         result = merge_loras(sets, "concat")
     assert [r.getMessage() for r in caplog.records] == [
-        f"1 module(s) of {tmp_path / 'x.safetensors'} that are parts of fused weights are not plain linear LoRAs (e.g. "
-        "'transformer.transformer_blocks.0.attn.to_q', lokr) and keep their diffusers names: only a LoRA's rows join "
-        "a fused kohya weight; they are carried beside it, as ComfyUI stacks them"]
+        f"1 module(s) of {tmp_path / 'x.safetensors'} that are parts of fused weights are not plain linear LoRAs "
+        "(e.g. 'transformer.transformer_blocks.0.attn.to_q', lokr) and keep their diffusers names: only a LoRA's "
+        "rows join a fused kohya weight; they are carried beside it, as ComfyUI stacks them"]
     qkv = torch.zeros(3 * H, H, dtype=torch.float64)
     qkv[H:2 * H] = up.double() @ down.double()
     got = dense_result(result)
@@ -168,8 +168,8 @@ def test_kohya_and_comfyui_names_of_any_model_match(tmp_path):
 def test_prefixed_names_of_a_model_whose_diffusers_paths_are_its_own_match_kohya_ones(tmp_path):
     """Qwen-Image's module paths are the same in its diffusers and ComfyUI forms: musubi-tuner's
     lora_unet_transformer_blocks_0_attn_to_q, AI-Toolkit's transformer.…, SimpleTuner's lycoris_…, ComfyUI's
-    diffusion_model.… and DiffSynth-Studio's bare path (lora_A.default) are one weight (Flux's own reading of transformer_blocks.0.attn.to_q, a third of a fused
-    qkv, is not taken: no input holds that fused module)."""
+    diffusion_model.… and DiffSynth-Studio's bare path (lora_A.default) are one weight (Flux's own reading of
+    transformer_blocks.0.attn.to_q, a third of a fused qkv, is not taken: no input holds that fused module)."""
     g = torch.Generator().manual_seed(9)
     names = {"k": ("lora_unet_transformer_blocks_0_attn_to_q", "lora_up", "lora_down"),
              "t": ("transformer.transformer_blocks.0.attn.to_q", "lora_B", "lora_A"),
