@@ -9,8 +9,8 @@ that another input holds (the rest keep their names, which ComfyUI reads), takin
   block of one.  The q, k, v (and Flux's proj_mlp) LoRAs of one block become one LoRA of the fused weight,
   exactly — row blocks ΔW = [c₁·up₁·down₁; …] = blockdiag(c₁·up₁, …)·[down₁; …], rank Σrᵢ, zero rows for a
   part the file does not hold (cᵢ = αᵢ/rᵢ: kept as α/rank when the parts share it, else folded into up in fp32
-  with α = rank) — and Flux's norm_out.linear's up has its two row halves swapped.  Parts that are not plain LoRAs (LoKr, LoHa, DoRA) keep their names,
-  merged beside the fused module;
+  with α = rank) — and Flux's norm_out.linear's up has its two row halves swapped.  Parts that are not plain
+  LoRAs (LoKr, LoHa, DoRA) keep their names, merged beside the fused module;
 - any model's `<prefix><path>` (PREFIXES: ComfyUI's `diffusion_model.`, diffusers' `transformer.`, …), or a
   bare dotted path (Qwen-Image's DiffSynth-trained LoRAs, which ComfyUI maps as they are): kohya's
   `lora_unet_<path with _>`, the same weight wherever the trainer's path is the model's.  Not every trainer's
@@ -29,7 +29,8 @@ import torch
 from .adapters import AdapterModule, LoRA
 from .errors import FormatError
 from .keys import Naming
-from .keys.flux_names import BFL, KOHYA, MLP_RATIO, PATH_PREFIXES, Place, flux_place, kohya_name
+from .keys.diffusers_tables import BFL, KOHYA, PATH_PREFIXES, Place, kohya_name
+from .keys.flux_names import MLP_RATIO, flux_place
 from .keys.zimage_names import zimage_place
 from .lora_file import LoraSet, input_label
 

@@ -16,7 +16,7 @@ from typing import Optional
 from ..checkpoint.layout import UNET, source_layout
 from ..checkpoint.lora_names import Target, split_role, targets_of
 from ..checkpoint.sources import WeightSource
-from ..keys.flux_names import BFL, PATH_PREFIXES
+from ..keys.diffusers_tables import BFL, PATH_PREFIXES
 from ..keys.sdxl_table import sdxl_aliases
 
 

@@ -16,11 +16,10 @@ Flux's CLIP-L: diffusers `text_encoder.text_model.encoder.layers.0.mlp.fc1` is k
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Iterable, Optional
 
-KOHYA = "lora_unet_"
-BFL = "diffusion_model."
+from .diffusers_tables import BFL, KOHYA, PATH_PREFIXES, DiffusersTable, Place
+
 CLIP_L = "text_encoder.text_model.encoder.layers."
 MLP_RATIO = 4  # linear1's MLP rows per hidden unit (Flux.1 dev/schnell)
 FLUX_NAMING = {"kohya": "Flux-style blocks", "bfl": "Flux-style blocks, BFL module names",
@@ -46,63 +45,14 @@ _GLOBAL = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "fi
            "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer"}
 _SWAPPED = "final_layer.adaLN_modulation.1"
 _BLOCKS = {"transformer_blocks": ("double_blocks", _DOUBLE), "single_transformer_blocks": ("single_blocks", _SINGLE)}
-# what trainers put before a module's path in a diffusers-style model, by the separator of the path: diffusers,
-# PEFT; OneTrainer, SimpleTuner LyCORIS
-PATH_PREFIXES = {".": ("transformer.", "base_model.model."), "_": ("lora_transformer_", "lycoris_")}
-# (pattern: block kind, index, path inside; the separator of its paths)
-_DIFFUSERS = tuple((re.compile(f"^(?:{'|'.join(map(re.escape, prefixes))})"
-                               f"(?:({'|'.join(_BLOCKS)}){re.escape(sep)}(\\d+){re.escape(sep)})?(.+)$"), sep)
-                   for sep, prefixes in PATH_PREFIXES.items())
-
-
-@dataclass(frozen=True)
-class Place:
-    """Where a module sits in the kohya-named model: `name`, and for a diffusers part of a fused weight its
-    row block `part` of `parts` (q, k, v[, mlp]); `swap`: its two row halves are the other way round."""
-
-    name: str
-    part: Optional[int] = None
-    swap: bool = False
-
-    @property
-    def parts(self) -> int:
-        return 4 if self.name.endswith("_linear1") else 3
-
-
-def kohya_name(bfl_path: str) -> str:
-    return KOHYA + bfl_path.replace(".", "_")
+FLUX = DiffusersTable(PATH_PREFIXES, _BLOCKS, _GLOBAL, swapped=[_SWAPPED])
 
 
 def flux_place(name: str) -> Optional[Place]:
     """The kohya place of a module with a Flux diffusers name, or of Flux's CLIP-L (None: neither)."""
     if name.startswith(CLIP_L):
         return Place("lora_te1_" + name[len("text_encoder."):].replace(".", "_"))
-    for pattern, sep in _DIFFUSERS:
-        found = pattern.match(name)
-        if found is not None:
-            return _diffusers_place(*found.groups(), sep)
-    return None
-
-
-def _diffusers_place(blocks: Optional[str], index: Optional[str], path: str, sep: str) -> Optional[Place]:
-    if blocks is None:
-        bfl = _GLOBALS[sep].get(path)
-        return Place(kohya_name(bfl), swap=bfl == _SWAPPED) if bfl is not None else None
-    bfl_blocks, table = _IN_BLOCKS[sep][blocks]
-    found = table.get(path)
-    if found is None:
-        return None
-    bfl, part = found
-    return Place(kohya_name(f"{bfl_blocks}.{index}.{bfl}"), part)
-
-
-def _underscored(table: dict) -> dict:
-    return {path.replace(".", "_"): value for path, value in table.items()}
-
-
-_GLOBALS = {".": _GLOBAL, "_": _underscored(_GLOBAL)}
-_IN_BLOCKS = {sep: {kind: (bfl, table if sep == "." else _underscored(table)) for kind, (bfl, table) in _BLOCKS.items()}
-              for sep in "._"}
+    return FLUX.place(name)
 
 
 # names only Flux's diffusers layout has: SD3, Qwen-Image and HiDream name their blocks transformer_blocks too
