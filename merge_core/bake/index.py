@@ -4,9 +4,10 @@ Built from the base's own keys (so it works for SDXL/SD1.x checkpoints, ComfyUI-
 state dicts alike): every (module name, role) the extractor would write for a key points back at that key,
 with the row block (TE2 q/k/v inside `in_proj_weight`) or transpose (`text_projection`) to apply.  Other
 spellings of the same module are accepted too: ComfyUI's generic `diffusion_model.…` / `text_encoders.…`
-names, the checkpoint key path itself, the original extractor's `diffusion_model.<checkpoint key>`, a PEFT
-adapter's `base_model.model.<key path>` (an LLM's state dict), and every SDXL alias merge_core.keys knows
-(diffusers, PEFT-diffusers, …).
+names and their kohya spelling `lora_unet_<path>` (where the extractor writes `diffusion_model.<path>`, as for
+Z-Image's diffusers spelling), the checkpoint key path itself, the original extractor's
+`diffusion_model.<checkpoint key>`, a PEFT adapter's `base_model.model.<key path>` (an LLM's state dict), and
+every SDXL alias merge_core.keys knows (diffusers, PEFT-diffusers, …).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Optional
 from ..checkpoint.layout import UNET, source_layout
 from ..checkpoint.lora_names import Target, split_role, targets_of
 from ..checkpoint.sources import WeightSource
-from ..keys.diffusers_tables import BFL, PATH_PREFIXES
+from ..keys.diffusers_tables import BFL, PATH_PREFIXES, kohya_name
 from ..keys.sdxl_table import sdxl_aliases
 
 
@@ -48,6 +49,8 @@ class BakeIndex:
         names = [t.name, comfy_stem]
         if t.group != UNET:
             names.append("text_encoders." + comfy_stem)
+        elif comfy_stem.startswith(BFL):
+            names.append(kohya_name(comfy_stem[len(BFL):]))
         if t.placement.rows is None and not t.placement.transpose:
             stem = split_role(key)[0]
             names += [stem] + [prefix + stem for prefix in (BFL, *PATH_PREFIXES["."])]

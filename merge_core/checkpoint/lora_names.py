@@ -3,7 +3,9 @@
 Names (every one is a key of ComfyUI's LoRA key map, so ComfyUI loads the file with no missing keys):
 - UNet `diffusion_model.<path>.weight|bias` -> `lora_unet_<path with _>` (`.diff_b` for the bias).  This is the
   kohya name for every module of the SDXL LoRA/LoCon table, and ComfyUI maps it for every other UNet weight
-  too (norms, conv_in, time_embed, label_emb, out).
+  too (norms, conv_in, time_embed, label_emb, out).  A Z-Image path in diffusers' spelling (a Tongyi
+  diffusers-format transformer: `layers.0.attention.to_q`, a third of ComfyUI's fused `attention.qkv`) has no
+  kohya name ComfyUI maps: it keeps `diffusion_model.<path>`, which ComfyUI maps onto its part of the weight.
 - Text encoders, the six LoRA layers of each block (q/k/v/out_proj, fc1, fc2) -> kohya
   `lora_te1_text_model_encoder_layers_N_self_attn_q_proj` (SDXL CLIP-L), `lora_te2_…` (SDXL OpenCLIP-G, after the
   q/k/v split), `lora_te_…` (SD1.x); `text_projection` -> `lora_te1_/lora_te2_text_projection`.
@@ -22,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from ..keys.zimage_names import zimage_place
 from .layout import TE, TE1, TE2, UNET, Placement, placements
 
 WEIGHT, BIAS = "weight", "bias"
@@ -66,6 +69,8 @@ def comfy_name(p: Placement) -> Optional[tuple[str, str]]:
     if p.group == UNET:
         if stem == p.comfy_key:  # a parameter with no .weight/.bias: ComfyUI's generic name is the key
             return p.comfy_key, WEIGHT
+        if zimage_place(stem) is not None:  # Z-Image's diffusers spelling (see the module docstring)
+            return stem, role
         return "lora_unet_" + stem[len("diffusion_model."):].replace(".", "_"), role
     if stem == p.comfy_key:
         return None

@@ -4,8 +4,9 @@
 - ComfyUI's own (kohya `lora_unet_layers_0_attention_qkv`, `diffusion_model.layers.0.attention.qkv`, which
   ComfyUI's "Extract and Save Lora" writes): q|k|v fused in one weight;
 - diffusers (AI-Toolkit's `diffusion_model.layers.0.attention.to_q`, SimpleTuner LyCORIS's
-  `lycoris_layers_0_attention_to_q`): q, k and v apart, each `dim` rows of the fused weight, `to_out.0` for
-  `out`, `all_final_layer.2-1.` for `final_layer.` and `all_x_embedder.2-1` for `x_embedder`.
+  `lycoris_layers_0_attention_to_q`, and Tongyi's diffusers-format transformer files): q, k and v apart, each
+  `dim` rows of the fused weight, `to_out.0` for `out`, `norm_q`/`norm_k` for `q_norm`/`k_norm`,
+  `all_final_layer.2-1.` for `final_layer.` and `all_x_embedder.2-1` for `x_embedder`.
 
 The other paths (feed_forward.w1, adaLN_modulation.0, …) are the same in both.
 """
@@ -17,7 +18,8 @@ from .diffusers_tables import BFL, PATH_PREFIXES, DiffusersTable, Place
 
 # diffusers path inside a block -> (ComfyUI path, row block of the fused q|k|v weight or None)
 _ATTENTION = {"attention.to_q": ("attention.qkv", 0), "attention.to_k": ("attention.qkv", 1),
-              "attention.to_v": ("attention.qkv", 2), "attention.to_out.0": ("attention.out", None)}
+              "attention.to_v": ("attention.qkv", 2), "attention.to_out.0": ("attention.out", None),
+              "attention.norm_q": ("attention.q_norm", None), "attention.norm_k": ("attention.k_norm", None)}
 _GLOBAL = {"all_final_layer.2-1.linear": "final_layer.linear",
            "all_final_layer.2-1.adaLN_modulation.1": "final_layer.adaLN_modulation.1",
            "all_x_embedder.2-1": "x_embedder"}

@@ -1,7 +1,8 @@
 """A LoRA extracted from two diffusion models saved on their own (no prefix, as ComfyUI's
 models/diffusion_models/ holds them: Flux as BFL ships it, Z-Image as Comfy-Org repackages it) loads in a real
 ComfyUI (0.3.75, in-process) with no "lora key not loaded", and through its LoraLoader on the base gives the
-tuned weights back (changes of rank 2 at extraction rank 4: exact up to fp32)."""
+tuned weights back (changes of rank 2 at extraction rank 4: exact up to fp32).  So does one extracted from two
+Z-Image transformers in diffusers' format (Tongyi's: q, k, v apart), onto ComfyUI's fused model."""
 from __future__ import annotations
 
 import sys
@@ -19,11 +20,28 @@ import flux_synth  # noqa: E402
 import zimage_synth  # noqa: E402
 from comfy_host import load_lora_with_comfy  # noqa: E402
 from comfy_host.fixtures import comfy_inprocess  # noqa: E402,F401
-from comfy_host.tiny_models import tiny_model  # noqa: E402
+from comfy_host.tiny_models import applied, tiny_model  # noqa: E402
 from merge_core.cli import main  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
 PREFIX = "diffusion_model."
+
+
+def changed(base: dict, g: torch.Generator) -> dict:
+    """`base` with a rank-2 change on every matrix (extracted exactly at rank 4) and a small one elsewhere."""
+    return {k: v + 0.1 * (torch.randn(v.shape[0], 2, generator=g) @ torch.randn(2, v[0].numel(), generator=g)
+                          ).reshape(v.shape) if v.dim() >= 2 else v + 0.1 * torch.randn(v.shape, generator=g)
+            for k, v in base.items()}
+
+
+def extract(tmp_path, base: dict, tuned: dict) -> Path:
+    """The CLI's rank-4 fp32 LoRA of tuned - base, both saved as they are."""
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    lora = tmp_path / "lora.safetensors"
+    assert main(["extract", "--source-model", str(tmp_path / "base.safetensors"), "--target-model",
+                 str(tmp_path / "tuned.safetensors"), "--rank", "4", "--output-dtype", "fp32", "-o", str(lora)]) == 0
+    return lora
 
 
 @pytest.mark.parametrize("config,model_class", [(flux_synth.CONFIG, "Flux"), (zimage_synth.CONFIG, "Lumina2")])
@@ -33,14 +51,8 @@ def test_a_lora_extracted_from_bare_model_files_patches_every_changed_weight(com
     g = torch.Generator().manual_seed(0)
     base = {k[len(PREFIX):]: torch.randn(v.shape, generator=g)
             for k, v in patcher.model.state_dict().items() if k.startswith(PREFIX)}
-    tuned = {k: v + 0.1 * (torch.randn(v.shape[0], 2, generator=g) @ torch.randn(2, v[0].numel(), generator=g)
-                           ).reshape(v.shape) if v.dim() >= 2 else v + 0.1 * torch.randn(v.shape, generator=g)
-             for k, v in base.items()}
-    save_file(base, str(tmp_path / "base.safetensors"))
-    save_file(tuned, str(tmp_path / "tuned.safetensors"))
-    lora = tmp_path / "lora.safetensors"
-    assert main(["extract", "--source-model", str(tmp_path / "base.safetensors"), "--target-model",
-                 str(tmp_path / "tuned.safetensors"), "--rank", "4", "--output-dtype", "fp32", "-o", str(lora)]) == 0
+    tuned = changed(base, g)
+    lora = extract(tmp_path, base, tuned)
     patches, not_loaded = load_lora_with_comfy(load_file(str(lora)), key_map)
     assert not_loaded == []
     import comfy.lora
@@ -54,3 +66,41 @@ def test_a_lora_extracted_from_bare_model_files_patches_every_changed_weight(com
     for key, weight in patched.items():
         want = tuned[key[len(PREFIX):]]
         assert torch.allclose(weight, want, atol=1e-4 * float(want.abs().max())), key
+
+
+def test_a_lora_extracted_from_diffusers_format_zimage_files_patches_comfyuis_fused_model(comfy_inprocess,  # noqa: F811
+                                                                                        tmp_path):
+    """Both files are ComfyUI's tiny Z-Image written with diffusers' names by ComfyUI's own map
+    (comfy.utils.z_image_to_diffusers: a diffusers key -> a ComfyUI key, or a row block of one); the LoRA, loaded
+    by LoraLoader onto ComfyUI's model, puts tuned - base on every ComfyUI weight, q|k|v rows and all."""
+    import comfy.utils
+
+    patcher, key_map = tiny_model(zimage_synth.CONFIG, "Lumina2")
+    g = torch.Generator().manual_seed(1)
+    base = {k: torch.randn(v.shape, generator=g) for k, v in patcher.model.state_dict().items()
+            if k.startswith(PREFIX)}
+    tuned = changed(base, g)
+    to_comfy = comfy.utils.z_image_to_diffusers(zimage_synth.CONFIG, output_prefix=PREFIX)
+    assert any(isinstance(v, tuple) for v in to_comfy.values())  # q, k and v are rows of the fused qkv
+
+    def diffusers_format(sd: dict) -> dict:
+        out = {k[len(PREFIX):]: v for k, v in sd.items() if k not in set(map(target_key, to_comfy.values()))}
+        for key, target in to_comfy.items():
+            if target_key(target) in sd:
+                t = sd[target_key(target)]
+                out[key] = t if isinstance(target, str) else t.narrow(*target[1]).contiguous()
+        return out
+
+    lora = extract(tmp_path, diffusers_format(base), diffusers_format(tuned))
+    _, not_loaded = load_lora_with_comfy(load_file(str(lora)), key_map)
+    assert not_loaded == []
+    got = applied(patcher, [(lora, 1.0)])
+    assert set(got) == set(base)
+    for key, delta in got.items():
+        want = tuned[key] - base[key]
+        assert torch.allclose(delta, want, atol=1e-4 * float(want.abs().max())), key
+
+
+def target_key(target) -> str:
+    """The ComfyUI key of a z_image_to_diffusers value (a key, or (key, row block))."""
+    return target if isinstance(target, str) else target[0]

@@ -98,3 +98,42 @@ def test_an_ai_toolkit_zimage_lora_bakes_into_the_fused_qkv_of_a_comfyui_named_z
     for name, delta in deltas.items():
         key = next(k for k in shapes if "lora_unet_" + k.replace(".", "_") == name)
         assert torch.allclose(got[key + ".weight"].double(), delta, atol=1e-5), name
+
+
+def test_extract_names_a_diffusers_format_zimage_as_comfyui_maps_it_and_bake_reverses_it(tmp_path):
+    """Tongyi's diffusers-format Z-Image transformer (q, k, v apart; norm_q, to_out.0, all_x_embedder.2-1): the
+    paths ComfyUI's fused model spells otherwise keep `diffusion_model.<path>` (ComfyUI maps each onto its part
+    of the weight; `lora_unet_layers_0_attention_to_q` it would not load), the others get kohya names; the bake
+    takes both back, and the kohya spelling an earlier extract wrote."""
+    D = zimage_synth.D
+    keys = {"layers.0.attention.to_q.weight": (D, D), "layers.0.attention.to_k.weight": (D, D),
+            "layers.0.attention.norm_q.weight": (D // 2,), "layers.0.attention.to_out.0.weight": (D, D),
+            "layers.0.feed_forward.w1.weight": (3 * D, D), "noise_refiner.0.attention.to_v.weight": (D, D),
+            "all_x_embedder.2-1.weight": (D, 16), "all_x_embedder.2-1.bias": (D,)}
+    g = torch.Generator().manual_seed(3)
+    base = {k: torch.randn(*s, generator=g) for k, s in keys.items()}
+    tuned = {k: v + 0.1 * (torch.randn(v.shape[0], 2, generator=g) @ torch.randn(2, v.shape[1], generator=g)
+                           if v.dim() == 2 else torch.randn(v.shape, generator=g)) for k, v in base.items()}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    lora, baked = tmp_path / "lora.safetensors", tmp_path / "baked.safetensors"
+    assert main(["extract", "--source-model", str(tmp_path / "base.safetensors"), "--target-model",
+                 str(tmp_path / "tuned.safetensors"), "--rank", "4", "--output-dtype", "fp32", "-o", str(lora)]) == 0
+    assert set(load_lora(lora).modules) == {
+        "diffusion_model.layers.0.attention.to_q", "diffusion_model.layers.0.attention.to_k",
+        "diffusion_model.layers.0.attention.norm_q", "diffusion_model.layers.0.attention.to_out.0",
+        "lora_unet_layers_0_feed_forward_w1", "diffusion_model.noise_refiner.0.attention.to_v",
+        "diffusion_model.all_x_embedder.2-1"}
+    assert main(["bake", "--source-model", str(tmp_path / "base.safetensors"), "--lora-model", str(lora),
+                 "--output-dtype", "fp32", "-o", str(baked)]) == 0
+    got = load_file(str(baked))
+    for k, v in tuned.items():
+        assert torch.allclose(got[k], v, atol=1e-5), k
+
+    up, down = torch.randn(D, 2, generator=g), torch.randn(2, D, generator=g)  # the kohya spelling, as before
+    save_file({"lora_unet_layers_0_attention_to_q.lora_up.weight": up,
+               "lora_unet_layers_0_attention_to_q.lora_down.weight": down}, str(tmp_path / "old.safetensors"))
+    assert main(["bake", "--source-model", str(tmp_path / "base.safetensors"), "--lora-model",
+                 str(tmp_path / "old.safetensors"), "--output-dtype", "fp32", "-o", str(tmp_path / "b2.safetensors")]) == 0
+    assert torch.allclose(load_file(str(tmp_path / "b2.safetensors"))["layers.0.attention.to_q.weight"],
+                          base["layers.0.attention.to_q.weight"] + up @ down, atol=1e-5)
