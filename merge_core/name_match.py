@@ -175,3 +175,23 @@ def joined_rows(target: str, blocks: dict[int, tuple[str, LoRA]]) -> LoRA:
             bias = torch.zeros(sum(heights)) if bias is None else bias
             bias[starts[i]:starts[i] + heights[i]] = m.diff_b.float()
     return LoRA(up, torch.cat(downs), rank * scales.pop() if same else float(rank), diff_b=bias)
+
+
+def disjoint_note(sets: Sequence[LoraSet]) -> Optional[str]:
+    """A warning when two or more inputs (their names matched) share no module: nothing is merged with anything
+    (different layers trained, or one model's modules named two ways that match_names cannot line up)."""
+    if len(sets) < 2:
+        return None
+    seen: set[str] = set()
+    for s in sets:
+        if not seen.isdisjoint(s.modules):
+            return None
+        seen.update(s.modules)
+    firsts = [next(iter(s.modules), None) for s in sets]
+    example = ", ".join(f"'{n}' in {input_label(s, i)}" for i, (s, n) in enumerate(zip(sets, firsts)) if n)
+    styles = sorted({s.profile for s in sets})
+    why = (f" (they name modules in different styles: {' and '.join(styles)}; only SDXL and Flux names, and paths "
+           "as the model names them, are matched across styles)"
+           if len(styles) > 1 and any(s.arch != "sdxl" for s in sets) else "")
+    return (f"no module is in more than one input{why}: the result holds each input's modules side by side, "
+            f"merged with nothing (e.g. {example})")

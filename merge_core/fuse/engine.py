@@ -22,7 +22,7 @@ from ..files.metadata import carried_metadata, make_recipe
 from ..lora_file import LoraSet, check_dora, damaged_module_error, input_label
 from ..lowrank import RankRule
 from ..merge.scheduler import run_in_order
-from ..name_match import match_names
+from ..name_match import disjoint_note, match_names
 from ..report import ModuleReport, Progress, Report
 from ..result import MergeResult
 from .output_forms import FALLBACK_NOTE, Built, build_module, check_output_format, fused_bias
@@ -114,6 +114,9 @@ def plan_fuse(sets: Sequence[LoraSet], weights: Optional[Sequence[float]] = None
     check_strategy(strategy, w, norm_threshold)
     check_output_format(output_format)
     arch = check_inputs(sets, dora)
+    note = disjoint_note(sets)
+    if note:
+        log.warning(note)
     names = module_names(sets)
     for name in names:
         check_shapes(name, sets, [i for i, s in enumerate(sets) if name in s.modules])

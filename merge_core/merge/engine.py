@@ -25,7 +25,7 @@ from ..files.metadata import carried_metadata, make_recipe
 from ..lora_file import LoraSet, check_dora, damaged_module_error, input_label
 from ..lowrank import RankRule
 from ..memory import available_on
-from ..name_match import match_names
+from ..name_match import disjoint_note, match_names
 from ..report import ModuleReport, Progress, Report
 from ..result import MergeResult
 from .heap import HeapTrimmer
@@ -33,7 +33,7 @@ from .methods import Method, describe, method_named, resolve_options, resolve_we
 from .options import MergeOptions
 from .outcome import Outcome, exact_sum_outcome
 from .scheduler import DENSE_COPIES, run_in_order, worker_cap, worker_count
-from .targets import ModuleTarget, disjoint_note, plan_targets
+from .targets import ModuleTarget, plan_targets
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def plan_merge(sets: Sequence[LoraSet], method: str = "rsvd", weights: Sequence[
     opts: MergeOptions = resolve_options(spec, sets, rule, solver, seed, density)
     check_dora(sets, dora, "merged")
     targets = plan_targets(sets, w, block_weights)
-    note = disjoint_note(targets, sets)
+    note = disjoint_note(sets)
     if note:
         log.warning(note)
     if spec.check is not None:

@@ -138,18 +138,3 @@ def plan_targets(sets: Sequence[LoraSet], weights: Sequence[float],
         terms = tuple(Term(i, float(weights[i]) * multipliers[i](name), m) for i, m in present)
         targets.append(ModuleTarget(name, shape, terms, len(sets)))
     return targets
-
-
-def disjoint_note(targets: Sequence[ModuleTarget], sets: Sequence[LoraSet]) -> Optional[str]:
-    """A warning when two or more inputs share no module: nothing is merged with anything (different layers
-    trained, or one model's modules named two ways that name_match cannot line up)."""
-    if len(sets) < 2 or any(len(t.terms) > 1 for t in targets):
-        return None
-    firsts = [next(iter(s.modules), None) for s in sets]
-    example = ", ".join(f"'{n}' in {input_label(s, i)}" for i, (s, n) in enumerate(zip(sets, firsts)) if n)
-    styles = sorted({s.profile for s in sets})
-    why = (f" (they name modules in different styles: {' and '.join(styles)}; only SDXL and Flux names, and paths "
-           "as the model names them, are matched across styles)"
-           if len(styles) > 1 and any(s.arch != "sdxl" for s in sets) else "")
-    return (f"no module is in more than one input{why}: the result holds each input's modules side by side, "
-            f"merged with nothing (e.g. {example})")

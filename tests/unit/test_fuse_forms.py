@@ -225,3 +225,21 @@ def test_streamed_file_equals_the_held_result_saved(tmp_path, form):
         m["lora_rsvd_merge.recipe"].pop("created")
         m.pop("ss_output_name", None), m.pop("modelspec.title", None), m.pop("modelspec.date", None)
     assert meta[0] == meta[1]
+
+
+def test_inputs_that_share_no_module_are_fused_with_the_merges_warning(caplog):
+    """As merge warns: no module is in two inputs, so nothing is fused with anything; no warning once one is."""
+    def one(name, module):
+        return LoraSet({name: module}, Naming("kohya", "other", {name: name}))
+
+    a, b = one("lora_unet_a", lokr(1)), one("lora_unet_b", lokr(4))
+    with caplog.at_level(logging.WARNING):
+        res = fuse_models([a, b], strategy="weighted_sum", output_format="full")
+    assert set(res.modules) == {"lora_unet_a", "lora_unet_b"}
+    assert [r.getMessage() for r in caplog.records] == [
+        "no module is in more than one input: the result holds each input's modules side by side, merged with "
+        "nothing (e.g. 'lora_unet_a' in input 1, 'lora_unet_b' in input 2)"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        fuse_models([a, b, one("lora_unet_a", lokr(7))], strategy="weighted_sum", output_format="full")
+    assert caplog.records == []
