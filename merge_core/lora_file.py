@@ -28,6 +28,7 @@ from .files.narrow import narrowed
 from .files.stream_writer import header_bound, write_safetensors
 from .files.tensor_source import PICKLE_OUTPUTS, TensorSource
 from .keys.flux_names import FLUX_NAMING, flux_naming
+from .keys.zimage_names import ZIMAGE_NAMING, zimage_naming
 from .keys.profiles import Naming, resolve
 from .keys.sdxl_table import sdxl_modules
 from .keys.suffixes import ALPHA, DOWN, KOHYA, PEFT_BIAS, PEFT_EMBEDDING_B, UP, Suffixes, group_keys, style_of
@@ -299,7 +300,7 @@ def summary(lset: LoraSet) -> dict:
                 dtypes[str(t.dtype).replace("torch.", "")] = dtypes.get(str(t.dtype).replace("torch.", ""), 0) + 1
         params += parameter_count(m)
     return {"path": str(lset.source), "profile": lset.profile, "architecture": lset.arch,
-            "flux_naming": flux_naming(lset.modules), "modules": len(lset.modules), "kinds": lset.kinds(),
+            "flux_naming": flux_naming(lset.modules), "zimage_naming": zimage_naming(lset.modules), "modules": len(lset.modules), "kinds": lset.kinds(),
             "parts": parts, "ranks": ranks, "alphas": alphas,
             "dtypes": dtypes, "parameters": params, "dora_modules": len(lset.dora_modules()),
             "non_finite_modules": [name for name, m in lset.modules.items() if not m.is_finite()],
@@ -323,9 +324,9 @@ def _modules(names: Sequence[str], verb: str = "have") -> str:
 def summary_lines(info: dict) -> list[tuple[str, str]]:
     """(label, text) lines of a summary() for people (inspect, the Load LoRA node): what the file is, then what
     is wrong with it or needs care — DoRA, NaN/inf, alpha 0 or below."""
-    flux = info.get("flux_naming")
+    blocks = FLUX_NAMING.get(info.get("flux_naming")) or ZIMAGE_NAMING.get(info.get("zimage_naming"))
     lines = [("format", f"{info['profile']} names, architecture {info['architecture']}"
-                        + (f" ({FLUX_NAMING[flux]})" if flux in FLUX_NAMING else "")),
+                        + (f" ({blocks})" if blocks else "")),
              ("modules", f"{info['modules']}  ({counts_text(info['kinds'])})"),
              ("parts", counts_text(info["parts"])), ("ranks", counts_text(info["ranks"])),
              ("alphas", counts_text(info["alphas"])), ("dtypes", counts_text(info["dtypes"])),

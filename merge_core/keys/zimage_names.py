@@ -12,9 +12,10 @@ The other paths (feed_forward.w1, adaLN_modulation.0, …) are the same in both.
 """
 from __future__ import annotations
 
-from typing import Optional
+import re
+from typing import Iterable, Optional
 
-from .diffusers_tables import BFL, PATH_PREFIXES, DiffusersTable, Place
+from .diffusers_tables import BFL, KOHYA, PATH_PREFIXES, DiffusersTable, Place
 
 # diffusers path inside a block -> (ComfyUI path, row block of the fused q|k|v weight or None)
 _ATTENTION = {"attention.to_q": ("attention.qkv", 0), "attention.to_k": ("attention.qkv", 1),
@@ -32,3 +33,23 @@ def zimage_place(name: str) -> Optional[Place]:
     """The kohya place of a module with a Z-Image diffusers name: its ComfyUI module, or a row block of the
     fused q|k|v (None: not such a name)."""
     return ZIMAGE.place(name)
+
+
+ZIMAGE_NAMING = {"kohya": "Z-Image/Lumina 2-style blocks, q|k|v fused",
+                 "comfyui": "Z-Image/Lumina 2-style blocks, ComfyUI's module names, q|k|v fused",
+                 "diffusers": "Z-Image/Lumina 2-style blocks, diffusers module names with q/k/v split"}  # for people
+_BLOCK = r"(layers|noise_refiner|context_refiner)"
+_FUSED = {"kohya": re.compile(f"^{KOHYA}{_BLOCK}_\\d+_attention_qkv$"),
+          "comfyui": re.compile(f"^{re.escape(BFL)}{_BLOCK}\\.\\d+\\.attention\\.qkv$")}
+
+
+def zimage_naming(names: Iterable[str]) -> Optional[str]:
+    """"kohya", "comfyui" or "diffusers" when the module names are those of a Z-Image (or Lumina 2) attention
+    block — fused q|k|v, or q, k and v apart — for people; None otherwise."""
+    names = list(names)
+    for naming, fused in _FUSED.items():
+        if any(fused.match(n) for n in names):
+            return naming
+    if any(p is not None and p.part is not None for p in map(zimage_place, names)):
+        return "diffusers"
+    return None

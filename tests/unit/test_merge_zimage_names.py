@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from merge_core.lora_file import load_lora
+from merge_core.lora_file import load_lora, summary, summary_lines
 from merge_core.merge import merge_loras
 
 from merge_testlib import one_torch_thread  # noqa: F401
@@ -66,3 +66,19 @@ def test_two_diffusers_named_zimage_loras_alone_keep_their_attention_parts(tmp_p
     assert {"diffusion_model.layers.0.attention.to_q", "lycoris_layers_0_attention_to_q"} <= names
     assert not any(n.startswith("lora_unet_") and "attention_to_" in n for n in names)
     assert len(names) == 2 * 7 - 1
+
+
+def test_inspect_names_zimage_style_blocks_and_how_they_are_named(tmp_path):
+    """inspect (and the Load LoRA node) say which of Z-Image's namings a file uses: kohya's or ComfyUI's fused
+    q|k|v, or diffusers' q, k and v apart (AI-Toolkit, SimpleTuner)."""
+    comfy_file(tmp_path / "c.safetensors")
+    comfy_file(tmp_path / "k.safetensors", bfl=False)
+    diffusers_file(tmp_path / "d.safetensors")
+    diffusers_file(tmp_path / "l.safetensors", prefix="lycoris_", sep="_")
+    infos = {tag: summary(load_lora(tmp_path / f"{tag}.safetensors")) for tag in "ckdl"}
+    assert {tag: info["zimage_naming"] for tag, info in infos.items()} == {
+        "c": "comfyui", "k": "kohya", "d": "diffusers", "l": "diffusers"}
+    assert dict(summary_lines(infos["d"]))["format"].endswith(
+        "(Z-Image/Lumina 2-style blocks, diffusers module names with q/k/v split)")
+    assert dict(summary_lines(infos["k"]))["format"] == (
+        "kohya names, architecture other (Z-Image/Lumina 2-style blocks, q|k|v fused)")
