@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -56,13 +56,15 @@ def match_names(sets: Sequence[LoraSet]) -> list[LoraSet]:
               for s, style in zip(sets, styles)]
     if len({style for style in styles if style is not None}) <= 1 and not any(tabled):
         return list(sets)
-    kohya = {name for s, style in zip(sets, styles) if style == KOHYA for name in s.modules}
-    own = kohya | {places_of(n)[0].name for s, style, t in zip(sets, styles, tabled) if style == BFL
-                   for n in s.modules if n not in t}
+    kohya = {name: m.matrix_shape[0] for s, style in zip(sets, styles) if style == KOHYA
+             for name, m in s.modules.items()}
+    own = {**kohya, **{places_of(n)[0].name: m.matrix_shape[0] for s, style, t in zip(sets, styles, tabled)
+                       if style == BFL for n, m in s.modules.items() if n not in t}}
     sets = [kohya_named(s, i, own) if f else s for i, (s, f) in enumerate(zip(sets, foreign))]
     renamed = {name for s, f in zip(sets, foreign) if f for name in s.modules}
     renamed |= {p for t in tabled for p in (_model_place(n).name for n in t) if p in own}
-    return [kohya_named(s, i, kohya | renamed) if style == BFL else s for i, (s, style) in enumerate(zip(sets, styles))]
+    held = {**{name: own.get(name) for name in renamed}, **kohya}
+    return [kohya_named(s, i, held) if style == BFL else s for i, (s, style) in enumerate(zip(sets, styles))]
 
 
 def _style(s: LoraSet) -> Optional[str]:
@@ -88,16 +90,17 @@ def _model_place(name: str) -> Optional[Place]:
     return flux_place(name) or zimage_place(name)
 
 
-def for_base(s: LoraSet, names: set[str]) -> LoraSet:
-    """A LoRA under the kohya names of the layers a bake's base holds (`names`), where its own differ."""
-    return kohya_named(s, 0, names) if _style(s) not in (None, KOHYA) else s
+def for_base(s: LoraSet, rows: Mapping[str, Optional[int]]) -> LoraSet:
+    """A LoRA under the kohya names of the layers a bake's base holds (`rows`: name -> output rows), where its
+    own differ."""
+    return kohya_named(s, 0, rows) if _style(s) not in (None, KOHYA) else s
 
 
-def kohya_named(s: LoraSet, index: int, held: set[str]) -> LoraSet:
+def kohya_named(s: LoraSet, index: int, held: Mapping[str, Optional[int]]) -> LoraSet:
     """One input with its dotted and tabled (Flux, Z-Image) modules under kohya names (fused weights' parts
-    joined), those whose kohya name is in `held`; the others as they are.  A part or norm_out that is not a
-    plain linear LoRA keeps its name too (with a warning): side by side with the kohya module it is what
-    ComfyUI's stack does."""
+    joined), those whose kohya name is in `held` (name -> the module's output rows where known, which size a
+    fused weight's row blocks); the others as they are.  A part or norm_out that is not a plain linear LoRA
+    keeps its name too (with a warning): side by side with the kohya module it is what ComfyUI's stack does."""
     modules: dict[str, Optional[AdapterModule]] = {}
     parts: dict[str, dict[int, tuple[str, LoRA]]] = {}
     kept = []
@@ -119,7 +122,7 @@ def kohya_named(s: LoraSet, index: int, held: set[str]) -> LoraSet:
         if modules[target] is not None:
             raise FormatError(f"{input_label(s, index)} holds fused module '{target}' both whole and in parts "
                               f"(e.g. '{next(iter(blocks.values()))[0]}')")
-        modules[target] = joined_rows(target, blocks)
+        modules[target] = joined_rows(target, blocks, held.get(target))
     if kept:
         log.warning("%d module(s) of %s that are parts of fused weights are not plain linear LoRAs (e.g. '%s', "
                     "%s) and keep their diffusers names: only a LoRA's rows join a fused kohya weight; they are "
@@ -145,9 +148,10 @@ def swapped_halves(m: LoRA) -> LoRA:
     return replace(m, up=m.up[order], diff_b=m.diff_b[order] if m.diff_b is not None else None)
 
 
-def joined_rows(target: str, blocks: dict[int, tuple[str, LoRA]]) -> LoRA:
+def joined_rows(target: str, blocks: dict[int, tuple[str, LoRA]], rows: Optional[int] = None) -> LoRA:
     """The LoRA of a fused weight (Flux, Z-Image) from the diffusers LoRAs of its row blocks (see the module
-    docstring)."""
+    docstring).  q is as tall as the input is wide; the rest of the fused weight's `rows` (when known) is k|v in
+    two halves (Lumina 2's grouped-query attention makes them shorter than q) or Flux's MLP after q|k|v."""
     loras = {i: m for i, (_, m) in blocks.items()}
     widths = {m.down.shape[1] for m in loras.values()}
     if len(widths) != 1:
@@ -155,7 +159,11 @@ def joined_rows(target: str, blocks: dict[int, tuple[str, LoRA]]) -> LoRA:
     hidden = widths.pop()
     heights = [hidden] * Place(target).parts
     if len(heights) == 4:
-        heights[3] = loras[3].up.shape[0] if 3 in loras else MLP_RATIO * hidden
+        heights[3] = rows - 3 * hidden if rows else loras[3].up.shape[0] if 3 in loras else MLP_RATIO * hidden
+    else:
+        kv = ((rows - hidden) // 2 if rows else loras[1].up.shape[0] if 1 in loras
+              else loras[2].up.shape[0] if 2 in loras else hidden)
+        heights[1:] = [kv, kv]
     for i, m in loras.items():
         if m.up.shape[0] != heights[i]:
             raise FormatError(f"module '{blocks[i][0]}' has {m.up.shape[0]} output rows; as row block {i} of "

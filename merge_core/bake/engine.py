@@ -170,7 +170,7 @@ def bake_lora(base_path: Union[str, os.PathLike, WeightSource], lora: Union[Lora
         raise damaged_module_error(damaged, lset, 0)
     out_dtype = dtype_of(output_dtype) if output_dtype else None
     index = BakeIndex(base)
-    lset = for_base(lset, index.names())
+    lset = for_base(lset, index.rows())
     patches, matched, skipped = plan_patches(lset, index)
     base_label = label_of(base_path, "base (in memory)")
     if not patches:

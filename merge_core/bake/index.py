@@ -63,9 +63,14 @@ class BakeIndex:
         kohya = sdxl_aliases().get(name)
         return self.aliases.get(kohya) if kohya is not None else None
 
-    def names(self) -> set[str]:
-        """The canonical module name of every layer the base holds."""
-        return {name for name, _ in self.slots}
+    def rows(self) -> dict[str, Optional[int]]:
+        """The canonical module name of every layer the base holds -> its weight's output rows (None: a bias or
+        a scalar alone)."""
+        rows: dict[str, Optional[int]] = {name: None for name, _ in self.slots}
+        for (name, role), slot in self.slots.items():
+            if role == "weight" and slot.shape:
+                rows[name] = slot.shape[0]
+        return rows
 
     def slot(self, name: str, role: str) -> Optional[Slot]:
         return self.slots.get((name, role))

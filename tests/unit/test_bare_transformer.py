@@ -137,3 +137,20 @@ def test_extract_names_a_diffusers_format_zimage_as_comfyui_maps_it_and_bake_rev
                  str(tmp_path / "old.safetensors"), "--output-dtype", "fp32", "-o", str(tmp_path / "b2.safetensors")]) == 0
     assert torch.allclose(load_file(str(tmp_path / "b2.safetensors"))["layers.0.attention.to_q.weight"],
                           base["layers.0.attention.to_q.weight"] + up @ down, atol=1e-5)
+
+
+def test_a_diffusers_lumina2_lora_bakes_into_the_grouped_query_qkv_rows(tmp_path):
+    """Lumina 2's fused qkv is D + 2·KV rows (fewer k/v heads): AI-Toolkit's to_k lands at rows [D, D+KV)."""
+    D, KV = zimage_synth.D, zimage_synth.D // 4
+    save_file({"layers.0.attention.qkv.weight": torch.zeros(D + 2 * KV, D), "noise_refiner.0.ffn_norm1.weight":
+               torch.zeros(D)}, str(tmp_path / "base.safetensors"))
+    g = torch.Generator().manual_seed(4)
+    up, down = torch.randn(KV, 2, generator=g), torch.randn(2, D, generator=g)
+    save_file({"diffusion_model.layers.0.attention.to_k.lora_B.weight": up,
+               "diffusion_model.layers.0.attention.to_k.lora_A.weight": down}, str(tmp_path / "d.safetensors"))
+    assert main(["bake", "--source-model", str(tmp_path / "base.safetensors"), "--lora-model",
+                 str(tmp_path / "d.safetensors"), "--output-dtype", "fp32", "-o", str(tmp_path / "b.safetensors")]) == 0
+    want = torch.zeros(D + 2 * KV, D)
+    want[D:D + KV] = up @ down
+    assert torch.allclose(load_file(str(tmp_path / "b.safetensors"))["layers.0.attention.qkv.weight"], want,
+                          atol=1e-6)

@@ -4,13 +4,16 @@ to_k and to_v are row blocks of the fused qkv.  References are dense, from the r
 in zimage_synth."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from merge_core.lora_file import load_lora, summary, summary_lines
 from merge_core.merge import merge_loras
 
 from merge_testlib import one_torch_thread  # noqa: F401
+from flux_synth import pair
 from zimage_synth import D, comfy_file, diffusers_file
+from safetensors.torch import save_file
 
 JOINED = ("lora_unet_layers_0_attention_qkv", "lora_unet_layers_0_attention_out", "lora_unet_final_layer_linear",
           "lora_unet_x_embedder")
@@ -82,3 +85,25 @@ def test_inspect_names_zimage_style_blocks_and_how_they_are_named(tmp_path):
         "(Z-Image/Lumina 2-style blocks, diffusers module names with q/k/v split)")
     assert dict(summary_lines(infos["k"]))["format"] == (
         "kohya names, architecture other (Z-Image/Lumina 2-style blocks, q|k|v fused)")
+
+
+@pytest.mark.parametrize("parts", [("to_q", "to_k", "to_v"), ("to_v",)])
+def test_lumina2_grouped_query_parts_join_the_fused_qkv_at_their_own_heights(tmp_path, parts):
+    """Lumina 2's attention has fewer k/v heads than q heads: its fused qkv is D + 2·KV rows, to_k and to_v KV
+    each.  A diffusers LoRA's parts land at rows [0, D), [D, D+KV), [D+KV, D+2KV) of the kohya module another
+    input holds — sized by that module when to_k is missing."""
+    KV = D // 4
+    up, down = pair(D + 2 * KV, D, 4, 1)
+    save_file({"lora_unet_layers_0_attention_qkv.lora_up.weight": up,
+               "lora_unet_layers_0_attention_qkv.lora_down.weight": down}, str(tmp_path / "k.safetensors"))
+    rows = {"to_q": (0, D), "to_k": (D, KV), "to_v": (D + KV, KV)}
+    sd, want = {}, up.double() @ down.double()
+    for i, part in enumerate(parts):
+        b, a = pair(rows[part][1], D, 2, 10 + i)
+        sd.update({f"diffusion_model.layers.0.attention.{part}.lora_B.weight": b,
+                   f"diffusion_model.layers.0.attention.{part}.lora_A.weight": a})
+        want[rows[part][0]:sum(rows[part])] += b.double() @ a.double()
+    save_file(sd, str(tmp_path / "d.safetensors"))
+    result = merged(tmp_path, "k", "d", (1.0, 1.0))
+    assert set(result.modules) == {"lora_unet_layers_0_attention_qkv"}
+    assert torch.allclose(result.modules["lora_unet_layers_0_attention_qkv"].delta().double(), want, atol=1e-5)
