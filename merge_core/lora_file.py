@@ -300,8 +300,8 @@ def summary(lset: LoraSet) -> dict:
                 dtypes[str(t.dtype).replace("torch.", "")] = dtypes.get(str(t.dtype).replace("torch.", ""), 0) + 1
         params += parameter_count(m)
     return {"path": str(lset.source), "profile": lset.profile, "architecture": lset.arch,
-            "flux_naming": flux_naming(lset.modules), "zimage_naming": zimage_naming(lset.modules), "modules": len(lset.modules), "kinds": lset.kinds(),
-            "parts": parts, "ranks": ranks, "alphas": alphas,
+            "flux_naming": flux_naming(lset.modules), "zimage_naming": zimage_naming(lset.modules),
+            "modules": len(lset.modules), "kinds": lset.kinds(), "parts": parts, "ranks": ranks, "alphas": alphas,
             "dtypes": dtypes, "parameters": params, "dora_modules": len(lset.dora_modules()),
             "non_finite_modules": [name for name, m in lset.modules.items() if not m.is_finite()],
             "zero_alpha_modules": [name for name, m in lset.modules.items() if getattr(m, "alpha", None) == 0],

@@ -198,8 +198,8 @@ def disjoint_note(sets: Sequence[LoraSet]) -> Optional[str]:
     firsts = [next(iter(s.modules), None) for s in sets]
     example = ", ".join(f"'{n}' in {input_label(s, i)}" for i, (s, n) in enumerate(zip(sets, firsts)) if n)
     styles = sorted({s.profile for s in sets})
-    why = (f" (they name modules in different styles: {' and '.join(styles)}; only SDXL and Flux names, and paths "
-           "as the model names them, are matched across styles)"
+    why = (f" (they name modules in different styles: {' and '.join(styles)}; only SDXL, Flux and Z-Image names, "
+           "and paths as the model names them, are matched across styles)"
            if len(styles) > 1 and any(s.arch != "sdxl" for s in sets) else "")
     return (f"no module is in more than one input{why}: the result holds each input's modules side by side, "
             f"merged with nothing (e.g. {example})")

@@ -6,8 +6,8 @@
 - diffusers (AI-Toolkit's `diffusion_model.layers.0.attention.to_q`, SimpleTuner LyCORIS's
   `lycoris_layers_0_attention_to_q`, and Tongyi's diffusers-format transformer files): q, k and v apart, row
   blocks of the fused weight (each `dim` rows in Z-Image; k and v shorter in Lumina 2, whose attention has fewer
-  k/v heads — name_match.joined_rows sizes them from the fused weight), `to_out.0` for `out`, `norm_q`/`norm_k` for `q_norm`/`k_norm`,
-  `all_final_layer.2-1.` for `final_layer.` and `all_x_embedder.2-1` for `x_embedder`.
+  k/v heads — name_match.joined_rows sizes them from the fused weight), `to_out.0` for `out`, `norm_q`/`norm_k`
+  for `q_norm`/`k_norm`, `all_final_layer.2-1.` for `final_layer.` and `all_x_embedder.2-1` for `x_embedder`.
 
 The other paths (feed_forward.w1, adaLN_modulation.0, …) are the same in both.
 """

@@ -134,7 +134,8 @@ def test_extract_names_a_diffusers_format_zimage_as_comfyui_maps_it_and_bake_rev
     save_file({"lora_unet_layers_0_attention_to_q.lora_up.weight": up,
                "lora_unet_layers_0_attention_to_q.lora_down.weight": down}, str(tmp_path / "old.safetensors"))
     assert main(["bake", "--source-model", str(tmp_path / "base.safetensors"), "--lora-model",
-                 str(tmp_path / "old.safetensors"), "--output-dtype", "fp32", "-o", str(tmp_path / "b2.safetensors")]) == 0
+                 str(tmp_path / "old.safetensors"), "--output-dtype", "fp32", "-o",
+                 str(tmp_path / "b2.safetensors")]) == 0
     assert torch.allclose(load_file(str(tmp_path / "b2.safetensors"))["layers.0.attention.to_q.weight"],
                           base["layers.0.attention.to_q.weight"] + up @ down, atol=1e-5)
 
