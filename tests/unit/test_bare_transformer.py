@@ -33,6 +33,20 @@ def pair(tmp_path):
     return base, tuned
 
 
+def bake_one(tmp_path, base: dict, name: str, rows: int, cols: int, seed: int,
+             suffixes: tuple[str, str] = ("lora_B", "lora_A")) -> tuple[torch.Tensor, dict]:
+    """Bake a random rank-2 LoRA module `name` (rows × cols, scale 1; PEFT's suffixes unless told) into the
+    state dict `base`, both saved as files: (its ΔW, the baked state dict)."""
+    save_file(base, str(tmp_path / "base.safetensors"))
+    g = torch.Generator().manual_seed(seed)
+    up, down = torch.randn(rows, 2, generator=g), torch.randn(2, cols, generator=g)
+    save_file({f"{name}.{suffixes[0]}.weight": up, f"{name}.{suffixes[1]}.weight": down},
+              str(tmp_path / "d.safetensors"))
+    assert main(["bake", "--source-model", str(tmp_path / "base.safetensors"), "--lora-model",
+                 str(tmp_path / "d.safetensors"), "--output-dtype", "fp32", "-o", str(tmp_path / "b.safetensors")]) == 0
+    return up @ down, load_file(str(tmp_path / "b.safetensors"))
+
+
 def test_extract_names_a_bare_flux_transformer_as_comfyui_maps_it_and_bake_reverses_it(tmp_path):
     _, tuned = pair(tmp_path)
     lora, baked = tmp_path / "lora.safetensors", tmp_path / "baked.safetensors"
@@ -72,15 +86,9 @@ def test_a_diffusers_flux_lora_bakes_into_the_fused_weights_of_a_bfl_model(tmp_p
 def test_a_diffusers_lora_bakes_into_a_diffusers_format_transformer(tmp_path):
     """FluxTransformer2DModel's own keys (transformer_blocks.0.attn.to_q.weight) take the LoRA's
     transformer.transformer_blocks.0.attn.to_q as they are."""
-    save_file({"transformer_blocks.0.attn.to_q.weight": torch.zeros(H, H)}, str(tmp_path / "base.safetensors"))
-    g = torch.Generator().manual_seed(1)
-    up, down = torch.randn(H, 2, generator=g), torch.randn(2, H, generator=g)
-    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_B.weight": up,
-               "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": down}, str(tmp_path / "d.safetensors"))
-    assert main(["bake", "--source-model", str(tmp_path / "base.safetensors"), "--lora-model",
-                 str(tmp_path / "d.safetensors"), "--output-dtype", "fp32", "-o", str(tmp_path / "b.safetensors")]) == 0
-    assert torch.allclose(load_file(str(tmp_path / "b.safetensors"))["transformer_blocks.0.attn.to_q.weight"], up @ down,
-                          atol=1e-6)
+    delta, got = bake_one(tmp_path, {"transformer_blocks.0.attn.to_q.weight": torch.zeros(H, H)},
+                          "transformer.transformer_blocks.0.attn.to_q", H, H, 1)
+    assert torch.allclose(got["transformer_blocks.0.attn.to_q.weight"], delta, atol=1e-6)
 
 
 def test_an_ai_toolkit_zimage_lora_bakes_into_the_fused_qkv_of_a_comfyui_named_zimage(tmp_path):
@@ -130,28 +138,18 @@ def test_extract_names_a_diffusers_format_zimage_as_comfyui_maps_it_and_bake_rev
     for k, v in tuned.items():
         assert torch.allclose(got[k], v, atol=1e-5), k
 
-    up, down = torch.randn(D, 2, generator=g), torch.randn(2, D, generator=g)  # the kohya spelling, as before
-    save_file({"lora_unet_layers_0_attention_to_q.lora_up.weight": up,
-               "lora_unet_layers_0_attention_to_q.lora_down.weight": down}, str(tmp_path / "old.safetensors"))
-    assert main(["bake", "--source-model", str(tmp_path / "base.safetensors"), "--lora-model",
-                 str(tmp_path / "old.safetensors"), "--output-dtype", "fp32", "-o",
-                 str(tmp_path / "b2.safetensors")]) == 0
-    assert torch.allclose(load_file(str(tmp_path / "b2.safetensors"))["layers.0.attention.to_q.weight"],
-                          base["layers.0.attention.to_q.weight"] + up @ down, atol=1e-5)
+    delta, got = bake_one(tmp_path, base, "lora_unet_layers_0_attention_to_q", D, D, 5,  # the kohya spelling
+                          ("lora_up", "lora_down"))
+    assert torch.allclose(got["layers.0.attention.to_q.weight"], base["layers.0.attention.to_q.weight"] + delta,
+                          atol=1e-5)
 
 
 def test_a_diffusers_lumina2_lora_bakes_into_the_grouped_query_qkv_rows(tmp_path):
     """Lumina 2's fused qkv is D + 2·KV rows (fewer k/v heads): AI-Toolkit's to_k lands at rows [D, D+KV)."""
     D, KV = zimage_synth.D, zimage_synth.D // 4
-    save_file({"layers.0.attention.qkv.weight": torch.zeros(D + 2 * KV, D), "noise_refiner.0.ffn_norm1.weight":
-               torch.zeros(D)}, str(tmp_path / "base.safetensors"))
-    g = torch.Generator().manual_seed(4)
-    up, down = torch.randn(KV, 2, generator=g), torch.randn(2, D, generator=g)
-    save_file({"diffusion_model.layers.0.attention.to_k.lora_B.weight": up,
-               "diffusion_model.layers.0.attention.to_k.lora_A.weight": down}, str(tmp_path / "d.safetensors"))
-    assert main(["bake", "--source-model", str(tmp_path / "base.safetensors"), "--lora-model",
-                 str(tmp_path / "d.safetensors"), "--output-dtype", "fp32", "-o", str(tmp_path / "b.safetensors")]) == 0
+    base = {"layers.0.attention.qkv.weight": torch.zeros(D + 2 * KV, D),
+            "noise_refiner.0.ffn_norm1.weight": torch.zeros(D)}
+    delta, got = bake_one(tmp_path, base, "diffusion_model.layers.0.attention.to_k", KV, D, 4)
     want = torch.zeros(D + 2 * KV, D)
-    want[D:D + KV] = up @ down
-    assert torch.allclose(load_file(str(tmp_path / "b.safetensors"))["layers.0.attention.qkv.weight"], want,
-                          atol=1e-6)
+    want[D:D + KV] = delta
+    assert torch.allclose(got["layers.0.attention.qkv.weight"], want, atol=1e-6)
