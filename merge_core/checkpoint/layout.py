@@ -113,13 +113,21 @@ BARE_DIFFUSION = ("double_blocks.", "single_blocks.",  # Flux, Chroma, HunyuanVi
                   "adaln_single.")  # LTX-Video
 
 
+# a Flux transformer in diffusers' format (FluxTransformer2DModel's keys, as ComfyUI's loader tells it): its names
+# are read under this prefix, the one ComfyUI's LoRA key map gives them (lora_names.flux_diffusers_targets)
+FLUX_DIFFUSERS = "transformer."
+
+
 def source_layout(keys: Iterable[str]) -> tuple[bool, str]:
     """(checkpoint, prefix) of a weight source: `prefix` puts its keys in an understood layout —
     `diffusion_model.` for a diffusion model saved on its own (no key placed as it is, some with a module name
-    of BARE_DIFFUSION), else nothing — and `checkpoint` says whether they then are (is_checkpoint)."""
+    of BARE_DIFFUSION), FLUX_DIFFUSERS for a diffusers-format Flux, else nothing — and `checkpoint` says whether
+    they then are (is_checkpoint)."""
     keys = list(keys)
     if is_checkpoint(keys):
         return True, ""
+    if "x_embedder.weight" in keys and any(k.startswith("single_transformer_blocks.") for k in keys):
+        return True, FLUX_DIFFUSERS
     if any(k.startswith(BARE_DIFFUSION) for k in keys):
         return True, "diffusion_model."
     return False, ""

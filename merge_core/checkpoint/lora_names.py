@@ -24,8 +24,9 @@ from typing import Optional
 
 import torch
 
+from ..keys.flux_names import flux_place
 from ..keys.zimage_names import zimage_place
-from .layout import TE, TE1, TE2, UNET, Placement, placements
+from .layout import FLUX_DIFFUSERS, TE, TE1, TE2, UNET, Placement, placements
 
 WEIGHT, BIAS = "weight", "bias"
 GENERIC = "other"
@@ -42,6 +43,7 @@ class Target:
     name: str
     role: str  # weight -> LoRA / .diff;  bias -> .diff_b
     placement: Placement
+    loadable: bool = True  # ComfyUI's LoRA key map places it (False: a bake can, an extract leaves it out)
 
     @property
     def group(self) -> str:
@@ -87,6 +89,8 @@ def targets_of(key: str, shape: tuple[int, ...], checkpoint: bool, prefix: str =
     """Where the delta of `key` goes in a LoRA file ([] = nowhere).  `checkpoint`: the source is in an
     understood SD/SDXL layout (then keys outside it are skipped); otherwise every key is named generically.
     `prefix`: the source's (layout.source_layout), put before the key to place it."""
+    if prefix == FLUX_DIFFUSERS:
+        return flux_diffusers_targets(key)
     found = placements(prefix + key, shape)
     if found is None:
         if checkpoint:
@@ -99,3 +103,13 @@ def targets_of(key: str, shape: tuple[int, ...], checkpoint: bool, prefix: str =
         if named is not None:
             out.append(Target(named[0], named[1], p))
     return out
+
+
+def flux_diffusers_targets(key: str) -> list[Target]:
+    """A diffusers-format Flux key: `transformer.<path>`, which ComfyUI maps onto its BFL weight or a row block of
+    it.  Not loadable in ComfyUI: the bias of a part of a fused weight (q, k, v, proj_mlp) or of the half-swapped
+    norm_out, which its key map cannot place (the `.diff_b` of a sliced name loads, and patches nothing)."""
+    stem, role = split_role(key)
+    place = flux_place(FLUX_DIFFUSERS + stem)
+    sliced = role == BIAS and place is not None and (place.part is not None or place.swap)
+    return [Target(FLUX_DIFFUSERS + stem, role, Placement(FLUX_DIFFUSERS + key, UNET), loadable=not sliced)]

@@ -1,8 +1,8 @@
 """Which tensor pairs an extraction reads and where each delta goes, decided from the headers alone.
 
-Keys in both models with equal shapes and at least one LoRA target become tasks; everything else is
-recorded under a reason (only in one model, shape mismatch, scalar, no LoRA target, text encoder left out,
-duplicate name), so the report can say what was not extracted and why.
+Keys in both models with equal shapes and at least one LoRA target ComfyUI loads become tasks; everything
+else is recorded under a reason (only in one model, shape mismatch, scalar, no LoRA target, no name ComfyUI
+places, text encoder left out, duplicate name), so the report can say what was not extracted and why.
 """
 from __future__ import annotations
 
@@ -68,6 +68,10 @@ def make_plan(base: WeightSource, tuned: WeightSource, text_encoders: bool = Tru
         targets = targets_of(key, shape, checkpoint, prefix)
         if not targets:
             plan.skip("no_lora_target", key)
+            continue
+        targets = [t for t in targets if t.loadable]
+        if not targets:  # e.g. the bias of q in a diffusers-format Flux: ComfyUI has no name that places it
+            plan.skip("no_comfyui_name", key)
             continue
         if not text_encoders and all(t.group not in (UNET, GENERIC) for t in targets):
             plan.skip("text_encoder", key)

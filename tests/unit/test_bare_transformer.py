@@ -5,6 +5,9 @@ LoRA's layers in it — and a diffusers-named one's, in the fused weights' rows.
 the tuned file back."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -20,17 +23,25 @@ KEYS = {"img_in.weight": (32, 4), "img_in.bias": (32,), "double_blocks.0.img_att
         "single_blocks.0.linear1.weight": (224, 32), "final_layer.linear.weight": (4, 32)}
 
 
-def pair(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    base = {k: torch.randn(*s, generator=g) for k, s in KEYS.items()}
-    tuned = {}
-    for k, v in base.items():  # low-rank weight changes (extracted as LoRAs at rank 4), small vector ones
-        change = (torch.randn(v.shape[0], 2, generator=g) @ torch.randn(2, v.shape[1], generator=g)
-                  if v.dim() == 2 else torch.randn(v.shape, generator=g))
-        tuned[k] = v + 0.1 * change
+def pair(tmp_path, keys: dict = KEYS, seed: int = 0) -> tuple[dict, dict]:
+    """A random base of `keys` (key -> shape) and a tuned copy, saved as base/tuned.safetensors: low-rank weight
+    changes (extracted exactly at rank 4), small vector ones."""
+    g = torch.Generator().manual_seed(seed)
+    base = {k: torch.randn(*s, generator=g) for k, s in keys.items()}
+    tuned = {k: v + 0.1 * (torch.randn(v.shape[0], 2, generator=g) @ torch.randn(2, v.shape[1], generator=g)
+                           if v.dim() == 2 else torch.randn(v.shape, generator=g)) for k, v in base.items()}
     save_file(base, str(tmp_path / "base.safetensors"))
     save_file(tuned, str(tmp_path / "tuned.safetensors"))
     return base, tuned
+
+
+def extracted(tmp_path, *options: str) -> Path:
+    """The CLI's rank-4 fp32 LoRA extracted from pair()'s files."""
+    lora = tmp_path / "lora.safetensors"
+    assert main(["extract", "--source-model", str(tmp_path / "base.safetensors"), "--target-model",
+                 str(tmp_path / "tuned.safetensors"), "--rank", "4", "--output-dtype", "fp32", "-o", str(lora),
+                 *options]) == 0
+    return lora
 
 
 def bake_one(tmp_path, base: dict, name: str, rows: int, cols: int, seed: int,
@@ -49,9 +60,7 @@ def bake_one(tmp_path, base: dict, name: str, rows: int, cols: int, seed: int,
 
 def test_extract_names_a_bare_flux_transformer_as_comfyui_maps_it_and_bake_reverses_it(tmp_path):
     _, tuned = pair(tmp_path)
-    lora, baked = tmp_path / "lora.safetensors", tmp_path / "baked.safetensors"
-    assert main(["extract", "--source-model", str(tmp_path / "base.safetensors"), "--target-model",
-                 str(tmp_path / "tuned.safetensors"), "--rank", "4", "--output-dtype", "fp32", "-o", str(lora)]) == 0
+    lora, baked = extracted(tmp_path), tmp_path / "baked.safetensors"
     assert set(load_lora(lora).modules) == {
         "lora_unet_img_in", "lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1",
         "lora_unet_final_layer_linear", "diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale"}
@@ -118,15 +127,8 @@ def test_extract_names_a_diffusers_format_zimage_as_comfyui_maps_it_and_bake_rev
             "layers.0.attention.norm_q.weight": (D // 2,), "layers.0.attention.to_out.0.weight": (D, D),
             "layers.0.feed_forward.w1.weight": (3 * D, D), "noise_refiner.0.attention.to_v.weight": (D, D),
             "all_x_embedder.2-1.weight": (D, 16), "all_x_embedder.2-1.bias": (D,)}
-    g = torch.Generator().manual_seed(3)
-    base = {k: torch.randn(*s, generator=g) for k, s in keys.items()}
-    tuned = {k: v + 0.1 * (torch.randn(v.shape[0], 2, generator=g) @ torch.randn(2, v.shape[1], generator=g)
-                           if v.dim() == 2 else torch.randn(v.shape, generator=g)) for k, v in base.items()}
-    save_file(base, str(tmp_path / "base.safetensors"))
-    save_file(tuned, str(tmp_path / "tuned.safetensors"))
-    lora, baked = tmp_path / "lora.safetensors", tmp_path / "baked.safetensors"
-    assert main(["extract", "--source-model", str(tmp_path / "base.safetensors"), "--target-model",
-                 str(tmp_path / "tuned.safetensors"), "--rank", "4", "--output-dtype", "fp32", "-o", str(lora)]) == 0
+    base, tuned = pair(tmp_path, keys, 3)
+    lora, baked = extracted(tmp_path), tmp_path / "baked.safetensors"
     assert set(load_lora(lora).modules) == {
         "diffusion_model.layers.0.attention.to_q", "diffusion_model.layers.0.attention.to_k",
         "diffusion_model.layers.0.attention.norm_q", "diffusion_model.layers.0.attention.to_out.0",
@@ -153,3 +155,32 @@ def test_a_diffusers_lumina2_lora_bakes_into_the_grouped_query_qkv_rows(tmp_path
     want = torch.zeros(D + 2 * KV, D)
     want[D:D + KV] = delta
     assert torch.allclose(got["layers.0.attention.qkv.weight"], want, atol=1e-6)
+
+
+def test_extract_names_a_diffusers_format_flux_as_comfyui_maps_it(tmp_path):
+    """FluxTransformer2DModel's keys (as ComfyUI's loader reads a diffusers-format Flux): every module is named
+    `transformer.<path>`, which ComfyUI maps onto its fused BFL weights; q's bias, which ComfyUI's key map cannot
+    place, is left out (reported), and the bake of the result gives back every other tuned tensor."""
+    keys = {"x_embedder.weight": (H, 4), "x_embedder.bias": (H,), "transformer_blocks.0.attn.to_q.weight": (H, H),
+            "transformer_blocks.0.attn.to_q.bias": (H,), "transformer_blocks.0.attn.norm_q.weight": (H // 2,),
+            "single_transformer_blocks.0.proj_mlp.weight": (4 * H, H), "norm_out.linear.weight": (2 * H, H)}
+    base, tuned = pair(tmp_path, keys, 5)
+    report = tmp_path / "report.json"
+    lora = extracted(tmp_path, "--report", str(report))
+    assert set(load_lora(lora).modules) == {"transformer." + k.rsplit(".", 1)[0] for k in keys}
+    assert json.loads(report.read_text())["skipped_keys"] == {
+        "no_comfyui_name": ["transformer_blocks.0.attn.to_q.bias"]}
+    assert main(["bake", "--source-model", str(tmp_path / "base.safetensors"), "--lora-model", str(lora),
+                 "--output-dtype", "fp32", "-o", str(tmp_path / "baked.safetensors")]) == 0
+    got = load_file(str(tmp_path / "baked.safetensors"))
+    for k, v in tuned.items():
+        want = base[k] if k == "transformer_blocks.0.attn.to_q.bias" else v
+        assert torch.allclose(got[k], want, atol=1e-5), k
+
+    bias = torch.randn(H, generator=torch.Generator().manual_seed(6))  # a bake still takes q's bias, held alone
+    save_file({"transformer.transformer_blocks.0.attn.to_q.diff_b": bias}, str(tmp_path / "b.safetensors"))
+    assert main(["bake", "--source-model", str(tmp_path / "base.safetensors"), "--lora-model",
+                 str(tmp_path / "b.safetensors"), "--output-dtype", "fp32", "-o",
+                 str(tmp_path / "b2.safetensors")]) == 0
+    assert torch.allclose(load_file(str(tmp_path / "b2.safetensors"))["transformer_blocks.0.attn.to_q.bias"],
+                          base["transformer_blocks.0.attn.to_q.bias"] + bias, atol=1e-6)
