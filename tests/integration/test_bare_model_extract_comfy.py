@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -44,28 +45,30 @@ def extract(tmp_path, base: dict, tuned: dict) -> Path:
     return lora
 
 
+def check_extract(tmp_path, config: dict, model_class: str, seed: int,
+                  as_file: Callable[[dict], dict], unplaced: frozenset = frozenset()) -> None:
+    """ComfyUI's tiny model with random weights (base) and a changed copy, written as files by `as_file` (from
+    ComfyUI's keys), extracted: the LoRA loads with no key left over, and LoraLoader's patches put tuned - base
+    on every weight but `unplaced`."""
+    patcher, key_map = tiny_model(config, model_class)
+    g = torch.Generator().manual_seed(seed)
+    base = {k: torch.randn(v.shape, generator=g) for k, v in patcher.model.state_dict().items()
+            if k.startswith(PREFIX)}
+    tuned = changed(base, g)
+    lora = extract(tmp_path, as_file(base), as_file(tuned))
+    _, not_loaded = load_lora_with_comfy(load_file(str(lora)), key_map)
+    assert not_loaded == []
+    got = applied(patcher, [(lora, 1.0)])
+    assert set(got) == set(base) - unplaced  # every tensor changed, every one patched but those
+    for key, delta in got.items():
+        want = tuned[key] - base[key]
+        assert torch.allclose(delta, want, atol=1e-4 * float(want.abs().max())), key
+
+
 @pytest.mark.parametrize("config,model_class", [(flux_synth.CONFIG, "Flux"), (zimage_synth.CONFIG, "Lumina2")])
 def test_a_lora_extracted_from_bare_model_files_patches_every_changed_weight(comfy_inprocess, tmp_path,  # noqa: F811
                                                                               config, model_class):
-    patcher, key_map = tiny_model(config, model_class)
-    g = torch.Generator().manual_seed(0)
-    base = {k[len(PREFIX):]: torch.randn(v.shape, generator=g)
-            for k, v in patcher.model.state_dict().items() if k.startswith(PREFIX)}
-    tuned = changed(base, g)
-    lora = extract(tmp_path, base, tuned)
-    patches, not_loaded = load_lora_with_comfy(load_file(str(lora)), key_map)
-    assert not_loaded == []
-    import comfy.lora
-
-    patched = {}
-    for k, adapter in patches.items():
-        key = k if isinstance(k, str) else k[0]
-        patched[key] = comfy.lora.calculate_weight([(1.0, adapter, 1.0, None, None)],
-                                                   base[key[len(PREFIX):]].clone(), key)
-    assert set(patched) == {PREFIX + k for k in base}  # every tensor changed, every one patched
-    for key, weight in patched.items():
-        want = tuned[key[len(PREFIX):]]
-        assert torch.allclose(weight, want, atol=1e-4 * float(want.abs().max())), key
+    check_extract(tmp_path, config, model_class, 0, lambda sd: {k[len(PREFIX):]: v for k, v in sd.items()})
 
 
 @pytest.mark.parametrize("config,model_class,to_diffusers", [
@@ -79,11 +82,6 @@ def test_a_lora_extracted_from_diffusers_format_files_patches_comfyuis_model(com
     cannot place: those the extract leaves out."""
     import comfy.utils
 
-    patcher, key_map = tiny_model(config, model_class)
-    g = torch.Generator().manual_seed(1)
-    base = {k: torch.randn(v.shape, generator=g) for k, v in patcher.model.state_dict().items()
-            if k.startswith(PREFIX)}
-    tuned = changed(base, g)
     to_comfy = getattr(comfy.utils, to_diffusers)(config, output_prefix=PREFIX)
     assert any(isinstance(v, tuple) for v in to_comfy.values())  # q, k and v are rows of the fused qkv
     mapped = {target_key(v) for v in to_comfy.values()}
@@ -99,16 +97,9 @@ def test_a_lora_extracted_from_diffusers_format_files_patches_comfyuis_model(com
                 out[key] = t.contiguous()
         return out
 
-    lora = extract(tmp_path, diffusers_format(base), diffusers_format(tuned))
-    _, not_loaded = load_lora_with_comfy(load_file(str(lora)), key_map)
-    assert not_loaded == []
-    got = applied(patcher, [(lora, 1.0)])
-    unplaced = {target_key(v) for k, v in to_comfy.items()
-                if k.endswith(".bias") and not isinstance(v, str) and (v[1] is not None or len(v) > 2)}
-    assert set(got) == set(base) - unplaced
-    for key, delta in got.items():
-        want = tuned[key] - base[key]
-        assert torch.allclose(delta, want, atol=1e-4 * float(want.abs().max())), key
+    unplaced = frozenset(target_key(v) for k, v in to_comfy.items()
+                         if k.endswith(".bias") and not isinstance(v, str) and (v[1] is not None or len(v) > 2))
+    check_extract(tmp_path, config, model_class, 1, diffusers_format, unplaced)
 
 
 def target_key(target) -> str:
