@@ -157,13 +157,12 @@ def joined_rows(target: str, blocks: dict[int, tuple[str, LoRA]], rows: Optional
     if len(widths) != 1:
         raise FormatError(f"the parts of fused module '{target}' read inputs of different widths {sorted(widths)}")
     hidden = widths.pop()
-    heights = [hidden] * Place(target).parts
-    if len(heights) == 4:
-        heights[3] = rows - 3 * hidden if rows else loras[3].up.shape[0] if 3 in loras else MLP_RATIO * hidden
+    tall = {i: m.up.shape[0] for i, m in loras.items()}  # the parts' own heights, where the file has them
+    if Place(target).parts == 4:
+        heights = [hidden] * 3 + [rows - 3 * hidden if rows else tall.get(3, MLP_RATIO * hidden)]
     else:
-        kv = ((rows - hidden) // 2 if rows else loras[1].up.shape[0] if 1 in loras
-              else loras[2].up.shape[0] if 2 in loras else hidden)
-        heights[1:] = [kv, kv]
+        kv = (rows - hidden) // 2 if rows else tall.get(1, tall.get(2, hidden))
+        heights = [hidden, kv, kv]
     for i, m in loras.items():
         if m.up.shape[0] != heights[i]:
             raise FormatError(f"module '{blocks[i][0]}' has {m.up.shape[0]} output rows; as row block {i} of "

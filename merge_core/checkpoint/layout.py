@@ -12,6 +12,8 @@ Understood layouts (per key, by prefix):
 - A diffusion model saved on its own, as ComfyUI's models/diffusion_models/ folder holds them (Flux as BFL ships
   it, `double_blocks.0.img_attn.qkv.weight`; Z-Image, Wan, Qwen-Image, SD3, … as Comfy-Org repackages them; a
   bare SDXL UNet): ComfyUI holds every key under `diffusion_model.` (`source_layout`).
+- A Flux transformer in diffusers' format (`transformer_blocks.0.attn.to_q.weight`, which ComfyUI's loader reads):
+  its keys are named under `transformer.` (FLUX_DIFFUSERS), the names ComfyUI's LoRA key map gives them.
 
 `placements(key, shape)` is None for a key in no understood layout (a generic state dict), and [] for a key
 of an understood checkpoint that no LoRA can patch (VAE, `logit_scale`, position ids, EMA copies, ...).

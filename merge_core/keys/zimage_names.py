@@ -25,9 +25,9 @@ _ATTENTION = {"attention.to_q": ("attention.qkv", 0), "attention.to_k": ("attent
 _GLOBAL = {"all_final_layer.2-1.linear": "final_layer.linear",
            "all_final_layer.2-1.adaLN_modulation.1": "final_layer.adaLN_modulation.1",
            "all_x_embedder.2-1": "x_embedder"}
+_BLOCKS = ("layers", "noise_refiner", "context_refiner")  # the same kinds in both namings
 ZIMAGE = DiffusersTable({".": (BFL, *PATH_PREFIXES["."]), "_": PATH_PREFIXES["_"]},
-                        {kind: (kind, _ATTENTION) for kind in ("layers", "noise_refiner", "context_refiner")},
-                        _GLOBAL)
+                        {kind: (kind, _ATTENTION) for kind in _BLOCKS}, _GLOBAL)
 
 
 def zimage_place(name: str) -> Optional[Place]:
@@ -39,7 +39,7 @@ def zimage_place(name: str) -> Optional[Place]:
 ZIMAGE_NAMING = {"kohya": "Z-Image/Lumina 2-style blocks, q|k|v fused",
                  "comfyui": "Z-Image/Lumina 2-style blocks, ComfyUI's module names, q|k|v fused",
                  "diffusers": "Z-Image/Lumina 2-style blocks, diffusers module names with q/k/v split"}  # for people
-_BLOCK = r"(layers|noise_refiner|context_refiner)"
+_BLOCK = f"({'|'.join(_BLOCKS)})"
 _FUSED = {"kohya": re.compile(f"^{KOHYA}{_BLOCK}_\\d+_attention_qkv$"),
           "comfyui": re.compile(f"^{re.escape(BFL)}{_BLOCK}\\.\\d+\\.attention\\.qkv$")}
 
