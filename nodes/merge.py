@@ -14,9 +14,10 @@ from .runtime import run_job, torch_device
 
 CONVENTIONAL = tuple(m for m in METHODS if m != "rsvd")
 WEIGHT_TOOLTIP = "weight wᵢ of this LoRA in T = Σ wᵢ ΔWᵢ (the strength you would give it in LoraLoader)"
-BLOCK_WEIGHTS_TOOLTIP = ("optional SDXL block weights, one line per LoRA input in slot order (line 1 = lora_1): "
+BLOCK_WEIGHTS_TOOLTIP = ("optional block weights, one line per LoRA input in slot order (line 1 = lora_1). SDXL: "
                          "20 comma-separated values (BASE, IN00-IN08, MID, OUT00-OUT08) or the 12-value short form; "
-                         "an empty line = all 1")
+                         "Flux.1: 58 values (BASE, D00-D18, S00-S37; BASE = text encoders and the layers outside "
+                         "the blocks); an empty line = all 1")
 
 
 def block_weights_input() -> dict:
@@ -53,7 +54,7 @@ class RsvdMerge:
     DESCRIPTION = ("Merges 2-8 LoRAs into one: per module T = Σ wᵢ ΔWᵢ, stacked exactly in factor form (no dense "
                    "matrix), then a seeded randomized SVD keeps the smallest rank holding `energy` of ‖T‖² "
                    "(or a fixed rank). Same result as stacking the LoRAs at these strengths, up to the kept energy. "
-                   "Optional SDXL block weights per input.")
+                   "Optional SDXL or Flux.1 block weights per input.")
     RETURN_TYPES = (LORA_TYPE,)
     RETURN_NAMES = ("lora",)
     OUTPUT_TOOLTIPS = ("the merged LoRA, with its per-module report",)
@@ -78,8 +79,8 @@ class ConventionalMerge:
     CATEGORY = CATEGORY
     DESCRIPTION = ("Merges 2-8 LoRAs with a conventional method: concat (exact, rank Σrᵢ), geometric mean "
                    "(of raw factors, equal shapes only), SVD (exact truncated SVD of the weighted sum, from the "
-                   "factors), weighted average, TIES, DARE or DARE-TIES (density = kept fraction). Optional SDXL "
-                   "block weights per input.")
+                   "factors), weighted average, TIES, DARE or DARE-TIES (density = kept fraction). Optional SDXL or "
+                   "Flux.1 block weights per input.")
     RETURN_TYPES = (LORA_TYPE,)
     RETURN_NAMES = ("lora",)
     OUTPUT_TOOLTIPS = ("the merged LoRA, with its per-module report",)

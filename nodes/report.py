@@ -29,7 +29,7 @@ class MergeReport:
     NODE_ID = "LoRArSVD_Report"
     DISPLAY_NAME = "LoRA Merge Report (rSVD Merge)"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("Shows how a LoRA was made: per SDXL block the ranks and the kept energy (as text and as a "
+    DESCRIPTION = ("Shows how a LoRA was made: per SDXL or Flux.1 block the ranks and the kept energy (as text and as a "
                    "picture for Preview Image), and per module rank, parameters, exact relative error and kept "
                    "energy, worst first.")
     RETURN_TYPES = ("STRING", "IMAGE")

@@ -1,4 +1,4 @@
-"""The per-block picture of a merge report: rank and kept energy per SDXL block (LBW groups), drawn with PIL
+"""The per-block picture of a merge report: rank and kept energy per SDXL or Flux.1 block (LBW groups), drawn with PIL
 into a ComfyUI IMAGE tensor [1, H, W, 3] in 0..1."""
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from merge_core.keys.sdxl_table import block_of
-from merge_core.merge import BLOCKS_20
+from merge_core.keys.flux_names import flux_naming
+from merge_core.merge import BLOCKS_20, FLUX_BLOCKS
+from merge_core.merge.block_weights import flux_block_id
 
 WIDTH, HEIGHT = 1024, 560
 MARGIN_LEFT, MARGIN_RIGHT = 64, 16
+LABEL_WIDTH = 30  # pixels a block label or a bar's value needs
 BAR, ACCENT, GRID, TEXT, BACKGROUND = (90, 130, 200), (220, 90, 60), (215, 215, 215), (30, 30, 30), (255, 255, 255)
 
 
@@ -34,25 +37,31 @@ class BlockStats:
         return sum(self.energies) / len(self.energies) if self.energies else None
 
 
-def group_of(name: str) -> str:
-    """SDXL LBW block (BASE = text encoders, IN00..IN08, MID, OUT00..OUT08), else the model part."""
+def group_of(name: str, flux: bool = False) -> str:
+    """SDXL LBW block (BASE = text encoders, IN00..IN08, MID, OUT00..OUT08); for a Flux LoRA (`flux`) its block
+    (D00.., S00..; BASE outside the blocks); else the model part."""
     block = block_of(name)
     if block is not None:
         return block
+    if flux:
+        return flux_block_id(name)
     return "te" if name.startswith("lora_te") else "unet" if name.startswith("lora_unet") else "other"
 
 
 def block_stats(rows: Iterable[tuple[str, int, Optional[float]]]) -> dict[str, BlockStats]:
-    """(name, rank, kept energy or None) per module -> stats per block, SDXL blocks in model order."""
+    """(name, rank, kept energy or None) per module -> stats per block, SDXL's or Flux.1's blocks in model order."""
+    rows = list(rows)
+    flux = flux_naming(name for name, _, _ in rows) is not None
     stats: dict[str, BlockStats] = {}
     for name, rank, energy in rows:
-        s = stats.setdefault(group_of(name), BlockStats())
+        s = stats.setdefault(group_of(name, flux), BlockStats())
         if rank > 0:
             s.ranks.append(rank)
         if energy is not None and math.isfinite(energy):
             s.energies.append(energy)
-    if set(stats) <= set(BLOCKS_20):
-        return {b: stats.get(b, BlockStats()) for b in BLOCKS_20}
+    for order in (BLOCKS_20, FLUX_BLOCKS):
+        if set(stats) <= set(order):
+            return {b: stats.get(b, BlockStats()) for b in order}
     return dict(sorted(stats.items()))
 
 
@@ -81,15 +90,18 @@ def _panel(draw: ImageDraw.ImageDraw, top: int, height: int, title: str, labels:
         draw.line([(x0, y), (x1, y)], fill=GRID)
         draw.text((4, y - 6), format(v, fmt), fill=TEXT, font=small)
     step = (x1 - x0) / max(len(labels), 1)
+    label_every = math.ceil(LABEL_WIDTH / step)  # Flux's 58 blocks: every other label, no values over the bars
     for i, (label, value, low) in enumerate(zip(labels, values, lows)):
         left = x0 + i * step + step * 0.15
         right = x0 + (i + 1) * step - step * 0.15
         if value is not None:
             draw.rectangle([left, y_of(value), right, y1], fill=BAR)
-            draw.text((left, y_of(value) - 13), format(value, fmt), fill=TEXT, font=small)
+            if label_every == 1:
+                draw.text((left, y_of(value) - 13), format(value, fmt), fill=TEXT, font=small)
         if low is not None:
             draw.line([(left, y_of(low)), (right, y_of(low))], fill=ACCENT, width=2)
-        draw.text((left, y1 + 3), label, fill=TEXT, font=small)
+        if i % label_every == 0:
+            draw.text((left, y1 + 3), label, fill=TEXT, font=small)
 
 
 def render(stats: dict[str, BlockStats], title: str) -> Image.Image:

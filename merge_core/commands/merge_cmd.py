@@ -33,10 +33,11 @@ WEIGHTS_HELP = ("one weight per input: T = Σ wᵢΔWᵢ (default 1/N each for r
 SOLVER_HELP = ("rsvd: randomized SVD on the factors (exact Gram core when the stacked rank is small); exact: QR-core "
                "SVD of the factors; dense: kohya-style full SVD of the dense ΔW (slow, for comparison). Default: rsvd "
                "for rsvd/ties/dare/dare_ties, exact for svd/weighted_avg; not used by concat/geometric_mean")
-BLOCKS_HELP = ("SDXL block weights per input (one list for all, or one per input; '-' = none): 20 values "
+BLOCKS_HELP = ("block weights per input (one list for all, or one per input; '-' = none). SDXL: 20 values "
                "BASE,IN00..IN08,MID,OUT00..OUT08, or the 12-value form BASE,IN04,IN05,IN07,IN08,MID,OUT00..OUT05 "
-               "(blocks it leaves out get 0, as in LoRA Block Weight); a list that starts with a minus sign needs "
-               "--block-weights=-1,...")
+               "(blocks it leaves out get 0, as in LoRA Block Weight); Flux.1: 58 values BASE,D00..D18,S00..S37 "
+               "(BASE = text encoders and the layers outside the blocks); a list that starts with a minus sign "
+               "needs --block-weights=-1,...")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

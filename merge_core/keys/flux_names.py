@@ -22,6 +22,7 @@ from .diffusers_tables import BFL, KOHYA, PATH_PREFIXES, DiffusersTable, Place
 
 CLIP_L = "text_encoder.text_model.encoder.layers."
 MLP_RATIO = 4  # linear1's MLP rows per hidden unit (Flux.1 dev/schnell)
+DOUBLE_BLOCKS, SINGLE_BLOCKS = 19, 38  # Flux.1 dev/schnell
 FLUX_NAMING = {"kohya": "Flux-style blocks", "bfl": "Flux-style blocks, BFL module names",
                "diffusers": "Flux-style blocks, diffusers module names with q/k/v split"}  # for people
 
@@ -53,6 +54,16 @@ def flux_place(name: str) -> Optional[Place]:
     if name.startswith(CLIP_L):
         return Place("lora_te1_" + name[len("text_encoder."):].replace(".", "_"))
     return FLUX.place(name)
+
+
+_IN_BLOCK = re.compile(r"(?:^|[._])(double|single)_blocks[._](\d+)(?:[._]|$)")
+
+
+def flux_block(name: str) -> Optional[tuple[str, int]]:
+    """("double" | "single", block index) of a module inside a Flux block, in any naming; None outside them."""
+    place = flux_place(name)
+    found = _IN_BLOCK.search(place.name if place is not None else name)
+    return (found[1], int(found[2])) if found else None
 
 
 # names only Flux's diffusers layout has: SD3, Qwen-Image and HiDream name their blocks transformer_blocks too

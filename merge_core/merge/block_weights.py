@@ -1,22 +1,32 @@
-"""SDXL block weights (LoRA Block Weight / kohya "LBW" forms): one strength per UNet block, per source.
+"""Block weights (LoRA Block Weight / kohya "LBW" forms): one strength per block of the model, per source.
 
-Forms (the value order of the LoRA Block Weight extension's SDXL presets):
+SDXL forms (the value order of the LoRA Block Weight extension's SDXL presets):
 - 20 values "XL full": BASE, IN00–IN08, MID, OUT00–OUT08;
 - 12 values "XL": BASE, IN04, IN05, IN07, IN08, MID, OUT00–OUT05 — the blocks that hold attention
   (every module of a plain kohya LoRA).  As in that extension, the blocks the short form does not name
   (IN00–IN03, IN06, OUT06–OUT08: only LoCon conv/resnet modules live there) get weight 0.
 BASE is both text encoders.  A module's block comes from merge_core.keys.sdxl_table (field `block`).
+
+Flux.1 form, 58 values: BASE, D00–D18 (double blocks), S00–S37 (single blocks), the order in which the
+Inspire pack's LBW loader reads a vector for a LoRA on every block.  BASE is every module outside the blocks:
+the text encoders and img_in, txt_in, time_in, vector_in, guidance_in, final_layer.  A module's block comes
+from its name in any Flux naming (merge_core.keys.flux_names.flux_block).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 from ..errors import MergeCoreError, finite_numbers
+from ..keys.flux_names import DOUBLE_BLOCKS, SINGLE_BLOCKS, flux_block, flux_naming
 from ..keys.sdxl_table import sdxl_modules
 
 BLOCKS_20 = ("BASE", *(f"IN{i:02d}" for i in range(9)), "MID", *(f"OUT{i:02d}" for i in range(9)))
 BLOCKS_12 = ("BASE", "IN04", "IN05", "IN07", "IN08", "MID", *(f"OUT{i:02d}" for i in range(6)))
-FORMS = {len(BLOCKS_20): BLOCKS_20, len(BLOCKS_12): BLOCKS_12}
+FLUX_BLOCKS = ("BASE", *(f"D{i:02d}" for i in range(DOUBLE_BLOCKS)), *(f"S{i:02d}" for i in range(SINGLE_BLOCKS)))
+FORMS = {len(BLOCKS_20): BLOCKS_20, len(BLOCKS_12): BLOCKS_12, len(FLUX_BLOCKS): FLUX_BLOCKS}
+FORMS_TEXT = (f"SDXL takes 20 values (BASE, IN00-IN08, MID, OUT00-OUT08) or 12 (BASE, IN04, IN05, IN07, IN08, MID, "
+              f"OUT00-OUT05); Flux.1 takes {len(FLUX_BLOCKS)} (BASE, D00-D{DOUBLE_BLOCKS - 1}, "
+              f"S00-S{SINGLE_BLOCKS - 1})")
 NONE_SPELLINGS = ("", "-", "none")
 
 
@@ -34,21 +44,37 @@ def parse_block_weights(text: str) -> Optional[tuple[float, ...]]:
 
 
 def block_table(values: Sequence[float]) -> dict[str, float]:
-    """Block id -> weight for a 20- or 12-value list (blocks the 12-value form leaves out -> 0)."""
+    """Block id -> weight for a 20-, 12- or 58-value list (SDXL blocks the 12-value form leaves out -> 0)."""
     ids = FORMS.get(len(values))
     if ids is None:
-        raise MergeCoreError(f"SDXL block weights take 20 values (BASE, IN00-IN08, MID, OUT00-OUT08) or 12 "
-                             f"(BASE, IN04, IN05, IN07, IN08, MID, OUT00-OUT05), got {len(values)}")
-    table = dict.fromkeys(BLOCKS_20, 0.0)
+        raise MergeCoreError(f"block weights: {FORMS_TEXT}; got {len(values)} values")
+    table = dict.fromkeys(BLOCKS_20, 0.0) if ids is not FLUX_BLOCKS else {}
     table.update(zip(ids, finite_numbers(values, "block weights")))
     return table
 
 
-def block_multiplier(values: Optional[Sequence[float]]) -> Callable[[str], float]:
-    """module name -> its block's weight (1.0 for every module when `values` is None)."""
+def flux_block_id(name: str) -> str:
+    """A Flux module's block: D00, D01, … (double), S00, … (single), BASE outside the blocks."""
+    place = flux_block(name)
+    return "BASE" if place is None else f"{place[0][0].upper()}{place[1]:02d}"
+
+
+def block_multiplier(values: Optional[Sequence[float]], arch: str, names: Iterable[str],
+                     label: str) -> Callable[[str], float]:
+    """module name -> its block's weight (1.0 for every module when `values` is None); `arch` and the module
+    `names` of the input called `label` must fit the form (SDXL or Flux.1), or a MergeCoreError says why."""
     if values is None:
         return lambda name: 1.0
-    table, specs = block_table(values), sdxl_modules()
+    table = block_table(values)
+    if len(values) == len(FLUX_BLOCKS):
+        if flux_naming(names) is None:
+            raise MergeCoreError(f"{len(values)} block weights are Flux.1's; {label} has no Flux double or single "
+                                 f"blocks")
+        return lambda name: _flux_weight(table, name)
+    if arch != "sdxl":
+        flux = f" (a Flux.1 LoRA takes {len(FLUX_BLOCKS)} values)" if flux_naming(names) is not None else ""
+        raise MergeCoreError(f"{len(values)} block weights are SDXL's; {label} is {arch}{flux}")
+    specs = sdxl_modules()
 
     def multiplier(name: str) -> float:
         spec = specs.get(name)
@@ -57,3 +83,11 @@ def block_multiplier(values: Optional[Sequence[float]]) -> Callable[[str], float
         return table[spec.block]
 
     return multiplier
+
+
+def _flux_weight(table: dict[str, float], name: str) -> float:
+    block = flux_block_id(name)
+    if block not in table:
+        raise MergeCoreError(f"Flux block weights are for Flux.1's {DOUBLE_BLOCKS} double and {SINGLE_BLOCKS} single "
+                             f"blocks; module '{name}' is in block {block}")
+    return table[block]

@@ -127,9 +127,7 @@ def plan_targets(sets: Sequence[LoraSet], weights: Sequence[float],
     multipliers = []
     for i, s in enumerate(sets):
         values = block_weights[i] if block_weights is not None else None
-        if values is not None and s.arch != "sdxl":
-            raise MergeCoreError(f"block weights need an SDXL LoRA; {input_label(s, i)} is {s.arch}")
-        multipliers.append(block_multiplier(values))
+        multipliers.append(block_multiplier(values, s.arch, s.modules, input_label(s, i)))
     names = dict.fromkeys(name for s in sets for name in s.modules)
     targets = []
     for name in names:

@@ -2,7 +2,8 @@
 and AI-Toolkit's), merged, do in a real ComfyUI (0.3.75, in-process) what the two stacked in LoraLoader do: on a
 tiny model ComfyUI builds itself (weights zeroed, so a patched weight is the ΔW ComfyUI applies), the merged
 file's patches equal the stack's on every weight, with ComfyUI's own slices of the fused q|k|v / linear1
-weights and its shift/scale swap of Flux's norm_out; no "lora key not loaded"."""
+weights and its shift/scale swap of Flux's norm_out; no "lora key not loaded".  A Flux merge with block weights
+puts each block at its strength."""
 from __future__ import annotations
 
 import sys
@@ -60,3 +61,33 @@ def test_a_merge_of_loras_named_two_ways_applies_as_the_stack_in_comfyui(models,
     assert len(stacked) == patched and set(merged) == set(stacked)  # every weight either file patches
     for key, want in stacked.items():
         assert float((merged[key] - want).norm()) <= 1e-5 * float(want.norm()), key
+
+
+def test_flux_block_weights_put_each_block_at_its_strength_in_comfyui(models, tmp_path):
+    """A merge with Flux.1 block weights (58 values: BASE, D00-D18, S00-S37) patches every weight of the tiny
+    Flux with each file's own ΔW (as ComfyUI applies it alone) times its weight and its block's strength."""
+    patcher, key_map = models(flux_synth.CONFIG, "Flux")
+    flux_synth.kohya_file(tmp_path / "a.safetensors")
+    flux_synth.diffusers_file(tmp_path / "b.safetensors")
+    strengths = {"a": {"BASE": 0.5, "D00": 2.0, "S00": -1.0}, "b": {"BASE": 3.0, "D00": 0.25, "S00": 0.0}}
+    vectors = []
+    for tag in "ab":
+        values = [9.0] * 58  # blocks the tiny Flux lacks
+        values[0], values[1], values[20] = (strengths[tag][k] for k in ("BASE", "D00", "S00"))
+        vectors.append(",".join(map(str, values)))
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--method", "concat",
+                 "--weights", "0.8", "-0.5", "--block-weights", *vectors, "--dtype", "fp32", "-o", str(out)]) == 0
+    _, not_loaded = load_lora_with_comfy(load_file(str(out)), key_map)
+    assert not_loaded == []
+    alone = {tag: applied(patcher, [(tmp_path / f"{tag}.safetensors", 1.0)]) for tag in "ab"}
+    merged = applied(patcher, [(out, 1.0)])
+    assert set(merged) == set(alone["a"]) | set(alone["b"])
+
+    def block(key: str) -> str:
+        return "D00" if ".double_blocks.0." in key else "S00" if ".single_blocks.0." in key else "BASE"
+
+    for key, got in merged.items():
+        want = sum(w * strengths[tag][block(key)] * alone[tag][key]
+                   for tag, w in (("a", 0.8), ("b", -0.5)) if key in alone[tag])
+        assert float((got - want).norm()) <= 1e-5 * max(float(want.norm()), 1e-12), key

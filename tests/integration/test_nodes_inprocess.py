@@ -270,6 +270,24 @@ def test_report_text_and_image(comfy_dirs):
     assert "loaded from a file" in text2 and image2.shape == (1, 560, 1024, 3)
 
 
+def test_flux_block_weights_and_report_by_flux_block(comfy_dirs):
+    """The merge node takes a Flux.1 block-weight line per input; the report groups Flux modules by block."""
+    import flux_synth
+
+    kohya = flux_synth.kohya_file(comfy_dirs["loras"] / "a.safetensors")
+    values = [1.0] * 58
+    values[1], values[20] = 0.0, 0.5  # D00: the double block's modules drop out; S00 at half strength
+    merged = node("LoRArSVD_Merge").merge(0, 1.0, 1, 64, 0, "cpu", "error", block_weights=",".join(map(str, values)),
+                                          lora_1=load("a.safetensors"), weight_1=1.0)["result"][0]
+    assert not any("double_blocks" in name for name in merged.lora.modules)
+    single = "lora_unet_single_blocks_0_linear1"
+    assert rel_err(merged.lora.modules[single].delta().double(), 0.5 * kohya[single]) < 1e-5
+    text, image = node("LoRArSVD_Report").report(merged)["result"]
+    rows = {line.split()[0]: tuple(line.split()[1:3]) for line in text.split("\n\n")[1].splitlines()[1:]}
+    assert rows == {"BASE": ("2", "4.0"), "D00": ("2", "0.0"), "S00": ("2", "4.0")}  # modules, mean rank
+    assert image.shape == (1, 560, 1024, 3)
+
+
 def test_rsvd_merge_node_fits_a_size_budget(comfy_dirs):
     write(comfy_dirs["loras"] / "a.safetensors", lora_tensors(SPECS, rank=8, seed=20))
     write(comfy_dirs["loras"] / "b.safetensors", lora_tensors(SPECS, rank=8, seed=21))

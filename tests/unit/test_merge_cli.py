@@ -99,8 +99,9 @@ def test_one_rank_bound_moves_the_other_default_to_meet_it(inputs, tmp_path, cap
     (("--weights", "1"), "error: number of weights (1) must match number of inputs (2)"),
     (("--method", "geometric_mean"), f"error: geometric_mean needs equal factor shapes: module '{sorted(NAMES)[0]}' "
                                      "has rank 8 in {a} but rank 4 in {b}"),
-    (("--block-weights", "1,2,3"), "error: SDXL block weights take 20 values (BASE, IN00-IN08, MID, OUT00-OUT08) or "
-                                   "12 (BASE, IN04, IN05, IN07, IN08, MID, OUT00-OUT05), got 3"),
+    (("--block-weights", "1,2,3"), "error: block weights: SDXL takes 20 values (BASE, IN00-IN08, MID, OUT00-OUT08) "
+                                   "or 12 (BASE, IN04, IN05, IN07, IN08, MID, OUT00-OUT05); Flux.1 takes 58 (BASE, "
+                                   "D00-D18, S00-S37); got 3 values"),
 ])
 def test_errors_are_one_line_and_write_nothing(inputs, tmp_path, capsys, args, message):
     """(the first module in file order: safetensors keeps keys sorted)"""

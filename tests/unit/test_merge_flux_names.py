@@ -8,12 +8,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from merge_core.errors import MergeCoreError
 from merge_core.lora_file import load_lora, summary, summary_lines
 from merge_core.lowrank import RankRule
 from merge_core.fuse import fuse_models
 from merge_core.merge import merge_loras
 
-from flux_synth import DIFFUSERS, H, diffusers_file, kohya_file
+from flux_synth import DIFFUSERS, H, KOHYA, diffusers_file, kohya_file
 from merge_testlib import one_torch_thread  # noqa: F401
 
 
@@ -88,6 +89,60 @@ def test_a_flux_part_that_is_not_a_lora_keeps_its_name_with_a_warning(tmp_path, 
     assert torch.allclose(got["lora_unet_double_blocks_0_img_attn_qkv"],
                           kohya["lora_unet_double_blocks_0_img_attn_qkv"] + qkv, atol=1e-5)
     assert torch.allclose(got["transformer.transformer_blocks.0.attn.to_q"], torch.kron(w1, w2).double(), atol=1e-6)
+
+
+# the Flux.1 block of each module flux_synth writes, by hand, first match in this order (BASE: outside the double
+# and single blocks)
+BLOCK = {"single_transformer_blocks_0": "S00", "transformer_blocks_0": "D00", "double_blocks_0": "D00",
+         "single_blocks_0": "S00"}
+
+
+def block_by_hand(name: str) -> str:
+    underscored = "_" + name.replace(".", "_") + "_"
+    return next((b for part, b in BLOCK.items() if f"_{part}_" in underscored), "BASE")
+
+
+def flux_vector(base: float, d00: float, s00: float) -> list[float]:
+    """58 values BASE, D00-D18, S00-S37; the blocks the tiny Flux lacks get 9 (a wrong index would show)."""
+    values = [9.0] * 58
+    values[0], values[1], values[20] = base, d00, s00
+    return values
+
+
+def test_flux_block_weights_scale_each_input_per_block_in_any_naming(tmp_path):
+    kohya, diffusers = kohya_file(tmp_path / "k.safetensors"), diffusers_file(tmp_path / "d.safetensors")
+    blocks = {"BASE": (0.5, 3.0), "D00": (2.0, 0.25), "S00": (-1.0, 0.0)}
+    vectors = [flux_vector(*(blocks[b][i] for b in ("BASE", "D00", "S00"))) for i in range(2)]
+    sets = [load_lora(tmp_path / "k.safetensors"), load_lora(tmp_path / "d.safetensors")]
+    result = merge_loras(sets, "concat", weights=[1.0, -0.5], block_weights=vectors)
+    got = dense_result(result)
+    assert {block_by_hand(n) for n in got} == {"BASE", "D00", "S00"}
+    for name, delta in got.items():
+        b = blocks[block_by_hand(name)]
+        want = sum(w * s * p[name] for w, s, p in zip((1.0, -0.5), b, (kohya, diffusers)) if name in p)
+        assert torch.allclose(delta, want, rtol=0, atol=1e-5 * float(want.abs().max())), name
+    # BFL's dotted names alone keep their names and their blocks
+    bfl = kohya_file(tmp_path / "b.safetensors", bfl=True)
+    alone = dense_result(merge_loras([load_lora(tmp_path / "b.safetensors")], "concat",
+                                     block_weights=[flux_vector(0.5, 2.0, -1.0)]))
+    assert set(alone) == {"diffusion_model." + path for path, _ in KOHYA.values()}
+    for name, (path, _) in KOHYA.items():
+        scale = {"BASE": 0.5, "D00": 2.0, "S00": -1.0}[block_by_hand(path)]
+        assert torch.allclose(alone["diffusion_model." + path], scale * bfl["lora_unet_" + name], atol=1e-5), path
+
+
+def test_flux_block_weight_errors(tmp_path):
+    kohya_file(tmp_path / "k.safetensors")
+    flux = load_lora(tmp_path / "k.safetensors")
+    with pytest.raises(MergeCoreError, match=r"^20 block weights are SDXL's; .*k.safetensors is other \(a Flux.1 LoRA "
+                                             r"takes 58 values\)$"):
+        merge_loras([flux], block_weights=[[1.0] * 20])
+    save_file({"lora_unet_single_blocks_38_linear2.lora_up.weight": torch.ones(H, 1),
+               "lora_unet_single_blocks_38_linear2.lora_down.weight": torch.ones(1, 5 * H)},
+              str(tmp_path / "past.safetensors"))
+    with pytest.raises(MergeCoreError, match="^Flux block weights are for Flux.1's 19 double and 38 single blocks; "
+                                             "module 'lora_unet_single_blocks_38_linear2' is in block S38$"):
+        merge_loras([load_lora(tmp_path / "past.safetensors")], block_weights=[[1.0] * 58])
 
 
 def test_fuse_matches_the_two_flux_namings_too(tmp_path):

@@ -135,11 +135,13 @@ def test_block_weights_20_and_12_values():
 
 def test_block_weight_errors():
     a = lora_set({NAMES[0]: random_lora(shape_of(NAMES[0]), 4, None, 1)})
-    with pytest.raises(MergeCoreError, match="take 20 values .* or 12 .* got 7"):
+    with pytest.raises(MergeCoreError, match="SDXL takes 20 values .* or 12 .* Flux.1 takes 58 .* got 7 values"):
         merge_loras([a, a], block_weights=[[1.0] * 7, None])
     other = lora_set({"lora_unet_custom": random_lora((8, 8), 2, None, 1)}, arch="other")
-    with pytest.raises(MergeCoreError, match="block weights need an SDXL LoRA"):
+    with pytest.raises(MergeCoreError, match="^20 block weights are SDXL's; input 1 is other$"):
         merge_loras([other, other], block_weights=[[1.0] * 20, None])
+    with pytest.raises(MergeCoreError, match="^58 block weights are Flux.1's; input 1 has no Flux double or single"):
+        merge_loras([a, a], block_weights=[[1.0] * 58, None])
 
 
 def test_dora_is_refused_unless_ignored():
