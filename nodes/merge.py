@@ -17,7 +17,8 @@ WEIGHT_TOOLTIP = "weight wᵢ of this LoRA in T = Σ wᵢ ΔWᵢ (the strength y
 BLOCK_WEIGHTS_TOOLTIP = ("optional block weights, one line per LoRA input in slot order (line 1 = lora_1). SDXL: "
                          "20 comma-separated values (BASE, IN00-IN08, MID, OUT00-OUT08) or the 12-value short form; "
                          "Flux.1: 58 values (BASE, D00-D18, S00-S37; BASE = text encoders and the layers outside "
-                         "the blocks); an empty line = all 1")
+                         "the blocks); or BLOCK=VALUE pairs, the rest 1 (IN=0, OUT00-OUT02=0.5 or D=0.5, S20-S37=0); "
+                         "an empty line = all 1")
 
 
 def block_weights_input() -> dict:

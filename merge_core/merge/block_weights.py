@@ -14,6 +14,7 @@ from its name in any Flux naming (merge_core.keys.flux_names.flux_block).
 """
 from __future__ import annotations
 
+import re
 from typing import Callable, Iterable, Optional, Sequence
 
 from ..errors import MergeCoreError, finite_numbers
@@ -31,16 +32,70 @@ NONE_SPELLINGS = ("", "-", "none")
 
 
 def parse_block_weights(text: str) -> Optional[tuple[float, ...]]:
-    """'1,0.5,…' (commas and/or spaces) -> the values; '-' or 'none' -> None (no block weights)."""
+    """'1,0.5,…' (commas and/or spaces) -> the values; 'D=0.5, S20-S37=0' -> the whole vector of the model the
+    names belong to (named_weights); '-' or 'none' -> None (no block weights)."""
     if text.strip().lower() in NONE_SPELLINGS:
         return None
+    if "=" in text:
+        return named_weights(text)
     parts = [p for p in text.replace(",", " ").split() if p]
     try:
         values = tuple(float(p) for p in parts)
     except ValueError:
-        raise MergeCoreError(f"block weights must be numbers separated by commas, got {text!r}") from None
+        raise MergeCoreError(f"block weights must be numbers separated by commas, or BLOCK=VALUE pairs, got "
+                             f"{text!r}") from None
     block_table(values)
     return values
+
+
+_MODELS = {"SDXL": (BLOCKS_20, ("BASE", "IN", "MID", "OUT"), "BASE, IN00-IN08, MID, OUT00-OUT08"),
+           "Flux.1": (FLUX_BLOCKS, ("BASE", "D", "S"), f"BASE, D00-D{DOUBLE_BLOCKS - 1}, S00-S{SINGLE_BLOCKS - 1}")}
+_NAMED = re.compile(r"^(BASE|MID|IN|OUT|D|S)(\d+)?(?:-(IN|OUT|D|S)?(\d+))?$")
+
+
+def named_weights(text: str) -> tuple[float, ...]:
+    """'BLOCK=VALUE, …' -> the 20 SDXL or 58 Flux.1 values, 1 for every block not named, later pairs over
+    earlier ones.  BLOCK: an id (IN04, MID, D7, S12), a group (BASE, IN, OUT, D, S) or a range (IN04-IN08,
+    S20-37)."""
+    pairs = []
+    for item in (p.replace(" ", "") for p in text.split(",") if p.strip()):
+        key, _, value = item.partition("=")
+        found = _NAMED.match(key.upper())
+        if found is None or not value:
+            raise MergeCoreError(f"block weights: '{item}' is not BLOCK=VALUE (e.g. IN04=0.5, OUT=0, D0-D9=1, "
+                                 f"S=0.5)")
+        group, first, end_group, last = found.groups()
+        if last is not None and (first is None or end_group not in (None, group)):
+            raise MergeCoreError(f"block weights: the range '{key}' must start and end in one group (e.g. IN04-IN08)")
+        try:
+            number = float(value)
+        except ValueError:
+            raise MergeCoreError(f"block weights: '{value}' in '{item}' is not a number") from None
+        pairs.append((group, first, last, finite_numbers([number], f"block weight {key}")[0]))
+    named = {group for group, *_ in pairs} - {"BASE"}
+    model = next((m for m, (_, groups, _) in _MODELS.items() if named and named <= set(groups)), None)
+    if model is None:
+        raise MergeCoreError("block weights name the blocks of one model, " + " or ".join(
+            f"{text} ({m})" for m, (_, _, text) in _MODELS.items()) + f"; got {', '.join(sorted(named)) or 'BASE alone'}")
+    ids, _, blocks_text = _MODELS[model]
+    table = dict.fromkeys(ids, 1.0)
+    for group, first, last, number in pairs:
+        chosen = [b for b in ids if _in_range(b, group, first, last)]
+        if not chosen:
+            raise MergeCoreError(f"block weights: {model} has no block {group}{first or ''}"
+                                 f"{'-' + last if last else ''} ({blocks_text})")
+        table.update(dict.fromkeys(chosen, number))
+    return tuple(table.values())
+
+
+def _in_range(block: str, group: str, first: Optional[str], last: Optional[str]) -> bool:
+    """Whether `block` (e.g. IN04) is in `group`, and then in `first`..`last` (or is `first`) when given."""
+    digits = block[len(group):]
+    if not block.startswith(group) or not (digits == "" or digits.isdigit()):
+        return False
+    if first is None:
+        return True
+    return digits != "" and int(first) <= int(digits) <= int(last if last is not None else first)
 
 
 def block_table(values: Sequence[float]) -> dict[str, float]:

@@ -64,17 +64,16 @@ def test_a_merge_of_loras_named_two_ways_applies_as_the_stack_in_comfyui(models,
 
 
 def test_flux_block_weights_put_each_block_at_its_strength_in_comfyui(models, tmp_path):
-    """A merge with Flux.1 block weights (58 values: BASE, D00-D18, S00-S37) patches every weight of the tiny
-    Flux with each file's own ΔW (as ComfyUI applies it alone) times its weight and its block's strength."""
+    """A merge with Flux.1 block weights (58 values: BASE, D00-D18, S00-S37, or BLOCK=VALUE pairs) patches every
+    weight of the tiny Flux with each file's own ΔW (as ComfyUI applies it alone) times its weight and its block's
+    strength."""
     patcher, key_map = models(flux_synth.CONFIG, "Flux")
     flux_synth.kohya_file(tmp_path / "a.safetensors")
     flux_synth.diffusers_file(tmp_path / "b.safetensors")
     strengths = {"a": {"BASE": 0.5, "D00": 2.0, "S00": -1.0}, "b": {"BASE": 3.0, "D00": 0.25, "S00": 0.0}}
-    vectors = []
-    for tag in "ab":
-        values = [9.0] * 58  # blocks the tiny Flux lacks
-        values[0], values[1], values[20] = (strengths[tag][k] for k in ("BASE", "D00", "S00"))
-        vectors.append(",".join(map(str, values)))
+    values = [9.0] * 58  # blocks the tiny Flux lacks
+    values[0], values[1], values[20] = (strengths["a"][k] for k in ("BASE", "D00", "S00"))
+    vectors = [",".join(map(str, values)), "BASE=3, D=0.25, S=0"]  # b's by name
     out = tmp_path / "merged.safetensors"
     assert main(["merge", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--method", "concat",
                  "--weights", "0.8", "-0.5", "--block-weights", *vectors, "--dtype", "fp32", "-o", str(out)]) == 0

@@ -14,7 +14,7 @@ from merge_core.errors import DoraError, MergeCoreError, ShapeMismatchError
 from merge_core.keys.sdxl_table import sdxl_modules
 from merge_core.lora_file import load_lora
 from merge_core.lowrank import RankRule
-from merge_core.merge import merge_loras
+from merge_core.merge import merge_loras, parse_block_weights
 from merge_testlib import one_torch_thread  # noqa: F401  (autouse)
 from merge_testlib import CONV, F64, NAMES, cli_inputs, dense, gen, lora_set, random_lora, rel, shape_of, target
 
@@ -142,6 +142,29 @@ def test_block_weight_errors():
         merge_loras([other, other], block_weights=[[1.0] * 20, None])
     with pytest.raises(MergeCoreError, match="^58 block weights are Flux.1's; input 1 has no Flux double or single"):
         merge_loras([a, a], block_weights=[[1.0] * 58, None])
+
+
+def test_block_weights_by_name():
+    """BLOCK=VALUE pairs give the whole vector of the model the names belong to, 1 where not named, later pairs
+    over earlier ones (positions by hand: SDXL BASE 0, IN00-IN08 1-9, MID 10, OUT00-OUT08 11-19; Flux.1 BASE 0,
+    D00-D18 1-19, S00-S37 20-57)."""
+    sdxl = [1.0] * 20
+    sdxl[1:10] = [0.0] * 9
+    sdxl[5] = 0.5
+    sdxl[11:14] = [2.0] * 3
+    assert parse_block_weights("IN=0, in04=0.5, OUT00-OUT02=2") == tuple(sdxl)
+    flux = [1.0] * 58
+    flux[0], flux[4:11] = -1.0, [0.0] * 7
+    flux[40:58] = [0.25] * 18
+    assert parse_block_weights("BASE=-1, D3-9=0, S20-S37=0.25") == tuple(flux)
+    for text, message in (("BASE=0", "name the blocks of one model.*got BASE alone"),
+                          ("D=1, IN=0", "name the blocks of one model.*got D, IN"),
+                          ("D19=0", r"Flux.1 has no block D19 \(BASE, D00-D18, S00-S37\)"),
+                          ("IN04-OUT02=1", "must start and end in one group"),
+                          ("X=1", "'X=1' is not BLOCK=VALUE"), ("D=abc", "'abc' in 'D=abc' is not a number"),
+                          ("S=inf", "block weight S must be finite")):
+        with pytest.raises(MergeCoreError, match=message):
+            parse_block_weights(text)
 
 
 def test_dora_is_refused_unless_ignored():
