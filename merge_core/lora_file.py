@@ -27,6 +27,7 @@ from .files.metadata import lora_metadata
 from .files.narrow import narrowed
 from .files.stream_writer import header_bound, write_safetensors
 from .files.tensor_source import PICKLE_OUTPUTS, TensorSource
+from .keys.blocks import BLOCKS_12, block_runs, blocks_held
 from .keys.flux_names import FLUX_NAMING, flux_naming
 from .keys.zimage_names import ZIMAGE_NAMING, zimage_naming
 from .keys.profiles import Naming, resolve
@@ -301,6 +302,7 @@ def summary(lset: LoraSet) -> dict:
         params += parameter_count(m)
     return {"path": str(lset.source), "profile": lset.profile, "architecture": lset.arch,
             "flux_naming": flux_naming(lset.modules), "zimage_naming": zimage_naming(lset.modules),
+            "blocks": _blocks(lset),
             "modules": len(lset.modules), "kinds": lset.kinds(), "parts": parts, "ranks": ranks, "alphas": alphas,
             "dtypes": dtypes, "parameters": params, "dora_modules": len(lset.dora_modules()),
             "non_finite_modules": [name for name, m in lset.modules.items() if not m.is_finite()],
@@ -321,6 +323,23 @@ def _modules(names: Sequence[str], verb: str = "have") -> str:
     return f"1 module {singular}" if len(names) == 1 else f"{len(names)} modules {verb}"
 
 
+def _blocks(lset: LoraSet) -> Optional[dict]:
+    held = blocks_held(lset.modules, lset.arch)
+    return None if held is None else {"model": held[0], "held": held[1]}
+
+
+def _blocks_line(blocks: Optional[dict]) -> list[tuple[str, str]]:
+    """The blocks a LoRA touches, for choosing block weights (SDXL: whether the 12-value form names them all)."""
+    if blocks is None:
+        return []
+    model, held = blocks["model"], blocks["held"]
+    form = ""
+    if model == "SDXL":
+        form = ("; the 12-value block weights name them all" if set(held) <= set(BLOCKS_12)
+                else "; LoCon blocks too: 12-value block weights set those to 0, use 20 values or names")
+    return [("blocks", f"{model} {block_runs(held)}{form}")]
+
+
 def summary_lines(info: dict) -> list[tuple[str, str]]:
     """(label, text) lines of a summary() for people (inspect, the Load LoRA node): what the file is, then what
     is wrong with it or needs care — DoRA, NaN/inf, alpha 0 or below."""
@@ -328,7 +347,8 @@ def summary_lines(info: dict) -> list[tuple[str, str]]:
     lines = [("format", f"{info['profile']} names, architecture {info['architecture']}"
                         + (f" ({blocks})" if blocks else "")),
              ("modules", f"{info['modules']}  ({counts_text(info['kinds'])})"),
-             ("parts", counts_text(info["parts"])), ("ranks", counts_text(info["ranks"])),
+             ("parts", counts_text(info["parts"])), *_blocks_line(info.get("blocks")),
+             ("ranks", counts_text(info["ranks"])),
              ("alphas", counts_text(info["alphas"])), ("dtypes", counts_text(info["dtypes"])),
              ("parameters", f"{info['parameters']:,}")]
     if info["dora_modules"]:

@@ -10,10 +10,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from merge_core.keys.sdxl_table import block_of
+from merge_core.keys.blocks import BLOCKS_20, FLUX_BLOCKS, flux_block_id
 from merge_core.keys.flux_names import flux_naming
-from merge_core.merge import BLOCKS_20, FLUX_BLOCKS
-from merge_core.merge.block_weights import flux_block_id
+from merge_core.keys.sdxl_table import block_of
 
 WIDTH, HEIGHT = 1024, 560
 MARGIN_LEFT, MARGIN_RIGHT = 64, 16

@@ -5,12 +5,13 @@ SDXL forms (the value order of the LoRA Block Weight extension's SDXL presets):
 - 12 values "XL": BASE, IN04, IN05, IN07, IN08, MID, OUT00–OUT05 — the blocks that hold attention
   (every module of a plain kohya LoRA).  As in that extension, the blocks the short form does not name
   (IN00–IN03, IN06, OUT06–OUT08: only LoCon conv/resnet modules live there) get weight 0.
-BASE is both text encoders.  A module's block comes from merge_core.keys.sdxl_table (field `block`).
+BASE is both text encoders.
 
 Flux.1 form, 58 values: BASE, D00–D18 (double blocks), S00–S37 (single blocks), the order in which the
 Inspire pack's LBW loader reads a vector for a LoRA on every block.  BASE is every module outside the blocks:
-the text encoders and img_in, txt_in, time_in, vector_in, guidance_in, final_layer.  A module's block comes
-from its name in any Flux naming (merge_core.keys.flux_names.flux_block).
+the text encoders and img_in, txt_in, time_in, vector_in, guidance_in, final_layer.
+
+Or BLOCK=VALUE pairs (named_weights).  A module's block: merge_core.keys.blocks.
 """
 from __future__ import annotations
 
@@ -18,12 +19,10 @@ import re
 from typing import Callable, Iterable, Optional, Sequence
 
 from ..errors import MergeCoreError, finite_numbers
-from ..keys.flux_names import DOUBLE_BLOCKS, SINGLE_BLOCKS, flux_block, flux_naming
+from ..keys.blocks import BLOCKS_12, BLOCKS_20, FLUX_BLOCKS, flux_block_id
+from ..keys.flux_names import DOUBLE_BLOCKS, SINGLE_BLOCKS, flux_naming
 from ..keys.sdxl_table import sdxl_modules
 
-BLOCKS_20 = ("BASE", *(f"IN{i:02d}" for i in range(9)), "MID", *(f"OUT{i:02d}" for i in range(9)))
-BLOCKS_12 = ("BASE", "IN04", "IN05", "IN07", "IN08", "MID", *(f"OUT{i:02d}" for i in range(6)))
-FLUX_BLOCKS = ("BASE", *(f"D{i:02d}" for i in range(DOUBLE_BLOCKS)), *(f"S{i:02d}" for i in range(SINGLE_BLOCKS)))
 FORMS = {len(BLOCKS_20): BLOCKS_20, len(BLOCKS_12): BLOCKS_12, len(FLUX_BLOCKS): FLUX_BLOCKS}
 FORMS_TEXT = (f"SDXL takes 20 values (BASE, IN00-IN08, MID, OUT00-OUT08) or 12 (BASE, IN04, IN05, IN07, IN08, MID, "
               f"OUT00-OUT05); Flux.1 takes {len(FLUX_BLOCKS)} (BASE, D00-D{DOUBLE_BLOCKS - 1}, "
@@ -106,12 +105,6 @@ def block_table(values: Sequence[float]) -> dict[str, float]:
     table = dict.fromkeys(BLOCKS_20, 0.0) if ids is not FLUX_BLOCKS else {}
     table.update(zip(ids, finite_numbers(values, "block weights")))
     return table
-
-
-def flux_block_id(name: str) -> str:
-    """A Flux module's block: D00, D01, … (double), S00, … (single), BASE outside the blocks."""
-    place = flux_block(name)
-    return "BASE" if place is None else f"{place[0][0].upper()}{place[1]:02d}"
 
 
 def block_multiplier(values: Optional[Sequence[float]], arch: str, names: Iterable[str],

@@ -53,6 +53,10 @@ def test_inspect_describes_an_sdxl_lora(tmp_path, cli):
     info = json.loads(cli("inspect", tmp_path / "a.safetensors", "--json").stdout)
     assert info["modules"] == 12 and info["parts"] == {"unet": 6, "te1": 3, "te2": 3}
     assert info["ranks"] == {"4": 12} and info["dtypes"] == {"float16": 24}
+    # the LoCon convs of input_blocks.1 are block IN01, which the 12-value block weights leave out
+    assert info["blocks"] == {"model": "SDXL", "held": ["BASE", "IN01", "IN04"]}
+    assert ("blocks:        SDXL BASE, IN01, IN04; LoCon blocks too: 12-value block weights set those to 0, use 20 "
+            "values or names") in res.stdout
 
 
 def test_inspect_names_modules_holding_nan_or_inf(tmp_path, cli):

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from merge_core.errors import MergeCoreError
+from merge_core.keys.blocks import block_runs
 from merge_core.lora_file import load_lora, summary, summary_lines
 from merge_core.lowrank import RankRule
 from merge_core.fuse import fuse_models
@@ -199,6 +200,10 @@ def test_inspect_names_flux_style_blocks_and_how_they_are_named(tmp_path):
     assert dict(summary_lines(d))["format"] == ("peft names, architecture other (Flux-style blocks, diffusers module "
                                                 "names with q/k/v split)")
     assert dict(summary_lines(q))["format"] == "peft names, architecture other"
+    # the blocks, for block weights: double block 0, single block 0, and the layers outside them
+    assert dict(summary_lines(k))["blocks"] == dict(summary_lines(d))["blocks"] == "Flux.1 BASE, D00, S00"
+    assert q["blocks"] is None and "blocks" not in dict(summary_lines(q))
+    assert block_runs(["BASE", "D00", "D02", "D03", "S00", "S01", "D19"]) == "BASE, D00, D02-D03, S00-S01, D19"
 
 
 def test_kohya_and_comfyui_names_of_any_model_match(tmp_path):
