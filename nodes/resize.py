@@ -12,6 +12,8 @@ from .runtime import run_job, torch_device
 METHODS = ("svd", "rsvd")
 METHOD_TOOLTIP = ("svd: exact truncated SVD of ΔW computed from the factors (QR core); rsvd: seeded randomized "
                   "SVD (exact Gram core at small ranks), faster on inputs of very high rank")
+BLOCK_WEIGHTS_TOOLTIP = ("optional block weights baked into the result before resizing: SDXL 20 or 12 values, Flux.1 "
+                         "58, or BLOCK=VALUE pairs with the rest at 1 (OUT=0.5, S20-S37=0); empty = none")
 
 
 class ResizeLora:
@@ -21,7 +23,7 @@ class ResizeLora:
     DESCRIPTION = ("Resizes one LoRA, LoCon, LoHa or LoKr to a LoRA of new ranks: per module the best rank-k "
                    "approximation of its ΔW (truncated SVD from the factors, no dense matrix). The rank is fixed, "
                    "or the smallest keeping `energy` of ‖ΔW‖² within [min_rank, max_rank], or chosen by a file "
-                   "size budget. LoHa/LoKr inputs come out as plain LoRAs.")
+                   "size budget. LoHa/LoKr inputs come out as plain LoRAs. Optional block weights are baked in first.")
     RETURN_TYPES = (LORA_TYPE,)
     RETURN_NAMES = ("lora",)
     OUTPUT_TOOLTIPS = ("the resized LoRA, with its per-module report",)
@@ -32,12 +34,13 @@ class ResizeLora:
         return {"required": {"lora": (LORA_TYPE, {"tooltip": "the LoRA to resize"}),
                              "method": (list(METHODS), {"default": METHODS[0], "tooltip": METHOD_TOOLTIP}),
                              **rank_inputs(), **seed_input(), **device_input(), **dora_input()},
-                "optional": target_size_input()}
+                "optional": {**target_size_input(),
+                             "block_weights": ("STRING", {"default": "", "tooltip": BLOCK_WEIGHTS_TOOLTIP})}}
 
     def resize(self, lora: PackLora, method: str, rank: int, energy: float, min_rank: int, max_rank: int, seed: int,
-               device: str, dora: str, target_size_mb: float = 0.0) -> dict:
+               device: str, dora: str, target_size_mb: float = 0.0, block_weights: str = "") -> dict:
         return run_merge(method, {"lora_1": lora, "weight_1": 1.0}, rank, energy, min_rank, max_rank, seed, device,
-                         dora, target_size_mb=target_size_mb, label="resize")
+                         dora, block_weights=block_weights.strip(), target_size_mb=target_size_mb, label="resize")
 
 
 class RankTable:

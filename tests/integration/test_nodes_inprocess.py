@@ -122,6 +122,21 @@ def test_resized_lora_loads_in_comfy_with_every_key(comfy_dirs):
     assert set(new_model.patches) | set(new_clip.patcher.patches) == {s.key for s in table}
 
 
+def test_resize_bakes_block_weights_in(comfy_dirs):
+    """Resize LoRA with block weights by name: the IN blocks' modules drop out (a zero result), OUT00-OUT02's come
+    back at half strength, the rest as they were (rank 6 kept whole)."""
+    table = [s for s in sdxl_modules().values() if s.block in ("IN04", "IN07", "MID", "OUT01", "OUT05")][::7]
+    write(comfy_dirs["loras"] / "r6.safetensors", lora_tensors(table, rank=6, seed=4))
+    source = load("r6.safetensors")
+    resized = node("LoRArSVD_Resize").resize(source, "svd", 6, 0.99, 4, 32, 0, "cpu", "error",
+                                             block_weights="IN=0, OUT00-OUT02=0.5\n")["result"][0]
+    assert set(resized.lora.modules) == {s.name for s in table if not s.block.startswith("IN")}
+    for s in table:
+        if not s.block.startswith("IN"):
+            scale = 0.5 if s.block == "OUT01" else 1.0
+            assert rel_err(module_delta(resized, s.name), scale * module_delta(source, s.name)) < 1e-5, s.name
+
+
 def test_load_info_names_what_needs_care(comfy_dirs):
     """The Load LoRA node's info output: the file's description, and an alpha 0 / negative alpha named as inspect
     names it."""
