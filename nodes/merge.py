@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 from merge_core.merge import METHODS, merge_loras, parse_block_weights
+from merge_core.merge.block_weights import BlockWeights
 
 from .inputs import (CATEGORY, budget_bytes, connected_loras, device_input, dora_input, lora_slots, rank_inputs,
                      rank_rule, seed_input, target_size_input)
@@ -25,7 +26,7 @@ def block_weights_input() -> dict:
     return {"block_weights": ("STRING", {"default": "", "multiline": True, "tooltip": BLOCK_WEIGHTS_TOOLTIP})}
 
 
-def block_weight_lines(text: str, slots: list[int]) -> Optional[list[Optional[tuple[float, ...]]]]:
+def block_weight_lines(text: str, slots: list[int]) -> Optional[list[Optional[BlockWeights]]]:
     """The block weights of each connected slot (line i for lora_i; None where empty), None when none given."""
     lines = text.splitlines()
     picked = [parse_block_weights(lines[i - 1]) if i <= len(lines) else None for i in slots]

@@ -37,8 +37,8 @@ BLOCKS_HELP = ("block weights per input (one list for all, or one per input; '-'
                "BASE,IN00..IN08,MID,OUT00..OUT08, or the 12-value form BASE,IN04,IN05,IN07,IN08,MID,OUT00..OUT05 "
                "(blocks it leaves out get 0, as in LoRA Block Weight); Flux.1: 58 values BASE,D00..D18,S00..S37 "
                "(BASE = text encoders and the layers outside the blocks); or BLOCK=VALUE pairs, the rest 1: "
-               "'IN=0,OUT00-OUT02=0.5' (SDXL), 'D=0.5,S20-S37=0' (Flux.1); a list that starts with a minus "
-               "sign needs --block-weights=-1,...")
+               "'IN=0,OUT00-OUT02=0.5' (SDXL), 'D=0.5,S20-S37=0' (Flux, also past Flux.1's blocks); a list that "
+               "starts with a minus sign needs --block-weights=-1,...")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -26,14 +26,14 @@ def flux_block_id(name: str) -> str:
 
 
 def blocks_held(names: Iterable[str], arch: str) -> Optional[tuple[str, list[str]]]:
-    """("SDXL" | "Flux.1", the blocks the modules sit in, in model order) — None for other models."""
+    """("SDXL" | "Flux", the blocks the modules sit in, in model order) — None for other models."""
     names = list(names)
     if arch == "sdxl":
         specs = sdxl_modules()
         held, order = {specs[n].block for n in names if n in specs}, BLOCKS_20
         model = "SDXL"
     elif flux_naming(names) is not None:
-        held, order, model = {flux_block_id(n) for n in names}, FLUX_BLOCKS, "Flux.1"
+        held, order, model = {flux_block_id(n) for n in names}, FLUX_BLOCKS, "Flux"
     else:
         return None
     return model, [b for b in order if b in held] + sorted(held - set(order))

@@ -7,18 +7,19 @@ from ..lora_file import LoraSet
 from ..lowrank import RankRule
 from ..report import Progress
 from ..result import MergeResult
+from .block_weights import BlockWeights
 from .budget import budget_rule, fit_to_size
 from .engine import collect, plan_merge
 
 
 def merge_loras(sets: Sequence[LoraSet], method: str = "rsvd", weights: Sequence[float] | None = None,
                 rule: RankRule | None = None, solver: str | None = None, seed: int = 0, device: str = "auto",
-                density: float = 0.5, block_weights: Sequence[Sequence[float] | None] | None = None,
+                density: float = 0.5, block_weights: Sequence[BlockWeights | None] | None = None,
                 dora: str = "error", progress: Progress = None, target_size: Optional[int] = None) -> MergeResult:
     """Merge `sets` by `method` (see METHODS) into modules held in memory (fp32); None arguments take the
     method's defaults: weights 1/N (rsvd, weighted_avg) or 1.0 (others); rule dynamic 4..32 at 0.99 energy
     (rsvd, ties, dare) or the largest input rank fixed (svd, weighted_avg); solver rsvd or exact.
-    `block_weights`: per input, None or 20/12 SDXL block values.  `dora`: error (refuse DoRA inputs) or
+    `block_weights`: per input, None or parse_block_weights' values (SDXL 20/12, Flux.1 58) or named pairs.  `dora`: error (refuse DoRA inputs) or
     ignore (drop the magnitude).  `target_size` (bytes; every method that chooses ranks): ranks chosen so that the
     result saved as fp16 .safetensors takes at most that (budget.fit_to_size; the rule gives the bounds)."""
     if target_size is not None:

@@ -11,15 +11,18 @@ Flux.1 form, 58 values: BASE, D00–D18 (double blocks), S00–S37 (single block
 Inspire pack's LBW loader reads a vector for a LoRA on every block.  BASE is every module outside the blocks:
 the text encoders and img_in, txt_in, time_in, vector_in, guidance_in, final_layer.
 
-Or BLOCK=VALUE pairs (named_weights).  A module's block: merge_core.keys.blocks.
+Or BLOCK=VALUE pairs (named_weights), resolved per input: SDXL's blocks, or a Flux-style LoRA's Flux.1 blocks
+and any it holds beyond them (Flux.2's 48 single blocks, HunyuanVideo's 20 double and 40 single).  A module's
+block: merge_core.keys.blocks.
 """
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 from ..errors import MergeCoreError, finite_numbers
-from ..keys.blocks import BLOCKS_12, BLOCKS_20, FLUX_BLOCKS, flux_block_id
+from ..keys.blocks import BLOCKS_12, BLOCKS_20, FLUX_BLOCKS, block_runs, flux_block_id
 from ..keys.flux_names import DOUBLE_BLOCKS, SINGLE_BLOCKS, flux_naming
 from ..keys.sdxl_table import sdxl_modules
 
@@ -28,11 +31,28 @@ FORMS_TEXT = (f"SDXL takes 20 values (BASE, IN00-IN08, MID, OUT00-OUT08) or 12 (
               f"OUT00-OUT05); Flux.1 takes {len(FLUX_BLOCKS)} (BASE, D00-D{DOUBLE_BLOCKS - 1}, "
               f"S00-S{SINGLE_BLOCKS - 1})")
 NONE_SPELLINGS = ("", "-", "none")
+# named pairs: the groups each model's blocks are named by
+GROUPS = {"SDXL": ("BASE", "IN", "MID", "OUT"), "Flux": ("BASE", "D", "S")}
+GROUPS_TEXT = "BASE, IN00-IN08, MID, OUT00-OUT08 (SDXL) or BASE, D00, D01, …, S00, S01, … (Flux)"
+_NAMED = re.compile(r"^(BASE|MID|IN|OUT|D|S)(\d+)?(?:-(IN|OUT|D|S)?(\d+))?$")
 
 
-def parse_block_weights(text: str) -> Optional[tuple[float, ...]]:
-    """'1,0.5,…' (commas and/or spaces) -> the values; 'D=0.5, S20-S37=0' -> the whole vector of the model the
-    names belong to (named_weights); '-' or 'none' -> None (no block weights)."""
+@dataclass(frozen=True)
+class NamedWeights:
+    """BLOCK=VALUE pairs (named_weights) for one model's blocks, resolved per input against them: every block not
+    named at 1, later pairs over earlier ones.  A pair is (group, first index, last index, value)."""
+
+    text: str
+    model: str
+    pairs: tuple[tuple[str, Optional[int], Optional[int], float], ...]
+
+
+BlockWeights = Union[tuple[float, ...], NamedWeights]
+
+
+def parse_block_weights(text: str) -> Optional[BlockWeights]:
+    """'1,0.5,…' (commas and/or spaces) -> the values; 'D=0.5, S20-S37=0' -> NamedWeights; '-' or 'none' -> None
+    (no block weights)."""
     if text.strip().lower() in NONE_SPELLINGS:
         return None
     if "=" in text:
@@ -47,15 +67,9 @@ def parse_block_weights(text: str) -> Optional[tuple[float, ...]]:
     return values
 
 
-_MODELS = {"SDXL": (BLOCKS_20, ("BASE", "IN", "MID", "OUT"), "BASE, IN00-IN08, MID, OUT00-OUT08"),
-           "Flux.1": (FLUX_BLOCKS, ("BASE", "D", "S"), f"BASE, D00-D{DOUBLE_BLOCKS - 1}, S00-S{SINGLE_BLOCKS - 1}")}
-_NAMED = re.compile(r"^(BASE|MID|IN|OUT|D|S)(\d+)?(?:-(IN|OUT|D|S)?(\d+))?$")
-
-
-def named_weights(text: str) -> tuple[float, ...]:
-    """'BLOCK=VALUE, …' -> the 20 SDXL or 58 Flux.1 values, 1 for every block not named, later pairs over
-    earlier ones.  BLOCK: an id (IN04, MID, D7, S12), a group (BASE, IN, OUT, D, S) or a range (IN04-IN08,
-    S20-37)."""
+def named_weights(text: str) -> NamedWeights:
+    """'BLOCK=VALUE, …'; BLOCK: an id (IN04, MID, D7, S12), a group (BASE, IN, OUT, D, S) or a range (IN04-IN08,
+    S20-37); the groups say the model (SDXL or Flux)."""
     pairs = []
     for item in (p.replace(" ", "") for p in text.split(",") if p.strip()):
         key, _, value = item.partition("=")
@@ -70,31 +84,36 @@ def named_weights(text: str) -> tuple[float, ...]:
             number = float(value)
         except ValueError:
             raise MergeCoreError(f"block weights: '{value}' in '{item}' is not a number") from None
-        pairs.append((group, first, last, finite_numbers([number], f"block weight {key}")[0]))
+        first_index = int(first) if first is not None else None
+        pairs.append((group, first_index, int(last) if last is not None else first_index,
+                      finite_numbers([number], f"block weight {key}")[0]))
     named = {group for group, *_ in pairs} - {"BASE"}
-    model = next((m for m, (_, groups, _) in _MODELS.items() if named and named <= set(groups)), None)
+    model = next((m for m, groups in GROUPS.items() if named and named <= set(groups)), None)
     if model is None:
-        raise MergeCoreError("block weights name the blocks of one model, " + " or ".join(
-            f"{text} ({m})" for m, (_, _, text) in _MODELS.items()) + f"; got {', '.join(sorted(named)) or 'BASE alone'}")
-    ids, _, blocks_text = _MODELS[model]
+        raise MergeCoreError(f"block weights name the blocks of one model, {GROUPS_TEXT}; got "
+                             f"{', '.join(sorted(named)) or 'BASE alone'}")
+    return NamedWeights(text.strip(), model, tuple(pairs))
+
+
+def named_table(named: NamedWeights, ids: Sequence[str], label: str) -> dict[str, float]:
+    """Block id -> weight over `ids` (the blocks of `label`'s model): 1 where not named; an error for a pair
+    naming no block there."""
     table = dict.fromkeys(ids, 1.0)
-    for group, first, last, number in pairs:
+    for group, first, last, number in named.pairs:
         chosen = [b for b in ids if _in_range(b, group, first, last)]
         if not chosen:
-            raise MergeCoreError(f"block weights: {model} has no block {group}{first or ''}"
-                                 f"{'-' + last if last else ''} ({blocks_text})")
+            span = "" if first is None else f"{first:02d}" + ("" if last == first else f"-{last:02d}")
+            raise MergeCoreError(f"block weights: {label} has no block {group}{span} ({block_runs(ids)})")
         table.update(dict.fromkeys(chosen, number))
-    return tuple(table.values())
+    return table
 
 
-def _in_range(block: str, group: str, first: Optional[str], last: Optional[str]) -> bool:
-    """Whether `block` (e.g. IN04) is in `group`, and then in `first`..`last` (or is `first`) when given."""
+def _in_range(block: str, group: str, first: Optional[int], last: Optional[int]) -> bool:
+    """Whether `block` (e.g. IN04) is in `group`, and then in `first`..`last` when given."""
     digits = block[len(group):]
     if not block.startswith(group) or not (digits == "" or digits.isdigit()):
         return False
-    if first is None:
-        return True
-    return digits != "" and int(first) <= int(digits) <= int(last if last is not None else first)
+    return first is None or (digits != "" and first <= int(digits) <= last)
 
 
 def block_table(values: Sequence[float]) -> dict[str, float]:
@@ -107,21 +126,29 @@ def block_table(values: Sequence[float]) -> dict[str, float]:
     return table
 
 
-def block_multiplier(values: Optional[Sequence[float]], arch: str, names: Iterable[str],
+def block_multiplier(weights: Optional[BlockWeights], arch: str, names: Iterable[str],
                      label: str) -> Callable[[str], float]:
-    """module name -> its block's weight (1.0 for every module when `values` is None); `arch` and the module
-    `names` of the input called `label` must fit the form (SDXL or Flux.1), or a MergeCoreError says why."""
-    if values is None:
+    """module name -> its block's weight (1.0 for every module when `weights` is None); `arch` and the module
+    `names` of the input called `label` must fit the weights' model (SDXL or Flux), or a MergeCoreError says
+    why."""
+    if weights is None:
         return lambda name: 1.0
-    table = block_table(values)
-    if len(values) == len(FLUX_BLOCKS):
-        if flux_naming(names) is None:
-            raise MergeCoreError(f"{len(values)} block weights are Flux.1's; {label} has no Flux double or single "
-                                 f"blocks")
+    names = list(names)
+    flux = flux_naming(names) is not None
+    model = weights.model if isinstance(weights, NamedWeights) else "Flux" if len(weights) == len(FLUX_BLOCKS) \
+        else "SDXL"
+    count = "named" if isinstance(weights, NamedWeights) else str(len(weights))
+    if model == "Flux" and not flux:
+        raise MergeCoreError(f"{count} block weights are Flux's; {label} has no Flux double or single blocks")
+    if model == "SDXL" and arch != "sdxl":
+        hint = f" (a Flux LoRA takes {len(FLUX_BLOCKS)} values or D/S names)" if flux else ""
+        raise MergeCoreError(f"{count} block weights are SDXL's; {label} is {arch}{hint}")
+    if model == "Flux":
+        held = {flux_block_id(n) for n in names}  # beyond Flux.1's blocks too (Flux.2, HunyuanVideo), for names
+        ids = [*FLUX_BLOCKS, *sorted(held - set(FLUX_BLOCKS))]
+        table = named_table(weights, ids, label) if isinstance(weights, NamedWeights) else block_table(weights)
         return lambda name: _flux_weight(table, name)
-    if arch != "sdxl":
-        flux = f" (a Flux.1 LoRA takes {len(FLUX_BLOCKS)} values)" if flux_naming(names) is not None else ""
-        raise MergeCoreError(f"{len(values)} block weights are SDXL's; {label} is {arch}{flux}")
+    table = named_table(weights, BLOCKS_20, label) if isinstance(weights, NamedWeights) else block_table(weights)
     specs = sdxl_modules()
 
     def multiplier(name: str) -> float:
@@ -133,9 +160,15 @@ def block_multiplier(values: Optional[Sequence[float]], arch: str, names: Iterab
     return multiplier
 
 
+def block_weights_record(weights: Optional[BlockWeights]) -> Union[list[float], str, None]:
+    """How a recipe records one input's block weights: the values, or the named pairs as given."""
+    return weights.text if isinstance(weights, NamedWeights) else list(weights) if weights is not None else None
+
+
 def _flux_weight(table: dict[str, float], name: str) -> float:
     block = flux_block_id(name)
     if block not in table:
-        raise MergeCoreError(f"Flux block weights are for Flux.1's {DOUBLE_BLOCKS} double and {SINGLE_BLOCKS} single "
-                             f"blocks; module '{name}' is in block {block}")
+        raise MergeCoreError(f"{len(FLUX_BLOCKS)} block weights are for Flux.1's {DOUBLE_BLOCKS} double and "
+                             f"{SINGLE_BLOCKS} single blocks; module '{name}' is in block {block} (name blocks "
+                             f"instead: D=…, S20-S47=…)")
     return table[block]

@@ -28,6 +28,7 @@ from ..memory import available_on
 from ..name_match import disjoint_note, match_names
 from ..report import ModuleReport, Progress, Report
 from ..result import MergeResult
+from .block_weights import BlockWeights, block_weights_record
 from .heap import HeapTrimmer
 from .methods import Method, describe, method_named, resolve_options, resolve_weights
 from .options import MergeOptions
@@ -91,7 +92,7 @@ class MergePlan:
 
 def plan_merge(sets: Sequence[LoraSet], method: str = "rsvd", weights: Sequence[float] | None = None,
                rule: RankRule | None = None, solver: str | None = None, seed: int = 0, density: float = 0.5,
-               block_weights: Sequence[Sequence[float] | None] | None = None, dora: str = "error") -> MergePlan:
+               block_weights: Sequence[BlockWeights | None] | None = None, dora: str = "error") -> MergePlan:
     """Check everything and group the modules into batches; see merge_loras for the arguments."""
     sets = match_names(sets)
     if not sets:
@@ -110,8 +111,8 @@ def plan_merge(sets: Sequence[LoraSet], method: str = "rsvd", weights: Sequence[
         s.start_digest()
     batches = [[t] for t in targets if t.vector_only] + spec.batches([t for t in targets if not t.vector_only], opts)
     parameters = {"method": spec.name, "weights": w, **describe(spec, opts),
-                  "block_weights": [list(b) if b is not None else None for b in block_weights] if block_weights
-                  else None, "dora": dora}
+                  "block_weights": [block_weights_record(b) for b in block_weights] if block_weights else None,
+                  "dora": dora}
     return MergePlan(spec, opts, [t.name for t in targets], deque(enumerate(batches)), parameters, sets,
                      output_layout(sets))
 

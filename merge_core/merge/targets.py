@@ -19,7 +19,7 @@ from ..errors import MergeCoreError, ShapeMismatchError
 from ..keys.sdxl_table import sdxl_aliases
 from ..lora_file import LoraSet, input_label
 from ..lowrank import Operator, weighted_sum
-from .block_weights import block_multiplier
+from .block_weights import BlockWeights, block_multiplier
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def _weight_shape(name: str, present: Sequence[tuple[int, AdapterModule]], sets:
 
 
 def plan_targets(sets: Sequence[LoraSet], weights: Sequence[float],
-                 block_weights: Optional[Sequence[Optional[Sequence[float]]]] = None) -> list[ModuleTarget]:
+                 block_weights: Optional[Sequence[Optional[BlockWeights]]] = None) -> list[ModuleTarget]:
     """Every module of any input (first-seen order) with its terms; all checks before any arithmetic."""
     if block_weights is not None and len(block_weights) != len(sets):
         raise MergeCoreError(f"number of block-weight lists ({len(block_weights)}) must match number of "

@@ -13,7 +13,7 @@ from merge_core.keys.blocks import block_runs
 from merge_core.lora_file import load_lora, summary, summary_lines
 from merge_core.lowrank import RankRule
 from merge_core.fuse import fuse_models
-from merge_core.merge import merge_loras
+from merge_core.merge import merge_loras, parse_block_weights
 
 from flux_synth import DIFFUSERS, H, KOHYA, diffusers_file, kohya_file
 from merge_testlib import one_torch_thread  # noqa: F401
@@ -132,18 +132,30 @@ def test_flux_block_weights_scale_each_input_per_block_in_any_naming(tmp_path):
         assert torch.allclose(alone["diffusion_model." + path], scale * bfl["lora_unet_" + name], atol=1e-5), path
 
 
-def test_flux_block_weight_errors(tmp_path):
-    kohya_file(tmp_path / "k.safetensors")
+def test_flux_block_weights_beyond_flux1_and_errors(tmp_path):
+    """Named pairs reach the blocks a Flux-style LoRA holds beyond Flux.1's (Flux.2's single blocks 38-47,
+    HunyuanVideo's); the 58-value form refuses them, and SDXL forms refuse a Flux LoRA."""
+    kohya = kohya_file(tmp_path / "k.safetensors")
     flux = load_lora(tmp_path / "k.safetensors")
-    with pytest.raises(MergeCoreError, match=r"^20 block weights are SDXL's; .*k.safetensors is other \(a Flux.1 LoRA "
-                                             r"takes 58 values\)$"):
+    with pytest.raises(MergeCoreError, match=r"^20 block weights are SDXL's; .*k.safetensors is other \(a Flux LoRA "
+                                             r"takes 58 values or D/S names\)$"):
         merge_loras([flux], block_weights=[[1.0] * 20])
-    save_file({"lora_unet_single_blocks_38_linear2.lora_up.weight": torch.ones(H, 1),
-               "lora_unet_single_blocks_38_linear2.lora_down.weight": torch.ones(1, 5 * H)},
-              str(tmp_path / "past.safetensors"))
-    with pytest.raises(MergeCoreError, match="^Flux block weights are for Flux.1's 19 double and 38 single blocks; "
-                                             "module 'lora_unet_single_blocks_38_linear2' is in block S38$"):
-        merge_loras([load_lora(tmp_path / "past.safetensors")], block_weights=[[1.0] * 58])
+    with pytest.raises(MergeCoreError, match=r"^block weights: .*k.safetensors has no block D19 \(BASE, D00-D18, "
+                                             r"S00-S37\)$"):
+        merge_loras([flux], block_weights=[parse_block_weights("D19=0")])
+    g = torch.Generator().manual_seed(8)
+    up, down = torch.randn(H, 2, generator=g), torch.randn(2, 5 * H, generator=g)
+    save_file({"lora_unet_single_blocks_40_linear2.lora_up.weight": up,
+               "lora_unet_single_blocks_40_linear2.lora_down.weight": down}, str(tmp_path / "s40.safetensors"))
+    sets = [flux, load_lora(tmp_path / "s40.safetensors")]
+    with pytest.raises(MergeCoreError, match="^58 block weights are for Flux.1's 19 double and 38 single blocks; "
+                                             "module 'lora_unet_single_blocks_40_linear2' is in block S40 "):
+        merge_loras(sets, block_weights=[None, [1.0] * 58])
+    result = dense_result(merge_loras(sets, "concat", block_weights=[parse_block_weights("S=0.5, D0=-1")] * 2))
+    assert torch.allclose(result["lora_unet_single_blocks_40_linear2"], 0.5 * up.double() @ down.double(), atol=1e-5)
+    assert torch.allclose(result["lora_unet_double_blocks_0_img_attn_qkv"],
+                          -kohya["lora_unet_double_blocks_0_img_attn_qkv"], atol=1e-5)
+    assert torch.allclose(result["lora_unet_img_in"], kohya["lora_unet_img_in"], atol=1e-5)
 
 
 def test_fuse_matches_the_two_flux_namings_too(tmp_path):
@@ -201,7 +213,7 @@ def test_inspect_names_flux_style_blocks_and_how_they_are_named(tmp_path):
                                                 "names with q/k/v split)")
     assert dict(summary_lines(q))["format"] == "peft names, architecture other"
     # the blocks, for block weights: double block 0, single block 0, and the layers outside them
-    assert dict(summary_lines(k))["blocks"] == dict(summary_lines(d))["blocks"] == "Flux.1 BASE, D00, S00"
+    assert dict(summary_lines(k))["blocks"] == dict(summary_lines(d))["blocks"] == "Flux BASE, D00, S00"
     assert q["blocks"] is None and "blocks" not in dict(summary_lines(q))
     assert block_runs(["BASE", "D00", "D02", "D03", "S00", "S01", "D19"]) == "BASE, D00, D02-D03, S00-S01, D19"
 

@@ -140,31 +140,32 @@ def test_block_weight_errors():
     other = lora_set({"lora_unet_custom": random_lora((8, 8), 2, None, 1)}, arch="other")
     with pytest.raises(MergeCoreError, match="^20 block weights are SDXL's; input 1 is other$"):
         merge_loras([other, other], block_weights=[[1.0] * 20, None])
-    with pytest.raises(MergeCoreError, match="^58 block weights are Flux.1's; input 1 has no Flux double or single"):
+    with pytest.raises(MergeCoreError, match="^58 block weights are Flux's; input 1 has no Flux double or single"):
         merge_loras([a, a], block_weights=[[1.0] * 58, None])
 
 
 def test_block_weights_by_name():
-    """BLOCK=VALUE pairs give the whole vector of the model the names belong to, 1 where not named, later pairs
-    over earlier ones (positions by hand: SDXL BASE 0, IN00-IN08 1-9, MID 10, OUT00-OUT08 11-19; Flux.1 BASE 0,
-    D00-D18 1-19, S00-S37 20-57)."""
-    sdxl = [1.0] * 20
-    sdxl[1:10] = [0.0] * 9
-    sdxl[5] = 0.5
-    sdxl[11:14] = [2.0] * 3
-    assert parse_block_weights("IN=0, in04=0.5, OUT00-OUT02=2") == tuple(sdxl)
-    flux = [1.0] * 58
-    flux[0], flux[4:11] = -1.0, [0.0] * 7
-    flux[40:58] = [0.25] * 18
-    assert parse_block_weights("BASE=-1, D3-9=0, S20-S37=0.25") == tuple(flux)
+    """BLOCK=VALUE pairs: every block not named at 1, later pairs over earlier ones; the names say the model."""
+    names = [NAMES[0], NAMES[3], CONV]  # blocks IN04, BASE, IN01
+    a = lora_set({n: random_lora(shape_of(n), 4, None, seed=i) for i, n in enumerate(names)})
+    b = lora_set({n: random_lora(shape_of(n), 4, None, seed=9 + i) for i, n in enumerate(names)})
+    named = parse_block_weights("IN=0, in04=0.5, BASE = 2, OUT00-OUT02=3")
+    r = merge_loras([a, b], "concat", block_weights=[named, None], device="cpu")
+    for name, scale in ((NAMES[0], 0.5), (NAMES[3], 2.0), (CONV, 0.0)):
+        assert rel(dense(r.modules[name]), scale * dense(a.modules[name]) + dense(b.modules[name])) < 1e-6, name
+    assert r.recipe["parameters"]["block_weights"] == ["IN=0, in04=0.5, BASE = 2, OUT00-OUT02=3", None]
     for text, message in (("BASE=0", "name the blocks of one model.*got BASE alone"),
                           ("D=1, IN=0", "name the blocks of one model.*got D, IN"),
-                          ("D19=0", r"Flux.1 has no block D19 \(BASE, D00-D18, S00-S37\)"),
                           ("IN04-OUT02=1", "must start and end in one group"),
                           ("X=1", "'X=1' is not BLOCK=VALUE"), ("D=abc", "'abc' in 'D=abc' is not a number"),
                           ("S=inf", "block weight S must be finite")):
         with pytest.raises(MergeCoreError, match=message):
             parse_block_weights(text)
+    with pytest.raises(MergeCoreError, match=r"^block weights: input 1 has no block IN09 \(BASE, IN00-IN08, MID, "
+                                             r"OUT00-OUT08\)$"):
+        merge_loras([a, b], "concat", block_weights=[parse_block_weights("IN9=0"), None])
+    with pytest.raises(MergeCoreError, match="^named block weights are Flux's; input 1 has no Flux double or single"):
+        merge_loras([a, b], "concat", block_weights=[parse_block_weights("D=0"), None])
 
 
 def test_dora_is_refused_unless_ignored():
