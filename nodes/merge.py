@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from merge_core.merge import METHODS, merge_loras, parse_block_weights
-from merge_core.merge.block_weights import BlockWeights
+from merge_core.merge import METHODS, BlockWeights, merge_loras, parse_block_weights
 
 from .inputs import (CATEGORY, budget_bytes, connected_loras, device_input, dora_input, lora_slots, rank_inputs,
                      rank_rule, seed_input, target_size_input)

@@ -1,9 +1,10 @@
 """The blocks that block weights and the report's picture use, and which of them a LoRA's modules sit in.
 
 SDXL: the LoRA Block Weight blocks BASE (both text encoders), IN00–IN08, MID, OUT00–OUT08 (a module's block from
-the SDXL table); its 12-value form names only the blocks that hold attention.  Flux.1: BASE (text encoders and
-every layer outside the blocks), D00–D18 (double blocks), S00–S37 (single blocks), read from a module's name in
-any Flux naming (flux_names.flux_block).
+the SDXL table); its 12-value form names only the blocks that hold attention.  Flux: BASE (text encoders and
+every layer outside the blocks), D00, D01, … (double blocks), S00, … (single blocks), read from a module's name in
+any Flux naming (flux_names.flux_block); Flux.1 has D00–D18 and S00–S37, a Flux-style LoRA may hold more
+(Flux.2's 48 single blocks, HunyuanVideo's 20 double and 40 single).
 """
 from __future__ import annotations
 

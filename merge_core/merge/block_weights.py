@@ -135,20 +135,21 @@ def block_multiplier(weights: Optional[BlockWeights], arch: str, names: Iterable
         return lambda name: 1.0
     names = list(names)
     flux = flux_naming(names) is not None
-    model = weights.model if isinstance(weights, NamedWeights) else "Flux" if len(weights) == len(FLUX_BLOCKS) \
-        else "SDXL"
-    count = "named" if isinstance(weights, NamedWeights) else str(len(weights))
+    named = isinstance(weights, NamedWeights)
+    model = weights.model if named else "Flux" if len(weights) == len(FLUX_BLOCKS) else "SDXL"
+    count = "named" if named else str(len(weights))
     if model == "Flux" and not flux:
         raise MergeCoreError(f"{count} block weights are Flux's; {label} has no Flux double or single blocks")
     if model == "SDXL" and arch != "sdxl":
         hint = f" (a Flux LoRA takes {len(FLUX_BLOCKS)} values or D/S names)" if flux else ""
         raise MergeCoreError(f"{count} block weights are SDXL's; {label} is {arch}{hint}")
+    ids = BLOCKS_20
+    if model == "Flux":  # for names, also the blocks it holds beyond Flux.1's (Flux.2, HunyuanVideo)
+        held = {flux_block_id(n) for n in names}
+        ids = (*FLUX_BLOCKS, *sorted(held - set(FLUX_BLOCKS)))
+    table = named_table(weights, ids, label) if named else block_table(weights)
     if model == "Flux":
-        held = {flux_block_id(n) for n in names}  # beyond Flux.1's blocks too (Flux.2, HunyuanVideo), for names
-        ids = [*FLUX_BLOCKS, *sorted(held - set(FLUX_BLOCKS))]
-        table = named_table(weights, ids, label) if isinstance(weights, NamedWeights) else block_table(weights)
         return lambda name: _flux_weight(table, name)
-    table = named_table(weights, BLOCKS_20, label) if isinstance(weights, NamedWeights) else block_table(weights)
     specs = sdxl_modules()
 
     def multiplier(name: str) -> float:
@@ -162,7 +163,9 @@ def block_multiplier(weights: Optional[BlockWeights], arch: str, names: Iterable
 
 def block_weights_record(weights: Optional[BlockWeights]) -> Union[list[float], str, None]:
     """How a recipe records one input's block weights: the values, or the named pairs as given."""
-    return weights.text if isinstance(weights, NamedWeights) else list(weights) if weights is not None else None
+    if isinstance(weights, NamedWeights):
+        return weights.text
+    return None if weights is None else list(weights)
 
 
 def _flux_weight(table: dict[str, float], name: str) -> float:
