@@ -5,8 +5,8 @@ When every input names its diffusion model's modules one way nothing changes.  O
 only where that lines it up with a module named the model's own way (kohya, or ComfyUI's `diffusion_model.`)
 that another input holds (the rest keep their names, which ComfyUI reads), taking the first of its places
 (places_of) that one does:
-- a Flux or Z-Image diffusers name (keys/flux_names.py, keys/zimage_names.py): its kohya module, or a row
-  block of one.  The q, k, v (and Flux's proj_mlp) LoRAs of one block become one LoRA of the fused weight,
+- a Flux, SD3 or Z-Image diffusers name (keys/flux_names.py, sd3_names.py, zimage_names.py): its kohya module,
+  or a row block of one.  The q, k, v (and Flux's proj_mlp) LoRAs of one block become one LoRA of the fused weight,
   exactly — row blocks ΔW = [c₁·up₁·down₁; …] = blockdiag(c₁·up₁, …)·[down₁; …], rank Σrᵢ, zero rows for a
   part the file does not hold (cᵢ = αᵢ/rᵢ: kept as α/rank when the parts share it, else folded into up in fp32
   with α = rank) — and Flux's norm_out.linear's up has its two row halves swapped.  Parts that are not plain
@@ -31,6 +31,7 @@ from .errors import FormatError
 from .keys import Naming
 from .keys.diffusers_tables import BFL, KOHYA, PATH_PREFIXES, Place, kohya_name
 from .keys.flux_names import MLP_RATIO, flux_place
+from .keys.sd3_names import sd3_place
 from .keys.zimage_names import zimage_place
 from .lora_file import LoraSet, input_label
 
@@ -52,7 +53,7 @@ def match_names(sets: Sequence[LoraSet]) -> list[LoraSet]:
     that or now has it."""
     styles = [_style(s) for s in sets]
     foreign = [style not in (None, KOHYA, BFL) for style in styles]
-    tabled = [{n for n in s.modules if _model_place(n) is not None} if style == BFL else set()
+    tabled = [{n for n in s.modules if _model_places(n)} if style == BFL else set()
               for s, style in zip(sets, styles)]
     if len({style for style in styles if style is not None}) <= 1 and not any(tabled):
         return list(sets)
@@ -62,7 +63,7 @@ def match_names(sets: Sequence[LoraSet]) -> list[LoraSet]:
                        if style == BFL for n, m in s.modules.items() if n not in t}}
     sets = [kohya_named(s, i, own) if f else s for i, (s, f) in enumerate(zip(sets, foreign))]
     renamed = {name for s, f in zip(sets, foreign) if f for name in s.modules}
-    renamed |= {p for t in tabled for p in (_model_place(n).name for n in t) if p in own}
+    renamed |= {p.name for t in tabled for n in t for p in _model_places(n) if p.name in own}
     held = {**{name: own.get(name) for name in renamed}, **kohya}
     return [kohya_named(s, i, held) if style == BFL else s for i, (s, style) in enumerate(zip(sets, styles))]
 
@@ -75,19 +76,20 @@ def _style(s: LoraSet) -> Optional[str]:
 
 
 def places_of(name: str) -> list[Place]:
-    """Where a module may sit in the kohya-named model, first choice first: its place by a model's table (a row
-    block of a fused weight, or Flux's norm_out swapped), then kohya's form of its path after the prefix (a bare
+    """Where a module may sit in the kohya-named model, first choice first: its places by the models' tables (a
+    row block of a fused weight, or a norm_out swapped), then kohya's form of its path after the prefix (a bare
     dotted path: of the whole name)."""
-    places = [p for p in (_model_place(name),) if p is not None]
+    places = _model_places(name)
     prefix = next((p for p in PREFIXES if name.startswith(p)), BARE if "." in name else None)
     if prefix is not None:
         places.append(Place(kohya_name(name[len(prefix):])))
     return places
 
 
-def _model_place(name: str) -> Optional[Place]:
-    """A module's place by a model's table of diffusers names (Flux, Z-Image), None for other names."""
-    return flux_place(name) or zimage_place(name)
+def _model_places(name: str) -> list[Place]:
+    """A module's places by the models' tables of diffusers names (Flux, SD3, Z-Image): one name can be read by
+    two (Flux's and SD3's `transformer_blocks.0.attn.to_q`); the module another input holds decides."""
+    return [p for p in (flux_place(name), sd3_place(name), zimage_place(name)) if p is not None]
 
 
 def for_base(s: LoraSet, rows: Mapping[str, Optional[int]]) -> LoraSet:
@@ -197,8 +199,8 @@ def disjoint_note(sets: Sequence[LoraSet]) -> Optional[str]:
     firsts = [next(iter(s.modules), None) for s in sets]
     example = ", ".join(f"'{n}' in {input_label(s, i)}" for i, (s, n) in enumerate(zip(sets, firsts)) if n)
     styles = sorted({s.profile for s in sets})
-    why = (f" (they name modules in different styles: {' and '.join(styles)}; only SDXL, Flux and Z-Image names, "
-           "and paths as the model names them, are matched across styles)"
+    why = (f" (they name modules in different styles: {' and '.join(styles)}; only SDXL, Flux, SD3 and Z-Image "
+           "names, and paths as the model names them, are matched across styles)"
            if len(styles) > 1 and any(s.arch != "sdxl" for s in sets) else "")
     return (f"no module is in more than one input{why}: the result holds each input's modules side by side, "
             f"merged with nothing (e.g. {example})")

@@ -1,6 +1,6 @@
 """A model's diffusers module names read as places in its kohya-named model (the names ComfyUI gives every
-weight): one DiffusersTable per model (keys/flux_names.py, keys/zimage_names.py), read the way ComfyUI maps
-them (comfy/utils.flux_to_diffusers, z_image_to_diffusers).
+weight): one DiffusersTable per model (keys/flux_names.py, sd3_names.py, zimage_names.py), read the way ComfyUI
+maps them (comfy/utils.flux_to_diffusers, mmdit_to_diffusers, z_image_to_diffusers).
 
 A trainer writes `<prefix><block kind><sep><i><sep><path>` or `<prefix><path>` for a module outside the blocks,
 with `.` or `_` between the parts (`transformer.transformer_blocks.0.attn.to_q`,

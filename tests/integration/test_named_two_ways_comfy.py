@@ -1,4 +1,4 @@
-"""One model's LoRAs named two ways (Flux: kohya and diffusers; Z-Image: ComfyUI's `diffusion_model.` or kohya,
+"""One model's LoRAs named two ways (Flux and SD3: kohya and diffusers; Z-Image: ComfyUI's `diffusion_model.` or kohya,
 and AI-Toolkit's), merged, do in a real ComfyUI (0.3.75, in-process) what the two stacked in LoraLoader do: on a
 tiny model ComfyUI builds itself (weights zeroed, so a patched weight is the ΔW ComfyUI applies), the merged
 file's patches equal the stack's on every weight, with ComfyUI's own slices of the fused q|k|v / linear1
@@ -17,6 +17,7 @@ if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
 import flux_synth  # noqa: E402
+import sd3_synth  # noqa: E402
 import zimage_synth  # noqa: E402
 from comfy_host import load_lora_with_comfy  # noqa: E402
 from comfy_host.fixtures import comfy_inprocess  # noqa: E402,F401
@@ -26,6 +27,7 @@ from merge_core.cli import main  # noqa: E402
 pytestmark = pytest.mark.comfyui
 # case -> (unet config, ComfyUI's model class, the two files' writers, weights either file patches)
 CASES = {"flux": (flux_synth.CONFIG, "Flux", flux_synth.kohya_file, flux_synth.diffusers_file, 8),
+         "sd3": (sd3_synth.CONFIG, "SD3", sd3_synth.kohya_file, sd3_synth.diffusers_file, 8),
          "zimage": (zimage_synth.CONFIG, "Lumina2", zimage_synth.comfy_file, zimage_synth.diffusers_file, 7),
          "zimage-kohya": (zimage_synth.CONFIG, "Lumina2", lambda path: zimage_synth.comfy_file(path, bfl=False),
                           zimage_synth.diffusers_file, 7)}
@@ -43,8 +45,8 @@ def models(comfy_inprocess):  # noqa: F811
     return model
 
 
-@pytest.mark.parametrize("case,method", [("flux", "concat"), ("flux", "svd"), ("zimage", "concat"),
-                                         ("zimage", "svd"), ("zimage-kohya", "concat")])
+@pytest.mark.parametrize("case,method", [("flux", "concat"), ("flux", "svd"), ("sd3", "concat"), ("sd3", "svd"),
+                                         ("zimage", "concat"), ("zimage", "svd"), ("zimage-kohya", "concat")])
 def test_a_merge_of_loras_named_two_ways_applies_as_the_stack_in_comfyui(models, tmp_path, case, method):
     config, model_class, first, second, patched = CASES[case]
     patcher, key_map = models(config, model_class)

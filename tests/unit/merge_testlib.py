@@ -15,7 +15,9 @@ from merge_core.adapters import LoRA
 from merge_core.cli import main
 from merge_core.keys.profiles import Naming
 from merge_core.keys.sdxl_table import sdxl_modules
-from merge_core.lora_file import LoraSet
+from merge_core.lora_file import LoraSet, load_lora
+from merge_core.lowrank import RankRule
+from merge_core.merge import merge_loras
 
 F64 = torch.float64
 
@@ -131,3 +133,33 @@ def run_in_process(capsys, *args) -> tuple[int, str, str]:
     code = main(["merge", *map(str, args), "--threads", "1"])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def dense_result(result) -> dict[str, torch.Tensor]:
+    """Each merged module's ΔW in fp64."""
+    return {name: m.delta().double() for name, m in result.modules.items()}
+
+
+def check_sum(result, parts: Sequence[dict], weights: Sequence[float]) -> None:
+    """The result holds exactly the modules of `parts` (name -> dense ΔW each), each Σ wᵢ·partᵢ to fp32 round-off."""
+    names = set().union(*parts)
+    assert set(result.modules) == names
+    got = dense_result(result)
+    for name in names:
+        want = sum(w * p[name] for w, p in zip(weights, parts) if name in p)
+        assert torch.allclose(got[name], want, rtol=0, atol=1e-5 * float(want.abs().max())), name
+
+
+def merged_two_ways(tmp_path: Path, caplog, first, second, full_rank: int):
+    """Two LoRAs of one model named two ways (`first`, `second` write a file and return its dense ΔW per module),
+    merged by concat (weights 1, -0.5; no warning) and by svd at `full_rank` (0.3, 0.7), both checked against the
+    dense sums: (the concat result, the svd result)."""
+    parts = [first(tmp_path / "k.safetensors"), second(tmp_path / "d.safetensors")]
+    sets = [load_lora(tmp_path / "k.safetensors"), load_lora(tmp_path / "d.safetensors")]
+    with caplog.at_level("WARNING"):
+        result = merge_loras(sets, "concat", weights=[1.0, -0.5])
+    assert caplog.records == []  # modules shared: no "merged with nothing" warning
+    check_sum(result, parts, [1.0, -0.5])
+    exact = merge_loras(sets, "svd", weights=[0.3, 0.7], rule=RankRule(rank=full_rank))  # T itself
+    check_sum(exact, parts, [0.3, 0.7])
+    return result, exact

@@ -11,41 +11,19 @@ from safetensors.torch import save_file
 from merge_core.errors import MergeCoreError
 from merge_core.keys.blocks import block_runs
 from merge_core.lora_file import load_lora, summary, summary_lines
-from merge_core.lowrank import RankRule
 from merge_core.fuse import fuse_models
 from merge_core.merge import merge_loras, parse_block_weights
 
 from flux_synth import DIFFUSERS, H, KOHYA, diffusers_file, kohya_file
-from merge_testlib import one_torch_thread  # noqa: F401
-
-
-def dense_result(result) -> dict[str, torch.Tensor]:
-    return {name: m.delta().double() for name, m in result.modules.items()}
-
-
-def check_sum(result, parts, weights):
-    names = set().union(*parts)
-    assert set(result.modules) == names
-    got = dense_result(result)
-    for name in names:
-        want = sum(w * p[name] for w, p in zip(weights, parts) if name in p)
-        assert torch.allclose(got[name], want, rtol=0, atol=1e-5 * float(want.abs().max())), name
+from merge_testlib import check_sum, dense_result, merged_two_ways, one_torch_thread  # noqa: F401
 
 
 def test_kohya_and_diffusers_flux_loras_merge_module_by_module(tmp_path, caplog):
-    kohya, diffusers = kohya_file(tmp_path / "k.safetensors"), diffusers_file(tmp_path / "d.safetensors")
-    sets = [load_lora(tmp_path / "k.safetensors"), load_lora(tmp_path / "d.safetensors")]
-    with caplog.at_level("WARNING"):
-        result = merge_loras(sets, "concat", weights=[1.0, -0.5])
-    assert caplog.records == []  # modules shared: no "merged with nothing" warning
-    check_sum(result, [kohya, diffusers], [1.0, -0.5])
+    result, exact = merged_two_ways(tmp_path, caplog, kohya_file, diffusers_file, full_rank=3 * H)
     assert result.modules["lora_unet_single_blocks_0_linear1"].rank == 4 + 2 + 2  # kohya's 4, to_k's 2, proj_mlp's 2
     # no input has kohya's img_attn_proj or guidance_in: those diffusers modules keep their names
     assert {"transformer.transformer_blocks.0.attn.to_out.0", "transformer.time_text_embed.guidance_embedder.linear_1"
             } < set(result.modules)
-    # svd at the full rank of the sum gives T itself
-    exact = merge_loras(sets, "svd", weights=[0.3, 0.7], rule=RankRule(rank=3 * H))
-    check_sum(exact, [kohya, diffusers], [0.3, 0.7])
     assert set(load_lora(exact.save(tmp_path / "m.safetensors")).modules) == set(exact.modules)
 
 

@@ -337,8 +337,8 @@ def test_inputs_that_share_no_module_are_merged_with_a_warning(tmp_path, caplog)
     assert len(result.modules) == 2
     assert [r.getMessage() for r in caplog.records] == [
         "no module is in more than one input (they name modules in different styles: kohya and peft; only SDXL, "
-        "Flux and Z-Image names, and paths as the model names them, are matched across styles): the result holds "
-        "each input's modules side by side, merged with "
+        "Flux, SD3 and Z-Image names, and paths as the model names them, are matched across styles): the result "
+        "holds each input's modules side by side, merged with "
         f"nothing (e.g. 'lora_unet_blocks_0_self_attn_q' in {tmp_path / 'k.safetensors'}, "
         f"'transformer.blocks.0.attn1.to_q' in {tmp_path / 'd.safetensors'})"]
 
