@@ -66,8 +66,9 @@ def flux_block(name: str) -> Optional[tuple[str, int]]:
     return (found[1], int(found[2])) if found else None
 
 
-# names only Flux's diffusers layout has: SD3, Qwen-Image and HiDream name their blocks transformer_blocks too
-_FLUX_DIFFUSERS = re.compile(r"(^|[._])(single_transformer_blocks|ff_context|norm1_context)[._]")
+# names only Flux's diffusers layout has: SD3, Qwen-Image and HiDream name their blocks transformer_blocks too,
+# and SD3's have ff_context and norm1_context as well (a diffusers Flux LoRA of double blocks alone is not told)
+_FLUX_DIFFUSERS = re.compile(r"(^|[._])single_transformer_blocks[._]")
 
 
 def flux_naming(names: Iterable[str]) -> Optional[str]:

@@ -4,12 +4,14 @@ adaLN modulation with its halves swapped; bake reads the same places.  Reference
 rows placed in sd3_synth."""
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from merge_core.cli import main
-from merge_core.lora_file import load_lora
-from merge_core.merge import merge_loras
+from merge_core.errors import MergeCoreError
+from merge_core.lora_file import load_lora, summary
+from merge_core.merge import merge_loras, parse_block_weights
 
 from merge_testlib import merged_two_ways, one_torch_thread  # noqa: F401
 from sd3_synth import ADM, CTX, H, diffusers_file, kohya_file
@@ -60,3 +62,16 @@ def test_a_diffusers_sd3_lora_bakes_into_an_sd3_checkpoint(tmp_path):
         path = own_names.get(name) or next(p for p in shapes if "lora_unet_" + p.replace(".", "_") == name)
         key = f"{prefix}{path}.weight"
         assert torch.allclose(baked[key].double() - base[key].double(), delta, atol=1e-5), key
+
+
+def test_a_diffusers_sd3_lora_is_not_taken_for_flux(tmp_path):
+    """SD3's diffusers names share transformer_blocks, ff_context and norm1_context with Flux's: inspect does not
+    call such a file Flux-style, and Flux block weights refuse it."""
+    g = torch.Generator().manual_seed(4)
+    save_file({f"transformer.transformer_blocks.0.{path}.lora_{ab}.weight": torch.randn(*shape, generator=g)
+               for path, rows in (("ff_context.net.2", H), ("norm1_context.linear", 6 * H), ("attn.to_q", H))
+               for ab, shape in (("A", (2, H)), ("B", (rows, 2)))}, str(tmp_path / "d.safetensors"))
+    sd3 = load_lora(tmp_path / "d.safetensors")
+    assert summary(sd3)["flux_naming"] is None and summary(sd3)["blocks"] is None
+    with pytest.raises(MergeCoreError, match="named block weights are Flux's; .* has no Flux double or single blocks"):
+        merge_loras([sd3], block_weights=[parse_block_weights("D=0")])
