@@ -99,7 +99,7 @@ def for_base(s: LoraSet, rows: Mapping[str, Optional[int]]) -> LoraSet:
 
 
 def kohya_named(s: LoraSet, index: int, held: Mapping[str, Optional[int]]) -> LoraSet:
-    """One input with its dotted and tabled (Flux, Z-Image) modules under kohya names (fused weights' parts
+    """One input with its dotted and tabled (Flux, SD3, Z-Image) modules under kohya names (fused weights' parts
     joined), those whose kohya name is in `held` (name -> the module's output rows where known, which size a
     fused weight's row blocks); the others as they are.  A part or norm_out that is not a plain linear LoRA
     keeps its name too (with a warning): side by side with the kohya module it is what ComfyUI's stack does."""
@@ -151,7 +151,7 @@ def swapped_halves(m: LoRA) -> LoRA:
 
 
 def joined_rows(target: str, blocks: dict[int, tuple[str, LoRA]], rows: Optional[int] = None) -> LoRA:
-    """The LoRA of a fused weight (Flux, Z-Image) from the diffusers LoRAs of its row blocks (see the module
+    """The LoRA of a fused weight (Flux, SD3, Z-Image) from the diffusers LoRAs of its row blocks (see the module
     docstring).  q is as tall as the input is wide; the rest of the fused weight's `rows` (when known) is k|v in
     two halves (Lumina 2's grouped-query attention makes them shorter than q) or Flux's MLP after q|k|v."""
     loras = {i: m for i, (_, m) in blocks.items()}

@@ -117,11 +117,16 @@ def test_bias_deltas_are_summed_exactly():
     assert torch.allclose(r.modules[n].diff_b, 2.0 + 0.5 * torch.arange(640.0))
 
 
-def test_block_weights_20_and_12_values():
-    names = [NAMES[0], NAMES[3], CONV]  # blocks IN04, BASE, IN01
+def three_block_sets():
+    """Two LoRAs on one module each of blocks IN04, BASE and IN01 (a LoCon conv)."""
+    names = [NAMES[0], NAMES[3], CONV]
     assert [sdxl_modules()[n].block for n in names] == ["IN04", "BASE", "IN01"]
-    a = lora_set({n: random_lora(shape_of(n), 4, None, seed=i) for i, n in enumerate(names)})
-    b = lora_set({n: random_lora(shape_of(n), 4, None, seed=9 + i) for i, n in enumerate(names)})
+    return tuple(lora_set({n: random_lora(shape_of(n), 4, None, seed=first + i) for i, n in enumerate(names)})
+                 for first in (0, 9))
+
+
+def test_block_weights_20_and_12_values():
+    a, b = three_block_sets()
     twenty = [1.0] * 20
     twenty[0], twenty[5] = 0.25, -1.0  # BASE, IN04
     r = merge_loras([a, b], "concat", block_weights=[twenty, None], device="cpu")
@@ -146,9 +151,7 @@ def test_block_weight_errors():
 
 def test_block_weights_by_name():
     """BLOCK=VALUE pairs: every block not named at 1, later pairs over earlier ones; the names say the model."""
-    names = [NAMES[0], NAMES[3], CONV]  # blocks IN04, BASE, IN01
-    a = lora_set({n: random_lora(shape_of(n), 4, None, seed=i) for i, n in enumerate(names)})
-    b = lora_set({n: random_lora(shape_of(n), 4, None, seed=9 + i) for i, n in enumerate(names)})
+    a, b = three_block_sets()
     named = parse_block_weights("IN=0, in04=0.5, BASE = 2, OUT00-OUT02=3")
     r = merge_loras([a, b], "concat", block_weights=[named, None], device="cpu")
     for name, scale in ((NAMES[0], 0.5), (NAMES[3], 2.0), (CONV, 0.0)):
