@@ -56,14 +56,20 @@ def flux_place(name: str) -> Optional[Place]:
     return FLUX.place(name)
 
 
-_IN_BLOCK = re.compile(r"(?:^|[._])(double|single)_blocks[._](\d+)(?:[._]|$)")
+# a block in BFL's names or diffusers' (transformer_blocks.i is double_blocks.i, single_transformer_blocks.i is
+# single_blocks.i): the leftmost match, so `_single_transformer_blocks_` is never read as `_transformer_blocks_`
+_IN_BLOCK = re.compile(r"(?:^|[._])(double_blocks|single_blocks|single_transformer_blocks|transformer_blocks)"
+                       r"[._](\d+)(?:[._]|$)")
+_BLOCK_KIND = {"double_blocks": "double", "transformer_blocks": "double", "single_blocks": "single",
+               "single_transformer_blocks": "single"}
 
 
 def flux_block(name: str) -> Optional[tuple[str, int]]:
-    """("double" | "single", block index) of a module inside a Flux block, in any naming; None outside them."""
-    place = flux_place(name)
-    found = _IN_BLOCK.search(place.name if place is not None else name)
-    return (found[1], int(found[2])) if found else None
+    """("double" | "single", block index) of a module inside a Flux block, in any naming — by the block in its
+    name, so a module the diffusers table does not list (a LyCORIS diff on attn.norm_q) is placed too; None
+    outside the blocks."""
+    found = _IN_BLOCK.search(name)
+    return (_BLOCK_KIND[found[1]], int(found[2])) if found else None
 
 
 # names only Flux's diffusers layout has: SD3, Qwen-Image and HiDream name their blocks transformer_blocks too,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from merge_core.errors import MergeCoreError
@@ -108,6 +109,22 @@ def test_flux_block_weights_scale_each_input_per_block_in_any_naming(tmp_path):
     for name, (path, _) in KOHYA.items():
         scale = {"BASE": 0.5, "D00": 2.0, "S00": -1.0}[block_by_hand(path)]
         assert torch.allclose(alone["diffusion_model." + path], scale * bfl["lora_unet_" + name], atol=1e-5), path
+
+
+def test_flux_modules_the_diffusers_table_lacks_get_their_blocks_weight(tmp_path):
+    """A LyCORIS diff on a double block's attn.norm_q or a single block's attn.norm_k (no row of a kohya weight,
+    so not in the diffusers table) is in that block by its name, not in BASE."""
+    diffusers_file(tmp_path / "d.safetensors")
+    norm_q, norm_k = torch.tensor([1.0, -2.0, 3.0, 0.5]), torch.tensor([0.25, 4.0, -1.0, 2.0])
+    with safe_open(tmp_path / "d.safetensors", "pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    save_file({**sd, "transformer.transformer_blocks.0.attn.norm_q.diff": norm_q,
+               "transformer.single_transformer_blocks.0.attn.norm_k.diff": norm_k}, str(tmp_path / "d.safetensors"))
+    lset = load_lora(tmp_path / "d.safetensors")
+    assert summary(lset)["blocks"]["held"] == ["BASE", "D00", "S00"]
+    got = merge_loras([lset], "concat", block_weights=[parse_block_weights("BASE=0.5, D=2, S=-1")]).modules
+    assert torch.equal(got["transformer.transformer_blocks.0.attn.norm_q"].diff, 2 * norm_q)
+    assert torch.equal(got["transformer.single_transformer_blocks.0.attn.norm_k"].diff, -norm_k)
 
 
 def test_flux_block_weights_beyond_flux1_and_errors(tmp_path):
