@@ -67,24 +67,36 @@ def plan_patches(lset: LoraSet, index: BakeIndex) -> tuple[dict[str, list[Patch]
     patches: dict[str, list[Patch]] = {}
     matched, skipped = [], []
     for name, module in lset.modules.items():
-        canonical = index.resolve(name)
-        if canonical is None:
+        found = {role: index.slots_of(name, role) for role in roles_of(module)}
+        if all(slots is None for slots in found.values()):
             skipped.append({"module": name, "role": "all", "reason": "no matching layer in the base model"})
             continue
         ok = False
-        for role in roles_of(module):
-            slot = index.slot(canonical, role)
-            if slot is None:
-                skipped.append({"module": name, "role": role, "reason": f"the base layer has no {role}"})
-            elif not fits(shape_of(module, role), slot.shape):
-                skipped.append({"module": name, "role": role, "reason": f"shape mismatch: LoRA {shape_of(module, role)}"
-                                f" vs base '{slot.key}' {slot.shape}"})
-            else:
+        for role, slots in found.items():
+            reason = _unfit(module, role, slots)
+            if reason is not None:
+                skipped.append({"module": name, "role": role, "reason": reason})
+                continue
+            for slot in slots:
                 patches.setdefault(slot.key, []).append((slot, module, role))
-                ok = True
+            ok = True
         if ok:
             matched.append(name)
     return patches, matched, skipped
+
+
+def _unfit(module: AdapterModule, role: str, slots: Optional[list[Slot]]) -> Optional[str]:
+    """Why `module`'s `role` cannot patch `slots` (None: it can, all of them)."""
+    if not slots:
+        return f"the base layer has no {role}"
+    have = shape_of(module, role)
+    for slot in slots:
+        if not fits(have, slot.module_shape):
+            return f"shape mismatch: LoRA {have} vs base '{slot.key}' {slot.module_shape}"
+        if slot.is_piece and role == WEIGHT and module.dora_scale is not None:
+            return (f"DoRA's norm is over the whole fused weight; the base holds it in parts ('{slot.key}', …), "
+                    "so the magnitude cannot be applied part by part")
+    return None
 
 
 def apply(tensor: torch.Tensor, patches: list[Patch], alpha: float, dev: torch.device,
@@ -94,7 +106,7 @@ def apply(tensor: torch.Tensor, patches: list[Patch], alpha: float, dev: torch.d
     bases are not modified."""
     W = tensor.to(dev, COMPUTE_DTYPE, copy=True)
     for slot, module, role in patches:
-        d = delta_of(module, role).to(dev, COMPUTE_DTYPE).reshape(slot.shape)
+        d = slot.piece(delta_of(module, role).to(dev, COMPUTE_DTYPE)).reshape(slot.shape)
         view = slot.target.take(W)
         if role == WEIGHT and module.dora_scale is not None:
             view.copy_(dora_weight(view, d, module.dora_scale.to(dev, COMPUTE_DTYPE), alpha, peft))

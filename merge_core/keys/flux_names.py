@@ -49,6 +49,26 @@ _BLOCKS = {"transformer_blocks": ("double_blocks", _DOUBLE), "single_transformer
 FLUX = DiffusersTable(PATH_PREFIXES, _BLOCKS, _GLOBAL, swapped=[_SWAPPED])
 
 
+# a block's RMSNorm scales, which have no LoRA name: diffusers' attn.norm_* weight is BFL's *.norm.*_norm.scale
+_NORM_SCALES = {"transformer_blocks": ("double_blocks", {"norm_q": "img_attn.norm.query_norm.scale",
+                                                         "norm_k": "img_attn.norm.key_norm.scale",
+                                                         "norm_added_q": "txt_attn.norm.query_norm.scale",
+                                                         "norm_added_k": "txt_attn.norm.key_norm.scale"}),
+                "single_transformer_blocks": ("single_blocks", {"norm_q": "norm.query_norm.scale",
+                                                                "norm_k": "norm.key_norm.scale"})}
+_NORM_SCALE = re.compile(r"^transformer\.(transformer_blocks|single_transformer_blocks)\.(\d+)\.attn\.(norm_\w+)$")
+
+
+def flux_norm_scale(name: str) -> Optional[str]:
+    """ComfyUI's name (BFL's key) of the RMSNorm scale a diffusers Flux module `transformer.<block>.<i>.attn.norm_q`
+    (norm_k, norm_added_q, norm_added_k) is; None for any other name."""
+    found = _NORM_SCALE.match(name)
+    if found is None or found[3] not in _NORM_SCALES[found[1]][1]:
+        return None
+    kind, table = _NORM_SCALES[found[1]]
+    return f"{BFL}{kind}.{found[2]}.{table[found[3]]}"
+
+
 def flux_place(name: str) -> Optional[Place]:
     """The kohya place of a module with a Flux diffusers name, or of Flux's CLIP-L (None: neither)."""
     if name.startswith(CLIP_L):

@@ -80,26 +80,55 @@ def test_a_lora_extracted_from_diffusers_format_files_patches_comfyuis_model(com
     LoraLoader onto ComfyUI's model, puts tuned - base on every ComfyUI weight, q|k|v rows and all — but for the
     biases diffusers splits from a fused one (Flux's q, k, v, proj_mlp, norm_out), which ComfyUI's key map
     cannot place: those the extract leaves out."""
-    import comfy.utils
-
-    to_comfy = getattr(comfy.utils, to_diffusers)(config, output_prefix=PREFIX)
+    to_comfy = comfy_map(config, to_diffusers)
     assert any(isinstance(v, tuple) for v in to_comfy.values())  # q, k and v are rows of the fused qkv
-    mapped = {target_key(v) for v in to_comfy.values()}
-
-    def diffusers_format(sd: dict) -> dict:
-        out = {k[len(PREFIX):]: v for k, v in sd.items() if k not in mapped}
-        for key, target in to_comfy.items():
-            if target_key(target) in sd:
-                t = sd[target_key(target)]
-                if not isinstance(target, str):
-                    t = t.narrow(*target[1]) if target[1] is not None else t
-                    t = target[2](t) if len(target) > 2 else t  # Flux's norm_out: its halves swapped (both ways)
-                out[key] = t.contiguous()
-        return out
-
     unplaced = frozenset(target_key(v) for k, v in to_comfy.items()
                          if k.endswith(".bias") and not isinstance(v, str) and (v[1] is not None or len(v) > 2))
-    check_extract(tmp_path, config, model_class, 1, diffusers_format, unplaced)
+    check_extract(tmp_path, config, model_class, 1, lambda sd: diffusers_format(sd, to_comfy), unplaced)
+
+
+def test_a_kohya_lora_bakes_into_a_diffusers_format_flux_as_comfyuis_map_splits_it(comfy_inprocess,  # noqa: F811
+                                                                                    tmp_path):
+    """A kohya LoRA extracted from BFL-format files (fused q|k|v, linear1, the final adaLN; their biases as
+    .diff_b) baked into the same base written in diffusers' format by ComfyUI's own map gives that format's
+    tuned file: every part, bias and swapped half where ComfyUI's map puts it."""
+    patcher, _ = tiny_model(flux_synth.CONFIG, "Flux")
+    g = torch.Generator().manual_seed(2)
+    base = {k: torch.randn(v.shape, generator=g) for k, v in patcher.model.state_dict().items()
+            if k.startswith(PREFIX)}
+    tuned = changed(base, g)
+    lora = extract(tmp_path, *({k[len(PREFIX):]: v for k, v in sd.items()} for sd in (base, tuned)))
+    to_comfy = comfy_map(flux_synth.CONFIG, "flux_to_diffusers")
+    save_file(diffusers_format(base, to_comfy), str(tmp_path / "diffusers_base.safetensors"))
+    assert main(["bake", "--source-model", str(tmp_path / "diffusers_base.safetensors"), "--lora-model", str(lora),
+                 "--output-dtype", "fp32", "-o", str(tmp_path / "baked.safetensors")]) == 0
+    got, want = load_file(str(tmp_path / "baked.safetensors")), diffusers_format(tuned, to_comfy)
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert torch.allclose(got[key], value, atol=1e-5), key
+
+
+def comfy_map(config: dict, to_diffusers: str) -> dict:
+    """ComfyUI's own map of a model's diffusers keys (comfy.utils): key -> ComfyUI key, or (key, row block[, a
+    function of it])."""
+    import comfy.utils
+
+    return getattr(comfy.utils, to_diffusers)(config, output_prefix=PREFIX)
+
+
+def diffusers_format(sd: dict, to_comfy: dict) -> dict:
+    """A state dict of ComfyUI's keys written with diffusers' names by ComfyUI's map (keys it does not map keep
+    their path)."""
+    mapped = {target_key(v) for v in to_comfy.values()}
+    out = {k[len(PREFIX):]: v for k, v in sd.items() if k not in mapped}
+    for key, target in to_comfy.items():
+        if target_key(target) in sd:
+            t = sd[target_key(target)]
+            if not isinstance(target, str):
+                t = t.narrow(*target[1]) if target[1] is not None else t
+                t = target[2](t) if len(target) > 2 else t  # Flux's norm_out: its halves swapped (both ways)
+            out[key] = t.contiguous()
+    return out
 
 
 def target_key(target) -> str:

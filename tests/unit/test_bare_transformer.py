@@ -8,13 +8,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from merge_core.cli import main
 from merge_core.lora_file import load_lora
 
-from flux_synth import H, diffusers_file
+from flux_synth import COLS, H, diffusers_file, kohya_file
 import zimage_synth
 
 # key -> shape: a tiny Flux with BFL's names (hidden 32)
@@ -184,3 +186,85 @@ def test_extract_names_a_diffusers_format_flux_as_comfyui_maps_it(tmp_path):
                  str(tmp_path / "b2.safetensors")]) == 0
     assert torch.allclose(load_file(str(tmp_path / "b2.safetensors"))["transformer_blocks.0.attn.to_q.bias"],
                           base["transformer_blocks.0.attn.to_q.bias"] + bias, atol=1e-6)
+
+
+# a diffusers-format Flux (FluxTransformer2DModel's keys) of the tiny model: each weight's rows of a kohya module's
+# ΔW, by hand (norm_out.linear: the final adaLN's two halves the other way round, "swap")
+DIFFUSERS_ROWS = {"transformer_blocks.0.attn.to_q": ("double_blocks_0_img_attn_qkv", 0, H),
+                  "transformer_blocks.0.attn.to_k": ("double_blocks_0_img_attn_qkv", H, 2 * H),
+                  "transformer_blocks.0.attn.to_v": ("double_blocks_0_img_attn_qkv", 2 * H, 3 * H),
+                  "transformer_blocks.0.attn.add_q_proj": ("double_blocks_0_txt_attn_qkv", 0, H),
+                  "transformer_blocks.0.attn.add_k_proj": ("double_blocks_0_txt_attn_qkv", H, 2 * H),
+                  "transformer_blocks.0.attn.add_v_proj": ("double_blocks_0_txt_attn_qkv", 2 * H, 3 * H),
+                  "single_transformer_blocks.0.attn.to_q": ("single_blocks_0_linear1", 0, H),
+                  "single_transformer_blocks.0.attn.to_k": ("single_blocks_0_linear1", H, 2 * H),
+                  "single_transformer_blocks.0.attn.to_v": ("single_blocks_0_linear1", 2 * H, 3 * H),
+                  "single_transformer_blocks.0.proj_mlp": ("single_blocks_0_linear1", 3 * H, 7 * H),
+                  "single_transformer_blocks.0.proj_out": ("single_blocks_0_linear2", 0, H),
+                  "norm_out.linear": ("final_layer_adaLN_modulation_1", "swap", None),
+                  "x_embedder": ("img_in", 0, H)}
+
+
+def diffusers_rows(deltas: dict[str, torch.Tensor], path: str) -> torch.Tensor:
+    kohya, start, stop = DIFFUSERS_ROWS[path]
+    d = deltas["lora_unet_" + kohya]
+    return torch.cat([d[H:], d[:H]]) if start == "swap" else d[start:stop]
+
+
+@pytest.mark.parametrize("bfl", [False, True], ids=["kohya", "bfl"])
+def test_a_kohya_flux_lora_bakes_into_the_parts_of_a_diffusers_format_flux(tmp_path, bfl):
+    """A kohya (or BFL-named) Flux LoRA's fused modules patch a diffusers-format Flux's q, k, v (and proj_mlp)
+    with their row blocks of ΔW, norm_out.linear with the halves swapped, as ComfyUI applies it to the model it
+    converts that transformer into; a base of zeros gives back each part.  A fused bias (.diff_b) is cut the same
+    way."""
+    shapes = {path: (stop - start, COLS.get(kohya, H)) if start != "swap" else (2 * H, H)
+              for path, (kohya, start, stop) in DIFFUSERS_ROWS.items()}
+    base = {f"{path}.weight": torch.zeros(s) for path, s in shapes.items()}
+    base.update({f"transformer_blocks.0.attn.{p}.bias": torch.zeros(H) for p in ("to_q", "to_k", "to_v")})
+    save_file(base, str(tmp_path / "base.safetensors"))
+    deltas = kohya_file(tmp_path / "k.safetensors", bfl=bfl)
+    bias = torch.randn(3 * H, generator=torch.Generator().manual_seed(7))
+    with safe_open(tmp_path / "k.safetensors", "pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    qkv = "diffusion_model.double_blocks.0.img_attn.qkv" if bfl else "lora_unet_double_blocks_0_img_attn_qkv"
+    save_file({**sd, f"{qkv}.diff_b": bias}, str(tmp_path / "k.safetensors"))
+    assert main(["bake", "--source-model", str(tmp_path / "base.safetensors"), "--lora-model",
+                 str(tmp_path / "k.safetensors"), "--output-dtype", "fp32", "--report", str(tmp_path / "r.json"),
+                 "-o", str(tmp_path / "b.safetensors")]) == 0
+    got = load_file(str(tmp_path / "b.safetensors"))
+    assert json.loads((tmp_path / "r.json").read_text())["skipped"] == []
+    for path in DIFFUSERS_ROWS:
+        assert torch.allclose(got[f"{path}.weight"].double(), diffusers_rows(deltas, path), atol=1e-5), path
+    for i, p in enumerate(("to_q", "to_k", "to_v")):
+        assert torch.equal(got[f"transformer_blocks.0.attn.{p}.bias"], bias[i * H:(i + 1) * H]), p
+
+
+def test_a_dora_on_a_fused_flux_weight_is_not_baked_into_its_parts(tmp_path):
+    """DoRA's column norm is over the whole fused qkv: with the base holding q, k and v apart it is left out,
+    saying why; the plain modules beside it bake."""
+    shapes = {path: (stop - start, H) for path, (kohya, start, stop) in DIFFUSERS_ROWS.items()
+              if kohya == "double_blocks_0_img_attn_qkv"}
+    base = {f"{path}.weight": torch.zeros(s) for path, s in shapes.items()}
+    base["x_embedder.weight"] = torch.zeros(H, 4)  # it and a single block tell a diffusers-format Flux
+    base["single_transformer_blocks.0.proj_out.weight"] = torch.zeros(H, 5 * H)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    g = torch.Generator().manual_seed(3)
+    lora = {"lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(3 * H, 2, generator=g),
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(2, H, generator=g),
+            "lora_unet_double_blocks_0_img_attn_qkv.dora_scale": torch.rand(1, H, generator=g) + 0.5,
+            "lora_unet_img_in.lora_up.weight": torch.randn(H, 2, generator=g),
+            "lora_unet_img_in.lora_down.weight": torch.randn(2, 4, generator=g)}
+    save_file(lora, str(tmp_path / "d.safetensors"))
+    assert main(["bake", "--source-model", str(tmp_path / "base.safetensors"), "--lora-model",
+                 str(tmp_path / "d.safetensors"), "--output-dtype", "fp32", "--report", str(tmp_path / "r.json"),
+                 "-o", str(tmp_path / "b.safetensors")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["matched"] == ["lora_unet_img_in"]
+    assert report["skipped"] == [{"module": "lora_unet_double_blocks_0_img_attn_qkv", "role": "weight", "reason":
+                                  "DoRA's norm is over the whole fused weight; the base holds it in parts "
+                                  "('transformer_blocks.0.attn.to_q.weight', …), so the magnitude cannot be applied "
+                                  "part by part"}]
+    got = load_file(str(tmp_path / "b.safetensors"))
+    img_in = lora["lora_unet_img_in.lora_up.weight"] @ lora["lora_unet_img_in.lora_down.weight"]
+    assert torch.allclose(got["x_embedder.weight"], img_in, atol=1e-6)
+    assert not got["transformer_blocks.0.attn.to_q.weight"].any()
