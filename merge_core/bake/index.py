@@ -85,18 +85,27 @@ class BakeIndex:
                 self.slots.setdefault((t.name, t.role), slot)
                 for alias in self._aliases(key, t):
                     self.aliases.setdefault(alias, t.name)
-                place = flux_place(t.name) if prefix == FLUX_DIFFUSERS else None
-                if place is not None and place.swap:
-                    self.pieces.setdefault((place.name, t.role), [replace(slot, swap=True)])
-                elif place is not None and place.part is not None:
-                    parts.setdefault((place.name, t.role), {})[place.part] = slot
-                elif place is not None:  # a weight both namings hold whole: x_embedder is lora_unet_img_in
-                    self.aliases.setdefault(place.name, t.name)
-                elif prefix == FLUX_DIFFUSERS and (scale := flux_norm_scale(t.name)) is not None:
-                    self.aliases.setdefault(scale, t.name)  # a full diff's BFL name of an RMSNorm scale
+                if prefix == FLUX_DIFFUSERS:
+                    self._add_flux_names(slot, parts)
         for (name, role), found in parts.items():
             if len(found) == Place(name).parts:  # every part in the base: their rows place each one
                 self.pieces[name, role] = _stacked([found[i] for i in sorted(found)])
+
+    def _add_flux_names(self, slot: Slot, parts: dict[tuple[str, str], dict[int, Slot]]) -> None:
+        """A diffusers-format Flux's slot under its kohya (BFL) name: a whole weight as an alias (x_embedder is
+        lora_unet_img_in, attn.norm_q a BFL query_norm.scale), a swapped one as a piece, a part into `parts`."""
+        t = slot.target
+        place = flux_place(t.name)
+        if place is None:
+            scale = flux_norm_scale(t.name)
+            if scale is not None:
+                self.aliases.setdefault(scale, t.name)
+        elif place.swap:
+            self.pieces.setdefault((place.name, t.role), [replace(slot, swap=True)])
+        elif place.part is not None:
+            parts.setdefault((place.name, t.role), {})[place.part] = slot
+        else:
+            self.aliases.setdefault(place.name, t.name)
 
     @staticmethod
     def _aliases(key: str, t: Target) -> list[str]:

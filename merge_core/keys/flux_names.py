@@ -63,10 +63,11 @@ def flux_norm_scale(name: str) -> Optional[str]:
     """ComfyUI's name (BFL's key) of the RMSNorm scale a diffusers Flux module `transformer.<block>.<i>.attn.norm_q`
     (norm_k, norm_added_q, norm_added_k) is; None for any other name."""
     found = _NORM_SCALE.match(name)
-    if found is None or found[3] not in _NORM_SCALES[found[1]][1]:
+    if found is None:
         return None
     kind, table = _NORM_SCALES[found[1]]
-    return f"{BFL}{kind}.{found[2]}.{table[found[3]]}"
+    path = table.get(found[3])
+    return f"{BFL}{kind}.{found[2]}.{path}" if path is not None else None
 
 
 def flux_place(name: str) -> Optional[Place]:
