@@ -10,7 +10,8 @@ that another input holds (the rest keep their names, which ComfyUI reads), takin
   exactly — row blocks ΔW = [c₁·up₁·down₁; …] = blockdiag(c₁·up₁, …)·[down₁; …], rank Σrᵢ, zero rows for a
   part the file does not hold (cᵢ = αᵢ/rᵢ: kept as α/rank when the parts share it, else folded into up in fp32
   with α = rank) — and Flux's norm_out.linear's up has its two row halves swapped.  Parts that are not plain
-  LoRAs (LoKr, LoHa, DoRA) keep their names, merged beside the fused module;
+  LoRAs (LoKr, LoHa, DoRA) keep their names, merged beside the fused module; a `.diff_b` alone under the fused
+  module's kohya name (an extract from a diffusers-format Flux writes q|k|v's bias so) joins their LoRA;
 - any model's `<prefix><path>` (PREFIXES: ComfyUI's `diffusion_model.`, diffusers' `transformer.`, …), or a
   bare dotted path (Qwen-Image's DiffSynth-trained LoRAs, which ComfyUI maps as they are): kohya's
   `lora_unet_<path with _>`, the same weight wherever the trainer's path is the model's.  Not every trainer's
@@ -26,7 +27,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from .adapters import AdapterModule, LoRA
+from .adapters import AdapterModule, FullDiff, LoRA
 from .errors import FormatError
 from .keys import Naming
 from .keys.diffusers_tables import BFL, KOHYA, PATH_PREFIXES, Place, kohya_name
@@ -116,15 +117,17 @@ def kohya_named(s: LoraSet, index: int, held: Mapping[str, Optional[int]]) -> Lo
             parts.setdefault(target, {})[place.part] = (name, module)
             modules.setdefault(target, None)
             continue
-        if target in modules:
+        if target in modules and not (modules[target] is None and bias_only(module)):
             raise FormatError(f"{input_label(s, index)} holds module '{target}' twice (as '{name}' and another "
                               "name)")
         modules[target] = swapped_halves(module) if place is not None and place.swap else module
     for target, blocks in parts.items():
-        if modules[target] is not None:
+        whole = modules[target]
+        if whole is not None and not bias_only(whole):
             raise FormatError(f"{input_label(s, index)} holds fused module '{target}' both whole and in parts "
                               f"(e.g. '{next(iter(blocks.values()))[0]}')")
-        modules[target] = joined_rows(target, blocks, held.get(target))
+        joined = joined_rows(target, blocks, held.get(target))
+        modules[target] = joined if whole is None else with_bias(joined, whole.diff_b)
     if kept:
         log.warning("%d module(s) of %s that are parts of fused weights are not plain linear LoRAs (e.g. '%s', "
                     "%s) and keep their diffusers names: only a LoRA's rows join a fused kohya weight; they are "
@@ -141,6 +144,16 @@ def plain_lora(module: AdapterModule) -> bool:
     """A linear LoRA without DoRA: its rows can be joined or reordered."""
     return (isinstance(module, LoRA) and module.mid is None and len(module.weight_shape) == 2
             and module.dora_scale is None)
+
+
+def bias_only(module: AdapterModule) -> bool:
+    """A `.diff_b` alone: the fused bias an extract from a diffusers-format Flux writes beside the parts' LoRAs."""
+    return isinstance(module, FullDiff) and not module.has_weight
+
+
+def with_bias(m: LoRA, bias: torch.Tensor) -> LoRA:
+    """m with `bias` added to its own `.diff_b`."""
+    return replace(m, diff_b=bias.float() if m.diff_b is None else m.diff_b + bias.float())
 
 
 def swapped_halves(m: LoRA) -> LoRA:

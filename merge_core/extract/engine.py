@@ -67,16 +67,25 @@ def iter_pieces(results: Iterable[TaskResult], plan: Plan, report: Report) -> It
 
 
 def task_delta(base: WeightSource, tuned: WeightSource, task: Task, dev: torch.device) -> Optional[torch.Tensor]:
+    """The task's ΔW: of its key, or its parts' stacked (halves swapped for `swap`)."""
+    deltas = [key_delta(base, tuned, key, dev) for key in task.keys]
+    if any(d is None for d in deltas):
+        return None
+    delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas)
+    return delta.roll(delta.shape[0] // 2, 0) if task.swap else delta
+
+
+def key_delta(base: WeightSource, tuned: WeightSource, key: str, dev: torch.device) -> Optional[torch.Tensor]:
     """ΔW = tuned − base of one key in fp32 (None for non-float tensors), in place when the fp32 tuned tensor is
     our own conversion; a source's own tensors are never modified (in-memory weights stay clean), and about two
     fp32 layers are alive at a time."""
-    tuned_t = tuned.get(task.key)
+    tuned_t = tuned.get(key)
     if not tuned_t.is_floating_point():
         return None
     t32 = tuned_t.to(dev, COMPUTE_DTYPE)
     converted = t32 is not tuned_t
     del tuned_t
-    base_t = base.get(task.key)
+    base_t = base.get(key)
     if not base_t.is_floating_point():
         return None
     b32 = base_t.to(dev, COMPUTE_DTYPE)

@@ -8,18 +8,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..checkpoint.layout import UNET, source_layout
-from ..checkpoint.lora_names import GENERIC, Target, targets_of
+from ..checkpoint.layout import FLUX_DIFFUSERS, UNET, Placement, source_layout
+from ..checkpoint.lora_names import BIAS, GENERIC, Target, targets_of
 from ..checkpoint.sources import WeightSource
+from ..keys.diffusers_tables import Place
+from ..keys.flux_names import flux_place
 from ..keys.sdxl_table import sdxl_modules
 from ..adapters.base import matrix_shape
 
 
 @dataclass(frozen=True)
 class Task:
+    """One delta to extract: of tensor `key`, or of the tensors `parts` stacked (rows of a fused weight the
+    checkpoint holds apart), its two row halves swapped when `swap`; `key` then names them in messages."""
+
     key: str
     shape: tuple[int, ...]
     targets: tuple[Target, ...]
+    parts: tuple[str, ...] = ()
+    swap: bool = False
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return self.parts or (self.key,)
 
 
 @dataclass
@@ -30,6 +41,42 @@ class Plan:
 
     def skip(self, reason: str, key: str) -> None:
         self.skipped.setdefault(reason, []).append(key)
+
+
+class FusedBiases:
+    """The biases a diffusers-format Flux holds in parts of what ComfyUI's model fuses (q, k, v and proj_mlp of
+    one weight; norm_out's halves swapped), which no name places apart: gathered, each fused bias becomes one
+    `.diff_b` under the fused weight's kohya name (`lora_unet_double_blocks_0_img_attn_qkv`), which ComfyUI loads."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, dict[int, tuple[str, tuple[int, ...]]]] = {}  # kohya name -> part -> key, shape
+        self.swapped: dict[str, tuple[str, tuple[int, ...]]] = {}
+
+    def add(self, key: str, shape: tuple[int, ...]) -> None:
+        place = flux_place(FLUX_DIFFUSERS + key[:-len(".bias")])
+        if place is not None and place.part is not None:
+            self.parts.setdefault(place.name, {})[place.part] = (key, shape)
+        elif place is not None:
+            self.swapped[place.name] = (key, shape)
+
+    def tasks(self, plan: Plan) -> list[Task]:
+        """One task per fused bias whose parts are all here; the parts of any other skipped (no_comfyui_name)."""
+        out = []
+        for name, found in self.parts.items():
+            keys = [found[i][0] for i in sorted(found)]
+            if len(found) < Place(name).parts:
+                for key in keys:
+                    plan.skip("no_comfyui_name", key)
+                continue
+            rows = sum(found[i][1][0] for i in found)
+            out.append(Task("+".join(keys), (rows,), (_bias_target(name, keys[0]),), parts=tuple(keys)))
+        for name, (key, shape) in self.swapped.items():
+            out.append(Task(key, shape, (_bias_target(name, key),), swap=True))
+        return out
+
+
+def _bias_target(name: str, key: str) -> Target:
+    return Target(name, BIAS, Placement(FLUX_DIFFUSERS + key, UNET))
 
 
 def detect_arch(tasks: list[Task]) -> str:
@@ -53,6 +100,7 @@ def make_plan(base: WeightSource, tuned: WeightSource, text_encoders: bool = Tru
     tuned_keys = set(tuned.keys())
     checkpoint, prefix = source_layout(base_keys)
     plan = Plan([])
+    fused = FusedBiases()
     seen: set[tuple[str, str]] = set()
     for key in base_keys:
         if key not in tuned_keys:
@@ -70,7 +118,10 @@ def make_plan(base: WeightSource, tuned: WeightSource, text_encoders: bool = Tru
             plan.skip("no_lora_target", key)
             continue
         targets = [t for t in targets if t.loadable]
-        if not targets:  # e.g. the bias of q in a diffusers-format Flux: ComfyUI has no name that places it
+        if not targets and prefix == FLUX_DIFFUSERS:  # the bias of q: ComfyUI has no name for it alone
+            fused.add(key, shape)
+            continue
+        if not targets:
             plan.skip("no_comfyui_name", key)
             continue
         if not text_encoders and all(t.group not in (UNET, GENERIC) for t in targets):
@@ -81,6 +132,9 @@ def make_plan(base: WeightSource, tuned: WeightSource, text_encoders: bool = Tru
             continue
         seen.update((t.name, t.role) for t in targets)
         plan.tasks.append(Task(key, shape, tuple(targets)))
+    for task in fused.tasks(plan):
+        if (task.targets[0].name, BIAS) not in seen:
+            plan.tasks.append(task)
     base_set = set(base_keys)
     for key in tuned.keys():
         if key not in base_set:

@@ -45,11 +45,10 @@ def extract(tmp_path, base: dict, tuned: dict) -> Path:
     return lora
 
 
-def check_extract(tmp_path, config: dict, model_class: str, seed: int,
-                  as_file: Callable[[dict], dict], unplaced: frozenset = frozenset()) -> None:
+def check_extract(tmp_path, config: dict, model_class: str, seed: int, as_file: Callable[[dict], dict]) -> None:
     """ComfyUI's tiny model with random weights (base) and a changed copy, written as files by `as_file` (from
     ComfyUI's keys), extracted: the LoRA loads with no key left over, and LoraLoader's patches put tuned - base
-    on every weight but `unplaced`."""
+    on every weight."""
     patcher, key_map = tiny_model(config, model_class)
     g = torch.Generator().manual_seed(seed)
     base = {k: torch.randn(v.shape, generator=g) for k, v in patcher.model.state_dict().items()
@@ -59,7 +58,7 @@ def check_extract(tmp_path, config: dict, model_class: str, seed: int,
     _, not_loaded = load_lora_with_comfy(load_file(str(lora)), key_map)
     assert not_loaded == []
     got = applied(patcher, [(lora, 1.0)])
-    assert set(got) == set(base) - unplaced  # every tensor changed, every one patched but those
+    assert set(got) == set(base)  # every tensor changed, every one patched
     for key, delta in got.items():
         want = tuned[key] - base[key]
         assert torch.allclose(delta, want, atol=1e-4 * float(want.abs().max())), key
@@ -77,14 +76,12 @@ def test_a_lora_extracted_from_diffusers_format_files_patches_comfyuis_model(com
                                                                              config, model_class, to_diffusers):
     """Both files are ComfyUI's tiny model written with diffusers' names by ComfyUI's own map (comfy.utils: a
     diffusers key -> a ComfyUI key, or a row block of one, or one with its halves swapped); the LoRA, loaded by
-    LoraLoader onto ComfyUI's model, puts tuned - base on every ComfyUI weight, q|k|v rows and all — but for the
-    biases diffusers splits from a fused one (Flux's q, k, v, proj_mlp, norm_out), which ComfyUI's key map
-    cannot place: those the extract leaves out."""
+    LoraLoader onto ComfyUI's model, puts tuned - base on every ComfyUI weight, q|k|v rows and all — the biases
+    diffusers splits from a fused one too (Flux's q, k, v, proj_mlp, norm_out; no name places one alone), written
+    stacked as the fused weight's `.diff_b`."""
     to_comfy = comfy_map(config, to_diffusers)
     assert any(isinstance(v, tuple) for v in to_comfy.values())  # q, k and v are rows of the fused qkv
-    unplaced = frozenset(target_key(v) for k, v in to_comfy.items()
-                         if k.endswith(".bias") and not isinstance(v, str) and (v[1] is not None or len(v) > 2))
-    check_extract(tmp_path, config, model_class, 1, lambda sd: diffusers_format(sd, to_comfy), unplaced)
+    check_extract(tmp_path, config, model_class, 1, lambda sd: diffusers_format(sd, to_comfy))
 
 
 def test_a_kohya_lora_bakes_into_a_diffusers_format_flux_as_comfyuis_map_splits_it(comfy_inprocess,  # noqa: F811

@@ -60,6 +60,14 @@ def bake_one(tmp_path, base: dict, name: str, rows: int, cols: int, seed: int,
     return up @ down, load_file(str(tmp_path / "b.safetensors"))
 
 
+def baked_file(base: Path, lora: Path) -> dict:
+    """The CLI's fp32 bake of `lora` into `base`, read back."""
+    out = base.with_name(base.stem + "_baked.safetensors")
+    assert main(["bake", "--source-model", str(base), "--lora-model", str(lora), "--output-dtype", "fp32",
+                 "-o", str(out)]) == 0
+    return load_file(str(out))
+
+
 def test_extract_names_a_bare_flux_transformer_as_comfyui_maps_it_and_bake_reverses_it(tmp_path):
     _, tuned = pair(tmp_path)
     lora, baked = extracted(tmp_path), tmp_path / "baked.safetensors"
@@ -268,3 +276,39 @@ def test_a_dora_on_a_fused_flux_weight_is_not_baked_into_its_parts(tmp_path):
     img_in = lora["lora_unet_img_in.lora_up.weight"] @ lora["lora_unet_img_in.lora_down.weight"]
     assert torch.allclose(got["x_embedder.weight"], img_in, atol=1e-6)
     assert not got["transformer_blocks.0.attn.to_q.weight"].any()
+
+
+def test_the_split_biases_of_a_diffusers_format_flux_are_extracted_fused_and_bake_back(tmp_path):
+    """q, k and v's biases (no name places one alone in ComfyUI) are written stacked as the fused weight's
+    `.diff_b`, norm_out's with its halves swapped as the final adaLN's; a bake into the same diffusers-format base
+    cuts them apart again, giving every tuned tensor back."""
+    qkv = ("to_q", "to_k", "to_v")
+    keys = {"x_embedder.weight": (H, 4), "single_transformer_blocks.0.proj_out.weight": (H, 5 * H),
+            "norm_out.linear.weight": (2 * H, H), "norm_out.linear.bias": (2 * H,),
+            **{f"transformer_blocks.0.attn.{p}.{role}": (H, H) if role == "weight" else (H,)
+               for p in qkv for role in ("weight", "bias")}}
+    base, tuned = pair(tmp_path, keys, 7)
+    lora = load_lora(extracted(tmp_path))
+    assert set(lora.modules) == {"transformer.x_embedder", "transformer.single_transformer_blocks.0.proj_out",
+                                 "transformer.norm_out.linear", "lora_unet_final_layer_adaLN_modulation_1",
+                                 "lora_unet_double_blocks_0_img_attn_qkv",
+                                 *(f"transformer.transformer_blocks.0.attn.{p}" for p in qkv)}
+    delta = {k: tuned[k] - base[k] for k in keys}
+    fused = lora.modules["lora_unet_double_blocks_0_img_attn_qkv"]
+    assert fused.kind == "full" and not fused.has_weight
+    assert torch.allclose(fused.diff_b, torch.cat([delta[f"transformer_blocks.0.attn.{p}.bias"] for p in qkv]))
+    half = delta["norm_out.linear.bias"][:H], delta["norm_out.linear.bias"][H:]
+    assert torch.allclose(lora.modules["lora_unet_final_layer_adaLN_modulation_1"].diff_b, torch.cat(half[::-1]))
+    got = baked_file(tmp_path / "base.safetensors", tmp_path / "lora.safetensors")
+    for k, v in tuned.items():
+        assert torch.allclose(got[k], v, atol=1e-5), k
+
+    # into the same model in BFL's format (q|k|v fused): the parts' LoRAs join the fused bias in one module
+    def fused(sd: dict, role: str) -> torch.Tensor:
+        return torch.cat([sd[f"transformer_blocks.0.attn.{p}.{role}"] for p in qkv])
+
+    roles = {"double_blocks.0.img_attn.qkv.weight": "weight", "double_blocks.0.img_attn.qkv.bias": "bias"}
+    save_file({k: fused(base, role) for k, role in roles.items()}, str(tmp_path / "bfl.safetensors"))
+    got = baked_file(tmp_path / "bfl.safetensors", tmp_path / "lora.safetensors")
+    for k, role in roles.items():
+        assert torch.allclose(got[k], fused(tuned, role), atol=1e-5), k
