@@ -30,7 +30,7 @@ import torch
 from .adapters import AdapterModule, FullDiff, LoRA
 from .errors import FormatError
 from .keys import Naming
-from .keys.diffusers_tables import BFL, KOHYA, PATH_PREFIXES, Place, kohya_name
+from .keys.diffusers_tables import BFL, KOHYA, PATH_PREFIXES, Place, halves_swapped, kohya_name
 from .keys.flux_names import MLP_RATIO, flux_place
 from .keys.sd3_names import sd3_place
 from .keys.zimage_names import zimage_place
@@ -158,9 +158,7 @@ def with_bias(m: LoRA, bias: torch.Tensor) -> LoRA:
 
 def swapped_halves(m: LoRA) -> LoRA:
     """norm_out.linear as final_layer.adaLN_modulation.1: its output rows' two halves exchanged."""
-    half = m.up.shape[0] // 2
-    order = torch.cat([torch.arange(half, 2 * half), torch.arange(half)])
-    return replace(m, up=m.up[order], diff_b=m.diff_b[order] if m.diff_b is not None else None)
+    return replace(m, up=halves_swapped(m.up), diff_b=halves_swapped(m.diff_b) if m.diff_b is not None else None)
 
 
 def joined_rows(target: str, blocks: dict[int, tuple[str, LoRA]], rows: Optional[int] = None) -> LoRA:

@@ -25,7 +25,7 @@ import torch
 from ..checkpoint.layout import FLUX_DIFFUSERS, UNET, source_layout
 from ..checkpoint.lora_names import BIAS, WEIGHT, Target, split_role, targets_of
 from ..checkpoint.sources import WeightSource
-from ..keys.diffusers_tables import BFL, PATH_PREFIXES, Place, kohya_name
+from ..keys.diffusers_tables import BFL, PATH_PREFIXES, Place, halves_swapped, kohya_name
 from ..keys.flux_names import flux_norm_scale, flux_place
 from ..keys.sdxl_table import sdxl_aliases
 
@@ -57,7 +57,7 @@ class Slot:
         """What of the module's ΔW patches this slot, shaped as the slot."""
         d = delta.reshape(self.module_shape)
         if self.swap:
-            d = d.roll(d.shape[0] // 2, 0)
+            d = halves_swapped(d)
         return d if self.rows is None else d[self.rows[0]:self.rows[1]]
 
 

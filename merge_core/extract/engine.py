@@ -16,6 +16,7 @@ from ..checkpoint.sources import WeightSource, checkpoint_digest, digest_placeho
 from ..device import COMPUTE_DTYPE, resolve_device, with_cpu_fallback
 from ..errors import MergeCoreError, NonFiniteError
 from ..files.metadata import make_recipe
+from ..keys.diffusers_tables import halves_swapped
 from ..lowrank.rank_select import RankRule
 from ..report import Progress, Report
 from .options import DEFAULT_RANK, ExtractOptions
@@ -72,7 +73,7 @@ def task_delta(base: WeightSource, tuned: WeightSource, task: Task, dev: torch.d
     if any(d is None for d in deltas):
         return None
     delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas)
-    return delta.roll(delta.shape[0] // 2, 0) if task.swap else delta
+    return halves_swapped(delta) if task.swap else delta
 
 
 def key_delta(base: WeightSource, tuned: WeightSource, key: str, dev: torch.device) -> Optional[torch.Tensor]:

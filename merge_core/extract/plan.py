@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..checkpoint.layout import FLUX_DIFFUSERS, UNET, Placement, source_layout
-from ..checkpoint.lora_names import BIAS, GENERIC, Target, targets_of
+from ..checkpoint.lora_names import BIAS, GENERIC, Target, split_role, targets_of
 from ..checkpoint.sources import WeightSource
 from ..keys.diffusers_tables import Place
 from ..keys.flux_names import flux_place
@@ -53,7 +53,7 @@ class FusedBiases:
         self.swapped: dict[str, tuple[str, tuple[int, ...]]] = {}
 
     def add(self, key: str, shape: tuple[int, ...]) -> None:
-        place = flux_place(FLUX_DIFFUSERS + key[:-len(".bias")])
+        place = flux_place(FLUX_DIFFUSERS + split_role(key)[0])
         if place is not None and place.part is not None:
             self.parts.setdefault(place.name, {})[place.part] = (key, shape)
         elif place is not None:
@@ -132,9 +132,7 @@ def make_plan(base: WeightSource, tuned: WeightSource, text_encoders: bool = Tru
             continue
         seen.update((t.name, t.role) for t in targets)
         plan.tasks.append(Task(key, shape, tuple(targets)))
-    for task in fused.tasks(plan):
-        if (task.targets[0].name, BIAS) not in seen:
-            plan.tasks.append(task)
+    plan.tasks += fused.tasks(plan)  # under kohya names, which no `transformer.` target above has
     base_set = set(base_keys)
     for key in tuned.keys():
         if key not in base_set:

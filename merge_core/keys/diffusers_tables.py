@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional
+from typing import TYPE_CHECKING, Iterable, Mapping, Optional
+
+if TYPE_CHECKING:
+    import torch
 
 KOHYA = "lora_unet_"
 BFL = "diffusion_model."
@@ -32,6 +35,12 @@ class Place:
     @property
     def parts(self) -> int:
         return 4 if self.name.endswith("_linear1") else 3
+
+
+def halves_swapped(t: "torch.Tensor") -> "torch.Tensor":
+    """`t` with its two row halves exchanged (a Place's `swap`: diffusers' norm_out is the final adaLN's
+    scale|shift as shift|scale); its own inverse."""
+    return t.roll(t.shape[0] // 2, 0)
 
 
 def kohya_name(model_path: str) -> str:

@@ -19,9 +19,10 @@ def merge_loras(sets: Sequence[LoraSet], method: str = "rsvd", weights: Sequence
     """Merge `sets` by `method` (see METHODS) into modules held in memory (fp32); None arguments take the
     method's defaults: weights 1/N (rsvd, weighted_avg) or 1.0 (others); rule dynamic 4..32 at 0.99 energy
     (rsvd, ties, dare) or the largest input rank fixed (svd, weighted_avg); solver rsvd or exact.
-    `block_weights`: per input, None or parse_block_weights' values (SDXL 20/12, Flux.1 58) or named pairs.  `dora`: error (refuse DoRA inputs) or
-    ignore (drop the magnitude).  `target_size` (bytes; every method that chooses ranks): ranks chosen so that the
-    result saved as fp16 .safetensors takes at most that (budget.fit_to_size; the rule gives the bounds)."""
+    `block_weights`: per input, None or parse_block_weights' values (SDXL 20/12, Flux.1 58) or named pairs.
+    `dora`: error (refuse DoRA inputs) or ignore (drop the magnitude).  `target_size` (bytes; every method that
+    chooses ranks): ranks chosen so that the result saved as fp16 .safetensors takes at most that
+    (budget.fit_to_size; the rule gives the bounds)."""
     if target_size is not None:
         rule = budget_rule(rule)
     plan = plan_merge(sets, method, weights, rule, solver, seed, density, block_weights, dora)
